@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+
+from usjepa.config import MaskConfig
+from usjepa.data.masks import block_shape, collate_masks, sample_masks, valid_patches
+
+GRID = 14  # 224 px / 16, the paper's setting
+
+
+def _block_area(idx):
+    return len(idx)
+
+
+def test_paper_masks_have_the_configured_sizes_and_counts():
+    cfg = MaskConfig()
+    for step in range(20):
+        m = sample_masks(cfg, GRID, seed=0, step=step, sample=0)
+        assert len(m.targets) == 4
+        for t in m.targets:
+            # 0.075-0.125 of 196 patches, up to rounding of the block sides
+            assert 0.04 * GRID**2 <= len(t) <= 0.2 * GRID**2
+        assert len(m.context) >= cfg.min_keep
+        # the student never sees what it must predict
+        assert not set(m.context) & set(np.concatenate(m.targets))
+
+
+def test_blocks_are_rectangles_with_aspect_in_range():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = block_shape(rng, (0.075, 0.125), (0.75, 1.5), GRID)
+        assert 1 <= h <= GRID and 1 <= w <= GRID
+        assert 0.4 <= h / w <= 2.5  # rounding of small blocks widens the range a little
+
+
+def test_masks_are_pure_functions_of_seed_step_sample():
+    cfg = MaskConfig()
+    a = sample_masks(cfg, GRID, seed=1, step=5, sample=3)
+    b = sample_masks(cfg, GRID, seed=1, step=5, sample=3)
+    c = sample_masks(cfg, GRID, seed=1, step=5, sample=4)
+    d = sample_masks(cfg, GRID, seed=2, step=5, sample=3)
+    assert np.array_equal(a.context, b.context) and all(np.array_equal(x, y) for x, y in zip(a.targets, b.targets))
+    assert not np.array_equal(a.context, c.context) or not np.array_equal(a.targets[0], c.targets[0])
+    assert not np.array_equal(a.context, d.context) or not np.array_equal(a.targets[0], d.targets[0])
+
+
+def test_one_block_shape_per_batch():
+    cfg = MaskConfig()
+    sizes = {len(sample_masks(cfg, GRID, 0, step=9, sample=i).targets[0]) for i in range(16)}
+    assert len(sizes) == 1
+
+
+def test_region_conditioning_keeps_blocks_inside_the_region():
+    cfg = MaskConfig(region_conditioned=True)
+    region = np.zeros((224, 224), bool)
+    region[:, 60:170] = True  # a band of signal with black borders left and right
+    valid = valid_patches(region, 16, 1)
+    assert valid.sum() == 14 * 8  # columns 48-175 hold signal
+    for step in range(10):
+        m = sample_masks(cfg, GRID, 0, step, 0, valid)
+        flat = valid.reshape(-1)
+        assert flat[m.context].all()
+        for t in m.targets:
+            assert flat[t].all() and len(t) >= 1
+        assert len(m.context) >= cfg.min_keep
+
+
+def test_region_switch_off_ignores_the_region():
+    cfg = MaskConfig(region_conditioned=False)
+    valid = np.zeros((GRID, GRID), bool)
+    valid[:, :3] = True
+    hits = [sample_masks(cfg, GRID, 0, s, 0, valid) for s in range(10)]
+    assert any((~valid.reshape(-1)[m.context]).any() for m in hits)
+
+
+def test_valid_patches_threshold():
+    region = np.zeros((32, 32), bool)
+    region[0, 0] = True
+    region[16:20, 16:20] = True
+    assert valid_patches(region, 16, 1).tolist() == [[True, False], [False, True]]
+    assert valid_patches(region, 16, 2).tolist() == [[False, False], [False, True]]
+
+
+def test_collate_truncates_to_the_smallest_mask_without_new_indices():
+    cfg = MaskConfig()
+    masks = [sample_masks(cfg, GRID, 0, 1, i) for i in range(8)]
+    context, targets = collate_masks(masks, 0, 1)
+    assert context.shape == (8, min(len(m.context) for m in masks))
+    assert targets.shape[:2] == (4, 8)
+    for i, m in enumerate(masks):
+        assert set(context[i].tolist()) <= set(m.context.tolist())
+        for t in range(4):
+            assert set(targets[t, i].tolist()) <= set(m.targets[t].tolist())
+
+
+def test_tiny_region_degrades_gracefully():
+    cfg = MaskConfig(region_conditioned=True, min_keep=10)
+    valid = np.zeros((GRID, GRID), bool)
+    valid[0, :5] = True  # fewer valid patches than min_keep: masking falls back to the full grid
+    m = sample_masks(cfg, GRID, 0, 0, 0, valid)
+    assert len(m.context) >= 1 and all(len(t) >= 1 for t in m.targets)

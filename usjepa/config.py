@@ -1,0 +1,374 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted `key=value` overrides.
+
+Every setting lives in one dataclass below. Loading is strict: an unknown key or a value of
+the wrong type fails before any work starts, naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from usjepa.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration file or override that cannot be used as it is."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/demo"  # run directory: resolved_config.yaml, checkpoints/, tb/
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # End this invocation at this step, after a checkpoint, without changing the schedule
+    # (for time-sliced queues); 0 runs to train.total_steps. A rerun continues from there.
+    stop_at_step: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop, fraction of the area
+    crop_ratio: tuple[float, float] = (0.75, 1.333)
+    hflip: float = 0.5  # probabilities
+    vflip: float = 0.5
+    blur: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 1.0)  # pixels, at the output size
+    speckle: float = 0.2
+    speckle_std: float = 0.15  # sd of the multiplicative noise
+    contrast: float = 0.3
+    contrast_range: tuple[float, float] = (0.6, 1.4)  # factor around the in-region median
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/demo"  # a folder written by `usjepa shards build`
+    split: str = "train"
+    image_size: int = 64
+    batch_size: int = 32  # per optimizer step
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class MaskConfig:
+    num_context: int = 1
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    context_aspect: tuple[float, float] = (1.0, 1.0)
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.075, 0.125)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    min_keep: int = 10  # patches every block keeps, else it is resampled
+    max_tries: int = 50  # resampling attempts per block before the constraint is relaxed
+    # USrc-JEPA: blocks are intersected with the patches that hold ultrasound signal.
+    region_conditioned: bool = False
+    region_min_pixels: int = 1  # region pixels a patch needs to count as valid
+
+
+@dataclass
+class ModelConfig:
+    """The student encoder (a ViT on single-channel images)."""
+
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+
+
+@dataclass
+class PredictorConfig:
+    depth: int = 12
+    embed_dim: int = 384
+    num_heads: int = 12
+
+
+@dataclass
+class TeacherConfig:
+    # A stage-1 run dir, a timm-style ViT state dict (.pth/.pt/.safetensors), or `none`
+    # (a randomly initialised frozen teacher, for smoke tests).
+    checkpoint: str = "none"
+    # Architecture of a state-dict teacher (depth and width are read from the weights; heads
+    # are not stored in them) or of the random teacher. 0 = same as the student.
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device supports it
+    layernorm_targets: bool = True  # I-JEPA normalises teacher latents; PAPER.md section 1
+
+
+@dataclass
+class TrainConfig:
+    objective: Literal["mae", "salt"] = "salt"
+    total_steps: int = 1000
+    loss: Literal["smooth_l1", "l1", "mse"] = "smooth_l1"
+    smooth_l1_beta: float = 1.0
+    norm_pix_targets: bool = True  # stage 1: per-patch normalised pixel targets
+    precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype for student and predictor
+    max_nonfinite: int = 5  # consecutive skipped steps (NaN/Inf loss or grad) before stopping
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5  # peak, reached after warm-up
+    start_lr: float = 5e-6
+    final_lr: float = 5e-7
+    warmup_steps: int = 100
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 1.0  # max grad norm; 0 turns clipping off
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    image_every_steps: int = 200  # mask overlays in TensorBoard; 0 turns them off
+    progress: bool = True  # tqdm bar on stderr
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe, PAPER.md section 4."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    max_epochs: int = 150
+    patience: int = 15  # early stopping on validation loss
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    standardize: bool = True  # z-score features with train statistics before the linear layer
+    extract_batch_size: int = 64
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    @property
+    def grid_size(self) -> int:
+        return self.data.image_size // self.model.patch_size
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that single-field types cannot express."""
+    m, d, mk = cfg.model, cfg.data, cfg.mask
+    _check(d.image_size % m.patch_size == 0, "data.image_size",
+           f"{d.image_size} is not a multiple of model.patch_size={m.patch_size}")
+    for key, dim, heads in (("model", m.embed_dim, m.num_heads),
+                            ("predictor", cfg.predictor.embed_dim, cfg.predictor.num_heads)):
+        _check(heads > 0 and dim % heads == 0, f"{key}.embed_dim",
+               f"{dim} is not divisible by {key}.num_heads={heads}")
+    t = cfg.teacher
+    _check(t.num_heads == 0 or (t.embed_dim or m.embed_dim) % t.num_heads == 0,
+           "teacher.num_heads", "must divide the teacher's embed_dim")
+    for key, (lo, hi), top in (("mask.context_scale", mk.context_scale, 1.0),
+                               ("mask.target_scale", mk.target_scale, 1.0),
+                               ("data.augment.crop_scale", d.augment.crop_scale, 1.0)):
+        _check(0 < lo <= hi <= top, key, f"needs 0 < low <= high <= {top}, got ({lo}, {hi})")
+    for key, (lo, hi) in (("mask.context_aspect", mk.context_aspect),
+                          ("mask.target_aspect", mk.target_aspect)):
+        _check(0 < lo <= hi, key, f"needs 0 < low <= high, got ({lo}, {hi})")
+    n_patches = cfg.grid_size ** 2
+    _check(0 < mk.min_keep < n_patches, "mask.min_keep",
+           f"must be between 1 and the {n_patches} patches of a {d.image_size}px image")
+    _check(mk.num_context == 1, "mask.num_context", "only one context block is supported")
+    _check(mk.num_targets >= 1, "mask.num_targets", "must be at least 1")
+    _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.train.total_steps >= 1, "train.total_steps", "must be at least 1")
+    _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+    _check(cfg.log.every_steps >= 1, "log.every_steps", "must be at least 1")
+    o = cfg.optim
+    _check(0 <= o.warmup_steps <= cfg.train.total_steps, "optim.warmup_steps",
+           f"must be between 0 and train.total_steps={cfg.train.total_steps}")
+    _check(min(o.lr, o.start_lr, o.final_lr) >= 0, "optim.lr", "learning rates must be >= 0")
+    _check(cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda"),
+           "run.device", f"'{cfg.run.device}' is not one of auto, cpu, cuda, cuda:N")
+    _check(len(cfg.probe.seeds) >= 1, "probe.seeds", "needs at least one seed")
+    return cfg
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (lists to tuples, int to float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, args))}{hint}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `run.dir=2024` is a path, not a number
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+    return ConfigError(f"unknown key '{prefix}{key}'{hint}")
+
+
+def _from_dict(cls: type, data: Any, where: str = "") -> Any:
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(cls, str(key), prefix)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Place `value` at `a.b.c` in a nested dict, checking each step against the schema."""
+    parts = dotted.split(".")
+    cls: Any = Config
+    node = tree
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise _unknown_key(cls, part, "".join(p + "." for p in parts[:i]))
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"'{dotted}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = node.setdefault(part, {})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=1e-4` -> ('optim.lr', 0.0001). Values are read as YAML scalars or lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.total_steps=100)")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found; pass a YAML file such as configs/demo.yaml")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (run:, data:, ...)")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        cfg = _from_dict(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return validate(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) for YAML output."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_from_dict(tree: dict) -> Config:
+    """A Config from a nested dict, e.g. a run's resolved_config.yaml."""
+    return validate(_from_dict(Config, tree))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,84 @@
+"""The paper's augmentations (PAPER.md section 2), driven by an explicit generator.
+
+Every random choice comes from the numpy Generator passed in, never from global RNG state,
+so a sample's augmentation is a pure function of (seed, rank, step, sample) and a resumed
+run sees exactly the views the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from usjepa.config import AugmentConfig
+
+# Model inputs are pixels in [0, 1] mapped to [-1, 1]; one constant pair for every path.
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.5
+
+
+def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels -> normalised model input."""
+    return (pixels - PIXEL_MEAN) / PIXEL_STD
+
+
+def crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
+             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop: area fraction in `scale`, w/h in `ratio`.
+
+    Same rule as torchvision's RandomResizedCrop (10 tries, then a centre crop), but seeded.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def speckle(rng: np.random.Generator, image: torch.Tensor, std: float) -> torch.Tensor:
+    """Multiplicative, spatially correlated noise: what a different transducer position gives."""
+    noise = torch.from_numpy(rng.standard_normal(image.shape).astype(np.float32))
+    noise = TF.gaussian_blur(noise, kernel_size=[3, 3], sigma=[0.7, 0.7])
+    return image * (1 + std * noise / noise.std().clamp_min(1e-6))
+
+
+def augment(rng: np.random.Generator, image: torch.Tensor, region: torch.Tensor, cfg: AugmentConfig,
+            size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """image uint8 [1, H, W], region bool [1, H, W] -> pixels float [1, S, S] in [0, 1], region bool."""
+    top, left, h, w = crop_box(rng, image.shape[-2], image.shape[-1], cfg.crop_scale, cfg.crop_ratio)
+    pixels = TF.resized_crop(image.float() / 255, top, left, h, w, [size, size], antialias=True)
+    region = TF.resized_crop(region.to(torch.uint8), top, left, h, w, [size, size],
+                             interpolation=InterpolationMode.NEAREST).bool()
+    if rng.random() < cfg.hflip:
+        pixels, region = pixels.flip(-1), region.flip(-1)
+    if rng.random() < cfg.vflip:
+        pixels, region = pixels.flip(-2), region.flip(-2)
+    if rng.random() < cfg.blur:
+        sigma = float(rng.uniform(*cfg.blur_sigma))
+        k = 2 * math.ceil(3 * sigma) + 1
+        pixels = TF.gaussian_blur(pixels, kernel_size=[k, k], sigma=[sigma, sigma])
+    if rng.random() < cfg.speckle:
+        pixels = speckle(rng, pixels, cfg.speckle_std)
+    if rng.random() < cfg.contrast and region.any():
+        median = pixels[region].median()
+        pixels = median + float(rng.uniform(*cfg.contrast_range)) * (pixels - median)
+    # Outside the scan region there is no signal; keep it black whatever the photometrics did.
+    return pixels.clamp(0, 1) * region, region
+
+
+def resize_eval(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [1, H, W] -> pixels float [1, S, S] in [0, 1], no randomness (probe, validation)."""
+    pixels = image.float() / 255
+    if pixels.shape[-1] != size or pixels.shape[-2] != size:
+        pixels = TF.resize(pixels, [size, size], antialias=True)
+    return pixels

@@ -1,0 +1,54 @@
+"""Frozen encoders to probe: a run's student, its teacher, or a random-init encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from collections.abc import Sequence
+
+import torch
+
+from usjepa.config import Config, load_config
+from usjepa.errors import UserError
+from usjepa.models.teacher import load_teacher
+from usjepa.models.vit import Encoder, build_encoder
+from usjepa.train import checkpoint as ckpt
+from usjepa.train.rundir import RESOLVED_CONFIG
+
+BACKBONES = ("student", "teacher", "random")
+
+
+def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
+    path = Path(run_dir) / RESOLVED_CONFIG
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no {RESOLVED_CONFIG}; pass the run.dir of a `usjepa train` run")
+    return load_config(path, overrides)
+
+
+def load_backbone(kind: str, run_dir: Path, device: torch.device,
+                  overrides: Sequence[str] = ()) -> tuple[Encoder, Config]:
+    """The encoder `kind` of run `run_dir` (frozen, eval mode) and that run's config.
+
+    - student: the run's encoder at its latest checkpoint (a stage-1 run's encoder is its teacher);
+    - teacher: the frozen teacher a SALT run trained against;
+    - random: the run's encoder architecture with seeded random weights.
+    """
+    cfg = run_config(run_dir, overrides)
+    if kind == "student":
+        path = ckpt.latest_checkpoint(Path(run_dir))
+        if path is None:
+            raise UserError(f"{run_dir}: no checkpoint yet; train the run first")
+        encoder = build_encoder(cfg.model, cfg.data.image_size)
+        ckpt.load_module_weights(path, encoder, prefix="encoder.")
+    elif kind == "teacher":
+        if cfg.train.objective != "salt":
+            raise UserError(f"{run_dir} is a stage-1 ({cfg.train.objective}) run: its encoder is the "
+                            "teacher; probe it with --backbone student")
+        encoder, _ = load_teacher(cfg, device)
+    elif kind == "random":
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.run.seed)
+            encoder = build_encoder(cfg.model, cfg.data.image_size)
+    else:
+        raise UserError(f"unknown backbone '{kind}'; choose one of {', '.join(BACKBONES)}")
+    return encoder.to(device).eval().requires_grad_(False), cfg

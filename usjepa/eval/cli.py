@@ -1,0 +1,76 @@
+"""`usjepa probe`: linear-probe a run's student, teacher or a random-init encoder."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from usjepa.config import parse_override
+from usjepa.data.pipeline import eval_batches
+from usjepa.eval.backbones import BACKBONES, load_backbone
+from usjepa.eval.features import extract_features
+from usjepa.eval.probe import ProbeSplit, run_probe
+from usjepa.eval.report import format_table, write_probe_report
+from usjepa.errors import UserError
+from usjepa.ingest.manifest import load_manifest
+from usjepa.train.loop import resolve_device
+
+SPLITS = ("train", "val", "test")
+
+
+def probe_backbone(run_dir: Path, kind: str, shards: str | None = None, out_dir: Path | None = None,
+                   overrides: Sequence[str] = (), device: str = "auto", progress: bool = True) -> dict:
+    """Extract features of every split with backbone `kind` of `run_dir`, train the probes,
+    write `<out_dir>/<kind>.json` and its confusion-matrix plot; return the result.
+
+    `overrides` (probe.* only) change the run's probe settings for this call."""
+    for text in overrides:
+        if not parse_override(text)[0].startswith("probe."):
+            raise UserError(f"override '{text}': `usjepa probe` takes probe.* settings only (e.g. probe.seeds=[0,1])")
+    dev = resolve_device(device)
+    encoder, cfg = load_backbone(kind, Path(run_dir), dev, overrides)
+    probe = cfg.probe
+    manifest = load_manifest(shards or cfg.data.shards)
+    dtype = next(encoder.parameters()).dtype
+    splits = {}
+    for split in SPLITS:
+        batches = eval_batches(manifest, split, cfg.data.image_size, probe.extract_batch_size)
+        x, y = extract_features(encoder.float(), batches, dev, dtype, progress=progress,
+                                desc=f"{kind} {split}")
+        splits[split] = ProbeSplit(x, y)
+    result = run_probe(splits, manifest.classes, probe, dev)
+    result.update(backbone=kind, run_dir=str(run_dir), shards=str(manifest.root))
+    write_probe_report(result, out_dir or Path(run_dir) / "probe", kind)
+    return result
+
+
+def _run(args: argparse.Namespace) -> int:
+    results = {}
+    for kind in args.backbone:
+        start = time.perf_counter()
+        results[kind] = probe_backbone(Path(args.run), kind, args.shards, args.out and Path(args.out),
+                                       args.overrides, args.device)
+        print(f"{kind}: macro-F1 {100 * results[kind]['macro_f1_mean']:.1f} "
+              f"({time.perf_counter() - start:.0f} s)")
+    print(format_table(results))
+    print(f"reports: {Path(args.out) if args.out else Path(args.run) / 'probe'}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "probe", help="linear-probe macro-F1 of a run's student, teacher or a random encoder",
+        description="Frozen encoder -> mean-pooled last-layer tokens -> one linear layer "
+                    "(AdamW 1e-3, wd 1e-4, batch 32, cosine, early stopping on val loss, 5 seeds), "
+                    "as in PAPER.md section 4. Writes <out>/<backbone>.json and a confusion-matrix PNG.")
+    p.add_argument("run", help="run dir of a `usjepa train` run (its config gives the architecture and image size)")
+    p.add_argument("--backbone", nargs="+", choices=BACKBONES, default=["student"],
+                   help="which encoder(s) to probe (default: student)")
+    p.add_argument("--shards", help="labelled shard set to probe on (default: the run's data.shards)")
+    p.add_argument("--out", help="where to write the reports (default: RUN/probe)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("overrides", nargs="*", metavar="probe.KEY=VALUE",
+                   help="probe settings, e.g. probe.seeds=[0,1,2] probe.max_epochs=50")
+    p.set_defaults(func=_run)

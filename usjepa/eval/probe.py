@@ -1,0 +1,345 @@
+"""Linear probe on frozen features (PAPER.md section 4).
+
+One linear layer trained with cross-entropy, AdamW (lr 1e-3, wd 1e-4), batch 32 and a
+per-step cosine schedule over up to 150 epochs, early-stopped on validation loss (patience
+15); 5 seeds, mean and sd of macro-F1. The settings come from `ProbeConfig`.
+
+Features live in memory (on `device`) as one tensor per split, so a seed of a few hundred
+samples x a few hundred dims runs in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+
+from usjepa.config import ProbeConfig
+from usjepa.errors import UserError
+
+SPLITS = ("train", "val", "test")
+_EVAL_CHUNK = 8192  # rows per forward when evaluating a whole split
+
+
+@dataclass
+class ProbeSplit:
+    """Precomputed features [N, D] and integer labels [N] of one split."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.features = np.asarray(self.features, dtype=np.float32)
+        self.labels = np.asarray(self.labels)
+        if self.features.ndim != 2:
+            raise UserError(f"probe features must be 2-D [N, D], got shape {self.features.shape}")
+        if self.labels.ndim != 1 or self.labels.shape[0] != self.features.shape[0]:
+            raise UserError(
+                f"probe labels must be 1-D with one label per feature row: "
+                f"{self.labels.shape} labels for {self.features.shape[0]} rows"
+            )
+        if self.labels.size and not np.issubdtype(self.labels.dtype, np.integer):
+            raise UserError(f"probe labels must be integers, got dtype {self.labels.dtype}")
+        self.labels = self.labels.astype(np.int64, copy=False)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _empty_msg(name: str) -> str:
+    return f"the {name} split is empty; the probe needs samples in train, val and test"
+
+
+def _check_split(name: str, split: ProbeSplit, num_classes: int, dim: int | None = None) -> None:
+    if len(split) == 0:
+        raise UserError(_empty_msg(name))
+    if dim is not None and split.features.shape[1] != dim:
+        raise UserError(
+            f"the {name} split has {split.features.shape[1]} features per sample, train has {dim}"
+        )
+    lo, hi = int(split.labels.min()), int(split.labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise UserError(
+            f"the {name} split has labels in [{lo}, {hi}] but there are {num_classes} classes "
+            f"(labels must be 0..{num_classes - 1})"
+        )
+    if not np.isfinite(split.features).all():
+        raise UserError(f"the {name} split has NaN or infinite features")
+
+
+def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Train mean and population std per feature; a constant feature gets std 1."""
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=0)
+    std = x64.std(axis=0)
+    std[std < 1e-12] = 1.0
+    return mean, std
+
+
+def _fold(linear: torch.nn.Linear, mean: np.ndarray, std: np.ndarray) -> torch.nn.Linear:
+    """W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m): one affine map on raw features."""
+    with torch.no_grad():
+        w = linear.weight.detach().double().cpu()
+        b = linear.bias.detach().double().cpu()
+        w_raw = w / torch.from_numpy(std)[None, :]
+        b_raw = b - w_raw @ torch.from_numpy(mean)
+        linear.weight.copy_(w_raw.to(linear.weight))
+        linear.bias.copy_(b_raw.to(linear.bias))
+    return linear
+
+
+@torch.no_grad()
+def _mean_ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    total = x.new_zeros(())
+    for i in range(0, x.shape[0], _EVAL_CHUNK):
+        sl = slice(i, i + _EVAL_CHUNK)
+        total += F.cross_entropy(model(x[sl]), y[sl], reduction="sum")
+    return total / x.shape[0]
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, features: np.ndarray, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Class index per row of raw (unstandardized) features."""
+    device = torch.device(device)
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
+    model.eval()
+    out = [model(x[i : i + _EVAL_CHUNK]).argmax(dim=1) for i in range(0, x.shape[0], _EVAL_CHUNK)]
+    return torch.cat(out).cpu().numpy().astype(np.int64)
+
+
+def train_probe(
+    train: ProbeSplit,
+    val: ProbeSplit,
+    num_classes: int,
+    seed: int,
+    cfg: ProbeConfig,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.nn.Linear, dict]:
+    """Train one linear layer on `train`, early-stopped on the cross-entropy of `val`.
+
+    With cfg.standardize the features are z-scored with the TRAIN mean and population std;
+    after training that transform is folded into the layer, so the returned module is a
+    single `nn.Linear` applied to raw features. Initialisation (PyTorch's default
+    U(-1/sqrt(D), 1/sqrt(D))) and the per-epoch shuffle both come from a CPU generator seeded
+    with `seed`, so a seed gives the same model on every run (and the same batches on any
+    device); the global RNG is left untouched.
+
+    The learning rate follows a cosine from cfg.lr to 0 over cfg.max_epochs * steps_per_epoch
+    optimizer steps (no warm-up; the last partial batch is kept). Training stops once the
+    validation loss has not improved for cfg.patience epochs; the weights of the best epoch
+    are restored. Epoch numbers in the history are 1-based.
+
+    Returns (model in eval mode on `device`, history) with history keys: epochs, best_epoch,
+    best_val_loss, stopped_early, train_loss (per epoch), val_loss (per epoch).
+    """
+    device = torch.device(device)
+    with _single_cpu_thread(device):
+        return _train_probe(train, val, num_classes, seed, cfg, device)
+
+
+@contextlib.contextmanager
+def _single_cpu_thread(device: torch.device):
+    """On CPU, run the probe on one intra-op thread: its ops are tiny, so extra threads only
+    add synchronisation, and on a busy machine they made a seed ~15x slower. The previous
+    thread count is restored afterwards (it is process-wide while the probe runs)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_probe(
+    train: ProbeSplit,
+    val: ProbeSplit,
+    num_classes: int,
+    seed: int,
+    cfg: ProbeConfig,
+    device: torch.device,
+) -> tuple[torch.nn.Linear, dict]:
+    if num_classes < 2:
+        raise UserError(f"the probe needs at least 2 classes, got {num_classes}")
+    if cfg.max_epochs < 1 or cfg.batch_size < 1 or cfg.patience < 1:
+        raise UserError(
+            f"probe settings must be positive: max_epochs={cfg.max_epochs}, "
+            f"batch_size={cfg.batch_size}, patience={cfg.patience}"
+        )
+    _check_split("train", train, num_classes)
+    dim = train.features.shape[1]
+    _check_split("val", val, num_classes, dim)
+
+    if cfg.standardize:
+        mean, std = _standardizer(train.features)
+    else:
+        mean, std = np.zeros(dim), np.ones(dim)
+
+    def to_device(split: ProbeSplit) -> tuple[torch.Tensor, torch.Tensor]:
+        x = ((split.features.astype(np.float64) - mean) / std).astype(np.float32)
+        return torch.from_numpy(x).to(device), torch.from_numpy(split.labels).to(device)
+
+    x_tr, y_tr = to_device(train)
+    x_va, y_va = to_device(val)
+    n = x_tr.shape[0]
+
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    model = torch.nn.Linear(dim, num_classes)
+    bound = 1.0 / math.sqrt(dim)
+    with torch.no_grad():
+        model.weight.copy_(torch.empty(num_classes, dim).uniform_(-bound, bound, generator=gen))
+        model.bias.copy_(torch.empty(num_classes).uniform_(-bound, bound, generator=gen))
+    model.to(device)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.max_epochs * steps_per_epoch
+
+    best_loss = math.inf
+    best_epoch = 0
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    train_hist: list[float] = []
+    val_hist: list[float] = []
+    step = 0
+    stopped_early = False
+
+    for epoch in range(1, cfg.max_epochs + 1):
+        model.train()
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum = x_tr.new_zeros(())
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            lr = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / total_steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * idx.shape[0]
+            step += 1
+
+        model.eval()
+        val_loss = float(_mean_ce(model, x_va, y_va))  # one host sync per epoch
+        train_hist.append(float(loss_sum) / n)
+        val_hist.append(val_loss)
+        if val_loss < best_loss:  # NaN never counts as an improvement
+            best_loss, best_epoch = val_loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= cfg.patience:
+            stopped_early = epoch < cfg.max_epochs
+            break
+
+    model.load_state_dict(best_state)
+    _fold(model, mean, std)
+    model.eval()
+    history = {
+        "epochs": len(val_hist),
+        "best_epoch": best_epoch,
+        "best_val_loss": best_loss,
+        "stopped_early": stopped_early,
+        "train_loss": train_hist,
+        "val_loss": val_hist,
+    }
+    return model, history
+
+
+def _settings(cfg: ProbeConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def run_probe(
+    splits: dict[str, ProbeSplit],
+    class_names: list[str],
+    cfg: ProbeConfig,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Train one probe per seed in cfg.seeds on splits['train'] (early stopping on 'val'),
+    score it on 'test', and return a JSON-ready summary.
+
+    Metrics are fractions in [0, 1]: macro-F1 over ALL classes in `class_names`
+    (zero_division=0, so a class never predicted scores 0), balanced accuracy and accuracy.
+    The confusion matrix is summed over seeds, rows = true class, columns = predicted.
+    """
+    missing = [s for s in SPLITS if s not in splits]
+    if missing:
+        raise UserError(
+            f"run_probe needs the splits train, val and test; missing: {', '.join(missing)}"
+        )
+    if not cfg.seeds:
+        raise UserError("probe.seeds is empty; give at least one seed")
+    num_classes = len(class_names)
+    if num_classes < 2:
+        raise UserError(f"the probe needs at least 2 classes, got {num_classes}: {class_names}")
+
+    for name in SPLITS:  # empty splits first, so the message names the split
+        if len(splits[name]) == 0:
+            raise UserError(_empty_msg(name))
+    dim = splits["train"].features.shape[1]
+    for name in SPLITS:
+        _check_split(name, splits[name], num_classes, dim)
+
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    seen = set(np.unique(train.labels).tolist())
+    unseen = sorted(set(np.unique(test.labels).tolist()) - seen)
+    if unseen:
+        names = ", ".join(f"{class_names[c]!r} ({c})" for c in unseen)
+        raise UserError(f"the test split has classes that never occur in train: {names}")
+    absent = sorted(set(range(num_classes)) - set(np.unique(test.labels).tolist()))
+    if absent:
+        warnings.warn(
+            f"classes absent from the test split: {[class_names[c] for c in absent]}; macro-F1 "
+            "averages over all classes, so each of them counts as F1 0",
+            stacklevel=2,
+        )
+
+    labels = list(range(num_classes))
+    cm_total = np.zeros((num_classes, num_classes), dtype=np.int64)
+    per_seed = []
+    for seed in cfg.seeds:
+        model, hist = train_probe(train, val, num_classes, seed, cfg, device)
+        pred = predict(model, test.features, device)
+        cm_total += confusion_matrix(test.labels, pred, labels=labels)
+        f1 = f1_score(test.labels, pred, average="macro", labels=labels, zero_division=0)
+        with warnings.catch_warnings():  # "y_pred contains classes not in y_true"
+            warnings.simplefilter("ignore", UserWarning)
+            bal = balanced_accuracy_score(test.labels, pred)
+        per_seed.append(
+            {
+                "seed": int(seed),
+                "macro_f1": float(f1),
+                "balanced_accuracy": float(bal),
+                "accuracy": float(accuracy_score(test.labels, pred)),
+                "best_epoch": int(hist["best_epoch"]),
+                "epochs": int(hist["epochs"]),
+                "best_val_loss": float(hist["best_val_loss"]),
+            }
+        )
+
+    f1s = np.array([r["macro_f1"] for r in per_seed])
+    bals = np.array([r["balanced_accuracy"] for r in per_seed])
+    return {
+        "per_seed": per_seed,
+        # Population standard deviation over seeds (numpy ddof=0).
+        "macro_f1_mean": float(f1s.mean()),
+        "macro_f1_std": float(f1s.std(ddof=0)),
+        "balanced_accuracy_mean": float(bals.mean()),
+        "balanced_accuracy_std": float(bals.std(ddof=0)),
+        "std_ddof": 0,
+        "confusion_matrix": cm_total.tolist(),
+        "class_names": list(class_names),
+        "num_features": int(dim),
+        "counts": {name: len(splits[name]) for name in SPLITS},
+        "settings": _settings(cfg),
+    }

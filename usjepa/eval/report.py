@@ -1,0 +1,127 @@
+"""Probe results on disk (JSON + confusion-matrix PNG) and as a terminal table."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from usjepa.errors import UserError
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy -> Python; non-finite floats -> None, so the file is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temp file in the same folder, then os.replace it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _pct(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def write_probe_report(result: dict, out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """Write OUT_DIR/<name>.json and OUT_DIR/<name>_confusion.png; return (json_path, png_path).
+
+    `result` is what run_probe returns. Both files are written atomically (temp file +
+    os.replace), so a reader never sees half a file. The PNG shows the confusion matrix
+    summed over seeds (rows = true class) with the macro-F1 mean ± sd in the title.
+    """
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise UserError(f"report name must be a plain file name without '/', got {name!r}")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the report folder {out}: {e.strerror}") from e
+
+    json_path = out / f"{name}.json"
+    png_path = out / f"{name}_confusion.png"
+
+    text = json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n"
+    _atomic_write(json_path, lambda f: f.write(text.encode("utf-8")))
+
+    # Figure + Agg canvas directly: no pyplot state, no change to the process's backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    cm = np.asarray(result["confusion_matrix"], dtype=np.int64)
+    class_names = list(result.get("class_names") or range(cm.shape[0]))
+    k = cm.shape[0]
+    side = max(4.5, 0.6 * k + 2.5)
+    fig = Figure(figsize=(side + 1.0, side), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ConfusionMatrixDisplay(cm, display_labels=class_names).plot(
+        ax=ax,
+        cmap="Blues",
+        colorbar=True,
+        values_format="d",
+        xticks_rotation=45 if k > 4 else "horizontal",
+    )
+    n_seeds = len(result.get("per_seed", [])) or "?"
+    ax.set_title(
+        f"{name}: macro-F1 {_pct(result['macro_f1_mean'], result['macro_f1_std'])}%\n"
+        f"(confusion summed over {n_seeds} seeds)",
+        fontsize=10,
+    )
+    _atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
+    return json_path, png_path
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Plain-text table, one row per backbone: macro-F1 and balanced accuracy as
+    mean ± sd in %, and the number of seeds."""
+    header = ("backbone", "macro-F1 (%)", "bal. acc (%)", "seeds")
+    rows = [header]
+    for name, r in results.items():
+        rows.append(
+            (
+                str(name),
+                _pct(r["macro_f1_mean"], r["macro_f1_std"]),
+                _pct(r["balanced_accuracy_mean"], r["balanced_accuracy_std"]),
+                str(len(r.get("per_seed", []))),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+
+    def fmt(row):
+        first = row[0].ljust(widths[0])
+        rest = [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+        return "  ".join([first, *rest])
+
+    lines = [fmt(header), "  ".join("-" * w for w in widths)]
+    lines += [fmt(row) for row in rows[1:]]
+    return "\n".join(lines)

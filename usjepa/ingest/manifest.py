@@ -1,0 +1,169 @@
+"""The manifest beside a shard set: what is in it, how it was made, how to check it.
+
+`OUT/manifest.json` is written last and atomically, so its presence means a complete build.
+`Manifest.root` is the folder that holds it (not stored: the folder may be moved); shard
+names inside are relative to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from usjepa.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "usjepa-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    count: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    count: int = 0
+    class_counts: dict[str, int] = field(default_factory=dict)
+    groups: int = 0
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    root: Path
+    classes: list[str]
+    image_size: int
+    splits: dict[str, SplitInfo]
+    source_root: str = ""
+    source_format: str = "imagefolder"
+    created: str = ""
+    grouping: dict = field(default_factory=dict)
+    split_settings: dict = field(default_factory=dict)
+    preprocessing: dict = field(default_factory=dict)
+    region_detection: dict = field(default_factory=dict)
+    source_stats: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    sample_format: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    tool: dict = field(default_factory=dict)
+
+    def _split(self, split: str) -> SplitInfo:
+        if split not in self.splits:
+            raise UserError(
+                f"no split {split!r} in the shard set at {self.root}; known splits: {', '.join(self.splits)}"
+            )
+        return self.splits[split]
+
+    def shard_paths(self, split: str) -> list[Path]:
+        """Absolute shard paths of a split, in manifest order."""
+        return [(self.root / s.name).absolute() for s in self._split(split).shards]
+
+    def count(self, split: str) -> int:
+        return self._split(split).count
+
+    def class_counts(self, split: str) -> dict[str, int]:
+        return dict(self._split(split).class_counts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def total(self) -> int:
+        return sum(s.count for s in self.splits.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "created": self.created,
+            "tool": self.tool,
+            "source": {"root": self.source_root, "format": self.source_format, **self.source_stats},
+            "grouping": self.grouping,
+            "split_settings": self.split_settings,
+            "image_size": self.image_size,
+            "preprocessing": self.preprocessing,
+            "region_detection": self.region_detection,
+            "sample_format": self.sample_format,
+            "classes": list(self.classes),
+            "splits": {name: asdict(info) for name, info in self.splits.items()},
+            "num_skipped": len(self.skipped),
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, root: Path) -> Manifest:
+        source = dict(data["source"])
+        splits = {
+            name: SplitInfo(
+                count=int(info["count"]),
+                class_counts={str(k): int(v) for k, v in info["class_counts"].items()},
+                groups=int(info["groups"]),
+                shards=[ShardInfo(str(s["name"]), int(s["count"]), str(s["sha256"])) for s in info["shards"]],
+            )
+            for name, info in data["splits"].items()
+        }
+        return cls(
+            root=Path(root),
+            classes=[str(c) for c in data["classes"]],
+            image_size=int(data["image_size"]),
+            splits=splits,
+            source_root=str(source.pop("root")),
+            source_format=str(source.pop("format")),
+            created=str(data.get("created", "")),
+            grouping=dict(data.get("grouping", {})),
+            split_settings=dict(data.get("split_settings", {})),
+            preprocessing=dict(data.get("preprocessing", {})),
+            region_detection=dict(data.get("region_detection", {})),
+            source_stats=source,
+            skipped=list(data.get("skipped", [])),
+            sample_format=dict(data.get("sample_format", {})),
+            format_version=int(data["format_version"]),
+            tool=dict(data.get("tool", {})),
+        )
+
+
+def write_manifest(manifest: Manifest) -> Path:
+    """Write `root/manifest.json` atomically (temporary file, fsync, os.replace)."""
+    path = Path(manifest.root) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest.to_dict(), f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(shards_dir) -> Manifest:
+    """Read a shard set's manifest (`shards_dir` is its folder or the manifest file itself)."""
+    path = Path(shards_dir).expanduser()
+    if path.is_dir() or path.suffix != ".json":
+        path = path / MANIFEST_NAME
+    hint = "build the shard set with `usjepa shards build SRC OUT`"
+    if not path.is_file():
+        raise UserError(f"no shard manifest at {path}; {hint} (or point to the folder that holds manifest.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"shard manifest {path} is unreadable ({exc}); rebuild it: {hint} --overwrite") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise UserError(f"{path} is not a US-JEPA shard manifest (no \"format\": \"{FORMAT_NAME}\"); {hint}")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"shard manifest {path} has format version {version}, this usjepa reads {FORMAT_VERSION}; "
+            f"rebuild it: {hint} --overwrite"
+        )
+    try:
+        return Manifest.from_dict(data, root=path.parent.absolute())
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"shard manifest {path} is missing or has a bad field ({exc!r}); rebuild it: {hint} --overwrite") from None

@@ -1,0 +1,255 @@
+"""Where images come from: a `Source` is an iterable of `SourceItem`s, one per image.
+
+An item knows its stable key, its path relative to the source root, its class and group,
+and how to `load()` itself as a uint8 grayscale array (plus a region mask when the source
+ships one). Formats register by name (`@register_source("imagefolder")`); `open_source`
+picks one. Items are plain picklable dataclasses so worker processes can load them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from usjepa.errors import UserError
+from usjepa.ingest.sample_format import make_key
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm")
+DEFAULT_EXCLUDE = r"_mask"  # BUSI-style lesion masks (`benign (1)_mask.png`) are not images
+
+
+class Loaded(NamedTuple):
+    image: np.ndarray  # uint8 (H, W)
+    region: np.ndarray | None = None  # bool (H, W) when the source provides the region
+    info: dict | None = None  # provenance: original mode and size, colour fraction, ...
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    key: str
+    source: str  # path relative to the source root, '/'-separated
+    label: int
+    class_name: str
+    group: str
+
+    def load(self) -> Loaded:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- grayscale
+_HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def pil_to_gray(img: Image.Image) -> tuple[np.ndarray, dict]:
+    """PIL image -> (uint8 HxW, info). Never keeps colour: RGB-like modes become luma
+    (ITU-R 601-2: 0.299 R + 0.587 G + 0.114 B, PIL's "L" conversion); alpha is dropped;
+    16-bit and float images are scaled linearly from [min(0, lo), hi] to 0-255."""
+    img = ImageOps.exif_transpose(img)
+    info = {"orig_mode": img.mode, "orig_size": [img.width, img.height]}
+    mode = img.mode
+    if mode == "L":
+        return np.asarray(img), info
+    if mode in _HIGH_DEPTH_MODES:
+        arr = np.asarray(img).astype(np.float64)
+        lo, hi = min(0.0, float(arr.min())), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        return np.clip(np.rint((arr - lo) * scale), 0, 255).astype(np.uint8), info
+    if mode == "LA":
+        return np.asarray(img.getchannel("L")), info
+    rgb = img.convert("RGB")
+    arr = np.asarray(rgb)
+    # share of pixels with visible colour (Doppler boxes, coloured annotations), for later use
+    spread = arr.max(axis=2).astype(np.int16) - arr.min(axis=2)
+    info["color_fraction"] = round(float((spread > 16).mean()), 4)
+    return np.asarray(rgb.convert("L")), info
+
+
+def load_gray_image(path: Path) -> tuple[np.ndarray, dict]:
+    """Decode an image file fully (truncated or corrupt files raise) as uint8 grayscale."""
+    with Image.open(path) as img:
+        img.load()
+        return pil_to_gray(img)
+
+
+@dataclass(frozen=True)
+class ImageFileItem(SourceItem):
+    path: Path = field(default=Path(), compare=False)
+
+    def load(self) -> Loaded:
+        image, info = load_gray_image(self.path)
+        return Loaded(image, None, info)
+
+
+# ---------------------------------------------------------------------------- registry
+class Source:
+    """An iterable of items plus what the manifest needs to say about where they came from."""
+
+    format_name: ClassVar[str] = ""
+    root: Path
+    classes: list[str]
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def grouping(self) -> dict:
+        """How groups were formed, for the manifest."""
+        return {}
+
+    def stats(self) -> dict:
+        """Counts about the listing (files found, excluded, ...), for the manifest."""
+        return {}
+
+
+SOURCES: dict[str, Callable[..., Source]] = {}
+
+
+def register_source(name: str):
+    def decorate(cls):
+        SOURCES[name] = cls
+        cls.format_name = name
+        return cls
+
+    return decorate
+
+
+def open_source(format_name: str, root, **options) -> Source:
+    """The registered source `format_name` over `root`; options go to its constructor."""
+    if format_name not in SOURCES:
+        raise UserError(f"unknown source format {format_name!r}; known formats: {', '.join(sorted(SOURCES))}")
+    return SOURCES[format_name](root, **options)
+
+
+def compile_pattern(pattern: str | None, what: str, need_group: bool) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise UserError(f"{what} {pattern!r} is not a valid regular expression ({exc}); fix the pattern") from None
+    if need_group and rx.groups < 1:
+        raise UserError(
+            f"{what} {pattern!r} has no capture group; wrap the id in parentheses, e.g. 'patient_(\\d+)'"
+        )
+    return rx
+
+
+# ---------------------------------------------------------------------------- image folder
+@register_source("imagefolder")
+class ImageFolderSource(Source):
+    """`root/<class name>/**/<image>`: each first-level folder is a class (sorted names give
+    labels 0..n-1); images may sit in nested folders below it.
+
+    group_pattern: regex whose first capture group, searched in the file stem, is the group
+    (e.g. patient) id; without it every image is its own group. exclude_pattern: regex; files
+    whose stem matches are not images of the set (default: segmentation masks, '_mask').
+    """
+
+    def __init__(self, root, group_pattern: str | None = None, exclude_pattern: str | None = DEFAULT_EXCLUDE):
+        self.root = Path(root).expanduser().absolute()
+        self.group_pattern = group_pattern
+        self.exclude_pattern = exclude_pattern
+        self._group_rx = compile_pattern(group_pattern, "group pattern", need_group=True)
+        self._exclude_rx = compile_pattern(exclude_pattern, "exclude pattern", need_group=False)
+        self._items, self._stats, self.classes = self._scan()
+
+    def _scan(self) -> tuple[list[ImageFileItem], dict, list[str]]:
+        root = self.root
+        how = f"put images in one subfolder per class: {root}/<class name>/<image>.png"
+        if not root.exists():
+            raise UserError(f"source folder {root} does not exist; check the path ({how})")
+        if not root.is_dir():
+            raise UserError(f"source {root} is not a folder; {how}")
+        top_images = sorted(p.name for p in root.iterdir() if p.is_file() and _is_image(p.name))
+        if top_images:
+            raise UserError(
+                f"{len(top_images)} image(s) sit directly in {root} (e.g. {top_images[0]!r}) without a class "
+                f"folder; {how}"
+            )
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        found: list[tuple[str, str, Path]] = []  # (class, relative path, path)
+        excluded = ignored = 0
+        for class_dir in class_dirs:
+            for dirpath, dirnames, filenames in os.walk(class_dir):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if name.startswith("."):
+                        continue
+                    if not _is_image(name):
+                        ignored += 1
+                        continue
+                    path = Path(dirpath) / name
+                    if self._exclude_rx is not None and self._exclude_rx.search(path.stem):
+                        excluded += 1
+                        continue
+                    found.append((class_dir.name, path.relative_to(root).as_posix(), path))
+        if not found:
+            raise UserError(
+                f"no images ({', '.join(IMAGE_SUFFIXES)}) found in class subfolders of {root}"
+                f" ({len(class_dirs)} subfolder(s), {excluded} excluded by {self.exclude_pattern!r}, "
+                f"{ignored} other files); {how}"
+            )
+        class_names = sorted({c for c, _, _ in found})
+        labels = {c: i for i, c in enumerate(class_names)}
+        items = [
+            ImageFileItem(
+                key=make_key(rel),
+                source=rel,
+                label=labels[cls],
+                class_name=cls,
+                group=self._group_of(rel, path),
+                path=path,
+            )
+            for cls, rel, path in found
+        ]
+        stats = {
+            "images_found": len(items),
+            "excluded": excluded,
+            "exclude_pattern": self.exclude_pattern,
+            "non_image_files": ignored,
+            "empty_class_folders": [d.name for d in class_dirs if d.name not in labels],
+        }
+        return items, stats, class_names
+
+    def _group_of(self, rel: str, path: Path) -> str:
+        if self._group_rx is None:
+            return rel
+        match = self._group_rx.search(path.stem)
+        if match is None or match.group(1) is None:
+            raise UserError(
+                f"file {rel!r} (stem {path.stem!r}) does not match the group pattern {self.group_pattern!r}; "
+                "fix the pattern so every file name yields a group id, or rename the file"
+            )
+        return match.group(1)
+
+    def __iter__(self) -> Iterator[ImageFileItem]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def grouping(self) -> dict:
+        if self._group_rx is None:
+            return {
+                "mode": "per_image",
+                "pattern": None,
+                "note": "no group_pattern given: each image is its own group, so images of one "
+                "patient or video can fall on both sides of a split",
+            }
+        return {"mode": "pattern", "pattern": self.group_pattern, "applied_to": "file stem, first capture group"}
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)

@@ -1,0 +1,156 @@
+"""The frozen teacher: loaded once, eval mode, no gradients, bf16 where the device has it.
+
+Sources (`teacher.checkpoint`):
+- a stage-1 run dir (`usjepa train` with train.objective=mae): its encoder at `latest`;
+- a timm-style ViT state dict (.pth / .pt / .bin / .safetensors): RGB patch embeddings are
+  folded to one channel, the position embedding is resampled to our grid;
+- `none`: a randomly initialised frozen encoder (smoke tests only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from timm.layers import resample_abs_pos_embed
+from timm.models._manipulate import adapt_input_conv
+
+from usjepa.config import Config, ModelConfig, TeacherConfig, config_from_dict
+from usjepa.errors import UserError
+from usjepa.models.vit import Encoder, build_encoder
+from usjepa.train import checkpoint as ckpt
+
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    source: str  # what teacher.checkpoint named, resolved
+    sha256: str  # of the weights file(s); "" for a random teacher
+    embed_dim: int
+    dtype: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def teacher_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "fp32":
+        return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if setting == "bf16":
+            raise UserError(f"teacher.dtype=bf16: {torch.cuda.get_device_name(device)} has no bf16; use teacher.dtype=fp32")
+        return torch.float32
+    return torch.bfloat16
+
+
+def _sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "teacher", "encoder"):  # common wrappers
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or "patch_embed.proj.weight" not in sd:
+        raise UserError(f"{path}: not a timm-style ViT state dict (no 'patch_embed.proj.weight'); "
+                        "export one with model.state_dict() from a timm VisionTransformer")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def encoder_from_state_dict(sd: dict[str, torch.Tensor], cfg: TeacherConfig, image_size: int,
+                            patch_size: int, source: str) -> Encoder:
+    """Build a single-channel Encoder that matches a timm ViT state dict and load it."""
+    width, in_chans, p, _ = sd["patch_embed.proj.weight"].shape
+    if p != patch_size:
+        raise UserError(f"{source}: teacher patch size {p} != model.patch_size {patch_size}; "
+                        "the student must use the teacher's patch size so token positions align")
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    heads = cfg.num_heads or max(1, width // 64)
+    reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    class_token = "cls_token" in sd
+    n_prefix = int(class_token) + reg_tokens
+    grid = image_size // patch_size
+    # timm's no_embed_class: the table holds only patch positions although prefix tokens exist.
+    old_tokens = sd["pos_embed"].shape[1]
+    old_grid = int(round((old_tokens - n_prefix) ** 0.5))
+    no_embed_class = n_prefix > 0 and old_grid * old_grid == old_tokens
+    if no_embed_class:
+        old_grid = int(round(old_tokens ** 0.5))
+    encoder = Encoder(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
+                      num_heads=heads, class_token=class_token, reg_tokens=reg_tokens,
+                      no_embed_class=no_embed_class, fixed_pos_embed=False)
+    sd = dict(sd)
+    if in_chans != 1:
+        sd["patch_embed.proj.weight"] = adapt_input_conv(1, sd["patch_embed.proj.weight"])
+    if old_grid != grid:
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=[grid, grid],
+                                                 old_size=[old_grid, old_grid],
+                                                 num_prefix_tokens=0 if no_embed_class else n_prefix)
+    wanted = encoder.state_dict()
+    missing = sorted(set(wanted) - set(sd))
+    if missing:
+        raise UserError(f"{source}: teacher weights lack {len(missing)} encoder entries (first: {missing[0]}); "
+                        "is it a ViT with timm parameter names?")
+    try:
+        encoder.load_state_dict({k: sd[k] for k in wanted})
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{source}: teacher weights do not fit (teacher.num_heads={heads}?): {first}") from None
+    return encoder
+
+
+def _from_run_dir(run_dir: Path, image_size: int, patch_size: int) -> tuple[Encoder, str]:
+    stage1 = config_from_dict(yaml.safe_load((run_dir / "resolved_config.yaml").read_text()))
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        raise UserError(f"teacher.checkpoint={run_dir}: the run has no checkpoint yet; train it first "
+                        f"(usjepa train ... run.dir={run_dir})")
+    if stage1.model.patch_size != patch_size:
+        raise UserError(f"teacher run {run_dir} uses patch size {stage1.model.patch_size}, "
+                        f"the student {patch_size}: set model.patch_size={stage1.model.patch_size}")
+    encoder = build_encoder(stage1.model, image_size)
+    ckpt.load_module_weights(path, encoder, prefix="encoder.")
+    return encoder, _sha256([p for p in path.iterdir() if p.is_file() and p.name != ckpt.META])
+
+
+def load_teacher(cfg: Config, device: torch.device) -> tuple[Encoder, TeacherInfo]:
+    """The frozen teacher for `cfg`, on `device`, and what identifies it."""
+    t = cfg.teacher
+    image_size, patch_size = cfg.data.image_size, cfg.model.patch_size
+    source = t.checkpoint
+    if source.lower() == "none":
+        arch = ModelConfig(patch_size=patch_size, embed_dim=t.embed_dim or cfg.model.embed_dim,
+                           depth=t.depth or cfg.model.depth, num_heads=t.num_heads or cfg.model.num_heads)
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.run.seed + 1)
+            encoder, digest = build_encoder(arch, image_size), ""
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir() and (path / "resolved_config.yaml").is_file():
+            encoder, digest = _from_run_dir(path, image_size, patch_size)
+        elif path.is_file() and path.suffix in STATE_DICT_SUFFIXES:
+            sd = _read_state_dict(path)
+            encoder, digest = encoder_from_state_dict(sd, t, image_size, patch_size, str(path)), _sha256([path])
+        else:
+            raise UserError(f"teacher.checkpoint={source}: not a stage-1 run dir (with resolved_config.yaml) "
+                            f"nor a state-dict file ({', '.join(STATE_DICT_SUFFIXES)}); use `none` for a random teacher")
+        source = str(path.resolve())
+    dtype = teacher_dtype(t.dtype, device)
+    encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return encoder, TeacherInfo(source=source, sha256=digest, embed_dim=encoder.embed_dim,
+                                dtype=str(dtype).removeprefix("torch."))

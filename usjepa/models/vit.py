@@ -1,0 +1,78 @@
+"""The ViT encoder shared by student, teacher and the stage-1 MAE model.
+
+It *is* a timm `VisionTransformer` (single-channel input, no head), so its parameter names
+are timm's: timm weights load into it and its weights load into
+`timm.create_model(..., in_chans=1, num_classes=0, global_pool='', class_token=False)`.
+What it adds is a forward pass over a subset of patch positions (the JEPA context).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from usjepa.config import ModelConfig
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` [B, K] of tokens `x` [B, N, D] -> [B, K, D]."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding [grid*grid, dim] (I-JEPA's choice)."""
+    return build_sincos2d_pos_embed([grid, grid], dim=dim)
+
+
+class Encoder(VisionTransformer):
+    def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, class_token: bool = False,
+                 reg_tokens: int = 0, no_embed_class: bool = False, fixed_pos_embed: bool = True):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=1, num_classes=0,
+                         global_pool="", class_token=class_token, reg_tokens=reg_tokens,
+                         no_embed_class=no_embed_class, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path)
+        self.grid = img_size // patch_size
+        if fixed_pos_embed:
+            # A frozen sin-cos table, as in I-JEPA: nothing to learn, and it extrapolates cleanly.
+            offset = 0 if no_embed_class else self.num_prefix_tokens
+            with torch.no_grad():
+                self.pos_embed[:, offset:] = sincos_pos_embed(self.grid, embed_dim)
+            self.pos_embed.requires_grad_(False)
+
+    @property
+    def width(self) -> int:
+        return self.embed_dim
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed patch tokens [B, K, D] of `images` [B, 1, H, W].
+
+        `keep` [B, K] lists the patch positions to encode (the context); None encodes all.
+        Prefix tokens (class, register) of a loaded timm teacher are used but not returned.
+        """
+        x = self.patch_embed(images)
+        n_prefix = self.num_prefix_tokens
+        if self.no_embed_class:
+            prefix_pos, patch_pos = None, self.pos_embed
+        else:
+            prefix_pos, patch_pos = self.pos_embed[:, :n_prefix], self.pos_embed[:, n_prefix:]
+        x = x + patch_pos
+        if keep is not None:
+            x = gather_tokens(x, keep)
+        if n_prefix:
+            prefix = torch.cat([t.expand(x.shape[0], -1, -1)
+                                for t in (self.cls_token, self.reg_token) if t is not None], dim=1)
+            if prefix_pos is not None:
+                prefix = prefix + prefix_pos
+            x = torch.cat([prefix, x], dim=1)
+        x = self.norm_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, n_prefix:]
+
+
+def build_encoder(cfg: ModelConfig, image_size: int) -> Encoder:
+    return Encoder(img_size=image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                   depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                   drop_path=cfg.drop_path)

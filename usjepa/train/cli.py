@@ -1,0 +1,30 @@
+"""`usjepa train CONFIG [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from usjepa.config import load_config
+from usjepa.train.loop import train
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    print(f"{cfg.train.objective}: step {result.step}/{cfg.train.total_steps}, loss {result.loss:.4f}, "
+          f"{result.images_per_s:.0f} images/s, {result.seconds:.0f} s; run dir {result.run_dir} "
+          f"(tensorboard --logdir {result.run_dir / 'tb'})")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="stage 1 (MAE teacher) or stage 2 (SALT student) training; resumes by itself",
+        description="Train with the settings of CONFIG (YAML) and KEY=VALUE overrides "
+                    "(e.g. train.total_steps=100 run.dir=runs/x optim.lr=1e-4). Unknown keys fail "
+                    "before any work. Rerunning with the same run.dir resumes from its latest checkpoint. "
+                    "SIGTERM/SIGUSR2/Ctrl-C finish the step, save and exit. "
+                    "Works under `torchrun -m usjepa train`.")
+    p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of config settings")
+    p.set_defaults(func=_run)

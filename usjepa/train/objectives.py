@@ -1,0 +1,55 @@
+"""The two training objectives, as functions of (models, batch) -> loss.
+
+Stage 1 (`mae`): the predictor decodes the pixels of the target blocks from the context,
+against per-patch normalised targets. Stage 2 (`salt`): the predictor regresses the frozen
+teacher's (optionally LayerNorm'd) last-layer latents at the target positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from usjepa.config import TrainConfig
+from usjepa.models.vit import gather_tokens
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Mean over target blocks, tokens and features (blocks have equal size, so this is the
+    paper's average over the 4 blocks)."""
+    pred, target = pred.float(), target.float()
+    if cfg.loss == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=cfg.smooth_l1_beta)
+    if cfg.loss == "l1":
+        return F.l1_loss(pred, target)
+    return F.mse_loss(pred, target)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, 1, H, W] -> [B, N, patch*patch], patches in row-major order like the ViT's tokens."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def pixel_targets(images: torch.Tensor, patch: int, target_idx: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Pixels of the target patches [T*B, Kt, patch*patch], each patch z-scored when `normalize`."""
+    patches = patchify(images.float(), patch)
+    if normalize:
+        mean = patches.mean(-1, keepdim=True)
+        var = patches.var(-1, keepdim=True)
+        patches = (patches - mean) / (var + 1e-6).sqrt()
+    return gather_tokens(patches.repeat(target_idx.shape[0], 1, 1), target_idx.flatten(0, 1))
+
+
+def teacher_targets(teacher: torch.nn.Module, images: torch.Tensor, target_idx: torch.Tensor,
+                    layernorm: bool) -> torch.Tensor:
+    """The frozen teacher's latents at the target positions [T*B, Kt, D_teacher], float32."""
+    with torch.inference_mode():
+        param = next(teacher.parameters())
+        latents = teacher(images.to(param.dtype)).float()
+        if layernorm:
+            latents = F.layer_norm(latents, latents.shape[-1:])
+    # Cloned outside inference mode: the loss saves its target for backward.
+    latents = latents.clone()
+    return gather_tokens(latents.repeat(target_idx.shape[0], 1, 1), target_idx.flatten(0, 1))

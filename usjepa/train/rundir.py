@@ -1,0 +1,48 @@
+"""The run directory: where a run's config, checkpoints and TensorBoard events live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from usjepa.config import Config, dump_yaml, to_dict
+from usjepa.train.checkpoint import atomic_write_text
+
+RESOLVED_CONFIG = "resolved_config.yaml"
+# Settings that may change between invocations of one run without changing its result.
+RESUMABLE_CHANGES = ("run.stop_at_step", "run.threads", "run.device", "train.total_steps",
+                     "checkpoint.", "log.", "data.num_workers", "probe.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def prepare_run_dir(cfg: Config) -> tuple[Path, list[str]]:
+    """Create the run dir and write the resolved config.
+
+    Returns the dir and the settings that differ from the config the run was started with
+    (other than those in RESUMABLE_CHANGES); the caller decides how loud to be.
+    """
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESOLVED_CONFIG
+    drift = []
+    if path.is_file():
+        old = yaml.safe_load(path.read_text()) or {}
+        drift = [k for k in changed_settings(old, to_dict(cfg)) if not k.startswith(RESUMABLE_CHANGES)]
+    atomic_write_text(path, dump_yaml(cfg))
+    return run_dir, drift
