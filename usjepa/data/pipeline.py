@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle as shuffle_buffer
 
 from usjepa.config import Config
 from usjepa.data.augment import augment, resize_eval, to_model_input
@@ -59,7 +58,7 @@ class TrainBatches(IterableDataset):
                  workers: int = 1, start_batch: int = 0):
         self.cfg = cfg
         self.shards = [str(p) for p in manifest.shard_paths(cfg.data.split)]
-        self.counts = manifest.shard_counts(cfg.data.split)
+        self.counts = [s.count for s in manifest.splits[cfg.data.split].shards]
         self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
         self.start_batch = start_batch
         streams = self.world_size * self.workers
@@ -83,11 +82,10 @@ class TrainBatches(IterableDataset):
                 skip -= in_epoch
                 epoch += 1
                 continue
-            records = wds.tarfile_to_samples(iter([{"url": self.shards[i]} for i in mine]),
-                                             handler=_log_read_error)
+            records = wds.tarfile_to_samples(handler=_log_read_error)([{"url": self.shards[i]} for i in mine])
             rng = random.Random(f"{self.cfg.run.seed}-{stream_id}-{epoch}")
-            buffered = shuffle_buffer(records, bufsize=self.cfg.data.shuffle_buffer,
-                                      initial=self.cfg.data.shuffle_buffer, rng=rng)
+            buffered = wds.shuffle(self.cfg.data.shuffle_buffer, initial=self.cfg.data.shuffle_buffer,
+                                   rng=rng)(records)
             for record in buffered:
                 if skip:
                     skip -= 1
@@ -109,7 +107,7 @@ class TrainBatches(IterableDataset):
                 continue
             sample = self.rank * len(records) + i
             rng = np.random.default_rng([seed, self.rank, batch_index, i])
-            pixels, reg = augment(rng, torch.from_numpy(image)[None], torch.from_numpy(region)[None],
+            pixels, reg = augment(rng, torch.tensor(image)[None], torch.tensor(region)[None],
                                   cfg.data.augment, size)
             valid = valid_patches(reg[0].numpy(), patch, cfg.mask.region_min_pixels)
             masks.append(sample_masks(cfg.mask, size // patch, seed, batch_index, sample, valid))
@@ -149,11 +147,11 @@ def make_train_loader(cfg: Config, manifest: Manifest, start_batch: int = 0, ran
 
 def eval_batches(manifest: Manifest, split: str, image_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) of a split in manifest order, un-augmented: for probes and validation."""
-    records = wds.tarfile_to_samples(iter([{"url": str(p)} for p in manifest.shard_paths(split)]))
+    records = wds.tarfile_to_samples()([{"url": str(p)} for p in manifest.shard_paths(split)])
     images, labels = [], []
     for record in records:
         image, _, meta = decode_sample(record)
-        images.append(to_model_input(resize_eval(torch.from_numpy(image)[None], image_size)))
+        images.append(to_model_input(resize_eval(torch.tensor(image)[None], image_size)))
         labels.append(int(meta["label"]))
         if len(images) == batch_size:
             yield torch.stack(images), torch.tensor(labels)

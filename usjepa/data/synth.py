@@ -294,20 +294,20 @@ def _add_calcified(rng: np.random.Generator, scene: _Scene, geo: _Geometry, orga
     n = geo.size
     # Texture change without a net brightness change: mean of exp(0.35 g) is ~1.06.
     _lerp_into(scene.amplitude, _inside(rho, 0.4), np.exp(0.35 * _smooth_noise(rng, (n, n), 24)))
-    count = rng.integers(3, 10)
-    r = radius * np.sqrt(rng.uniform(0, 0.8, count))
+    count = rng.integers(3, 9)
+    r = radius * np.sqrt(rng.uniform(0.05, 1.0, count))
     t = rng.uniform(0, 2 * np.pi, count)
     c, s = math.cos(angle), math.sin(angle)
     u, v = r * np.cos(t), r * np.sin(t) * aspect
     fx, fy = centre[0] + c * u - s * v, centre[1] + s * u + c * v
     cell = 1.0 / n
     for x0, y0 in zip(fx, fy):
-        size = rng.uniform(0.6, 1.6) * cell
-        scene.coherent += rng.uniform(10, 25) * _gaussian_spot(geo, x0, y0, size)
-        # Round-trip loss of 15-30 dB whatever the focus size; it sits just below the reflecting
+        size = rng.uniform(0.5, 1.2) * cell
+        scene.coherent += rng.uniform(20, 40) * _gaussian_spot(geo, x0, y0, size)
+        # Round-trip loss of 10-25 dB whatever the focus size; it sits just below the reflecting
         # surface, because the focus itself is bright and only what lies behind it is shadowed.
         scene.attenuation += (_gaussian_spot(geo, x0, y0 + 2 * size, size)
-                              * rng.uniform(7.5, 15) / (size * math.sqrt(2 * math.pi)))
+                              * rng.uniform(5, 12.5) / (size * math.sqrt(2 * math.pi)))
     return centre, radius
 
 
@@ -372,10 +372,10 @@ def _acquire(rng: np.random.Generator, patient: Patient, scene: _Scene, geo: _Ge
     noise_std = 0.02 * 10 ** ((tgc_db - patient.attenuation_db * z) / 20) * np.sqrt(patient.density * 20)
     rf = rf + noise_std * (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n)))
     db = 20 * np.log10(np.abs(rf) + 1e-9)
-    # The display range tops out well above typical speckle, so that only strong specular
-    # reflectors (calcifications, ribs) saturate, as at a sensible gain setting.
-    top = np.median(db) + 0.35 * patient.dynamic_range_db
-    return np.clip((db - top + patient.dynamic_range_db) / patient.dynamic_range_db, 0, 1)
+    # Only the noise floor is clipped here: strong specular reflectors (calcifications, ribs)
+    # must stay far above the speckle so that they saturate after grey-level mapping.
+    floor = np.median(db) - 0.6 * patient.dynamic_range_db
+    return np.clip((db - floor) / patient.dynamic_range_db, 0, None)
 
 
 def _scan_convert(beam: np.ndarray, geo: _Geometry) -> np.ndarray:
@@ -468,12 +468,12 @@ def render_image(rng: np.random.Generator, class_name: str, patient: Patient, si
 
 
 def _split(rng: np.random.Generator, total: int) -> list[int]:
-    """Split one class's image count into per-patient counts of 3-8 (fewer only if total < 3)."""
+    """Split `total` images into per-patient counts of 3-8 (fewer only if total < 3)."""
     low, high = _IMAGES_PER_PATIENT
     counts = []
     while total > 0:
         k = min(int(rng.integers(low, high + 1)), total)
-        if 0 < total - k < low:  # never leave a patient with too few images
+        if 0 < total - k < low:  # never leave the last patient with too few images
             k = total - low if total - low >= low else total
         counts.append(k)
         total -= k
@@ -481,16 +481,19 @@ def _split(rng: np.random.Generator, total: int) -> list[int]:
 
 
 def plan_dataset(n: int, seed: int) -> list[tuple[int, str]]:
-    """(patient number, class) for each image index: classes balanced to within one image, one class per patient."""
+    """(patient number, class) for each image index.
+
+    Classes are balanced to within one image and shuffled across patients, so a patient's
+    identity (probe, FOV shape, body habitus) carries no class information even when a probe
+    is evaluated on images of patients it was trained on.
+    """
     rng = np.random.default_rng([seed, _LAYOUT_STREAM])
-    per_class = [n // len(CLASS_NAMES) + (i < n % len(CLASS_NAMES)) for i in range(len(CLASS_NAMES))]
-    patients = [(name, k) for name, total in zip(CLASS_NAMES, per_class) for k in _split(rng, total)]
-    order = rng.permutation(len(patients))
-    plan = []
-    for pid, idx in enumerate(order):
-        name, k = patients[idx]
-        plan += [(pid, name)] * k
-    return plan
+    k = len(CLASS_NAMES)
+    labels = [CLASS_NAMES[i % k] for i in range(n)]
+    labels = [labels[i] for i in rng.permutation(n)]
+    counts = _split(rng, n)
+    patients = np.repeat(np.arange(len(counts)), counts)
+    return [(int(p), name) for p, name in zip(patients, labels)]
 
 
 def _check_args(out: Path, n: int, size: int) -> None:

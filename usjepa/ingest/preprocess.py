@@ -56,6 +56,18 @@ def crop_to_region(image: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, n
     return image[top:bottom, left:right], region[top:bottom, left:right], box
 
 
+def region_percentiles(image: np.ndarray, region: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """The `low` and `high` percentiles of the uint8 values inside `region`, from a 256-bin
+    histogram (numpy's 'inverted_cdf' definition; ~10x faster than np.percentile here)."""
+    counts = np.bincount(image[region], minlength=256)
+    total = int(counts.sum())
+    if total == 0:
+        raise PreprocessError("the ultrasound region is empty")
+    cdf = np.cumsum(counts)
+    lo, hi = np.searchsorted(cdf, [low / 100 * total, high / 100 * total], side="left")
+    return float(min(lo, 255)), float(min(hi, 255))
+
+
 def stretch_percentiles(
     image: np.ndarray, region: np.ndarray, low: float = 2.0, high: float = 98.0
 ) -> tuple[np.ndarray, tuple[float, float]]:
@@ -64,10 +76,7 @@ def stretch_percentiles(
     Pixels outside the region become 0. A flat region (high == low) is left unstretched.
     Returns the new uint8 image and the (low, high) values used.
     """
-    values = image[region]
-    if values.size == 0:
-        raise PreprocessError("the ultrasound region is empty")
-    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
+    lo, hi = region_percentiles(image, region, low, high)
     if hi - lo < 1.0:
         out = image.copy()
     else:

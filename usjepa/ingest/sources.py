@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageChops, ImageOps
 
 from usjepa.errors import UserError
 from usjepa.ingest.sample_format import make_key
@@ -64,11 +64,18 @@ def pil_to_gray(img: Image.Image) -> tuple[np.ndarray, dict]:
     if mode == "LA":
         return np.asarray(img.getchannel("L")), info
     rgb = img.convert("RGB")
-    arr = np.asarray(rgb)
-    # share of pixels with visible colour (Doppler boxes, coloured annotations), for later use
-    spread = arr.max(axis=2).astype(np.int16) - arr.min(axis=2)
-    info["color_fraction"] = round(float((spread > 16).mean()), 4)
+    info["color_fraction"] = color_fraction(rgb)
     return np.asarray(rgb.convert("L")), info
+
+
+def color_fraction(rgb: Image.Image, tolerance: int = 16) -> float:
+    """Share of pixels whose channels differ by more than `tolerance` (Doppler boxes,
+    coloured annotations): recorded per sample for a later overlay-inpainting step."""
+    r, g, b = rgb.split()
+    spread = ImageChops.lighter(ImageChops.difference(r, g), ImageChops.difference(g, b))
+    spread = ImageChops.lighter(spread, ImageChops.difference(r, b))
+    histogram = spread.histogram()
+    return round(sum(histogram[tolerance + 1 :]) / (rgb.width * rgb.height), 4)
 
 
 def load_gray_image(path: Path) -> tuple[np.ndarray, dict]:

@@ -1,0 +1,39 @@
+"""Shared fixtures: a small real shard set built with the project's own tools."""
+
+from pathlib import Path
+
+import pytest
+
+from usjepa.config import load_config
+from usjepa.data.synth import GROUP_PATTERN, write_synthetic_dataset
+from usjepa.ingest.writer import BuildSettings, build_shards
+
+# A model small enough that a training step takes milliseconds on one CPU core.
+TINY = ["data.image_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=1",
+        "model.num_heads=2", "predictor.depth=1", "predictor.embed_dim=16", "predictor.num_heads=2",
+        "mask.min_keep=1", "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=16",
+        "log.progress=false", "log.every_steps=1", "log.image_every_steps=2", "run.threads=1",
+        "optim.warmup_steps=2", "optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "images"
+    write_synthetic_dataset(out, n=120, size=64, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards(synth_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "demo"
+    build_shards(synth_dir, out, BuildSettings(image_size=32, shard_size=12, group_pattern=GROUP_PATTERN),
+                 progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_config(shards, tmp_path):
+    def make(*overrides: str):
+        return load_config("configs/demo.yaml", [*TINY, f"data.shards={shards}", f"run.dir={tmp_path / 'run'}",
+                                                 "teacher.checkpoint=none", *overrides])
+    return make

@@ -1,0 +1,97 @@
+"""Training loop: resume equality, checkpoints, TensorBoard, non-finite handling."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from usjepa.errors import UserError
+from usjepa.train import checkpoint as ckpt
+from usjepa.train.loop import train
+
+
+def scalars(run_dir, tag):
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_resume_continues_exactly_where_it_stopped(tiny_config, tmp_path):
+    full = tiny_config("train.total_steps=6", "checkpoint.every_steps=3", f"run.dir={tmp_path / 'full'}")
+    train(full)
+    split = tiny_config("train.total_steps=6", "checkpoint.every_steps=3", f"run.dir={tmp_path / 'split'}",
+                        "run.stop_at_step=3")
+    first = train(split)
+    assert first.step == 3
+    resumed = train(tiny_config("train.total_steps=6", "checkpoint.every_steps=3", f"run.dir={tmp_path / 'split'}"))
+    assert resumed.step == 6
+    a, b = scalars(tmp_path / "full", "train/loss"), scalars(tmp_path / "split", "train/loss")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical: same data, masks, RNG, optimizer state
+
+
+def test_checkpoints_keep_the_last_k_and_never_hold_the_teacher(tiny_config, tmp_path):
+    cfg = tiny_config("train.total_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=2")
+    train(cfg)
+    run = tmp_path / "run"
+    names = [p.name for p in ckpt.list_checkpoints(run)]
+    assert names == ["step_000006", "step_000008"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_000008"
+    meta = json.loads((run / "checkpoints" / "step_000008" / "meta.json").read_text())
+    assert meta["step"] == 8 and meta["data_position"] == 8 and meta["samples_seen"] == 64
+    assert meta["teacher"]["source"] == "none"
+    from torch.distributed.checkpoint import FileSystemReader
+    keys = FileSystemReader(str(run / "checkpoints" / "step_000008")).read_metadata().state_dict_metadata
+    assert any(k.startswith("model.encoder.") for k in keys)
+    assert any(k.startswith("model.predictor.") for k in keys)
+    assert not any("teacher" in k for k in keys)
+    assert (run / "resolved_config.yaml").is_file()
+    # a finished run reruns as a no-op
+    assert train(cfg).step == 8
+
+
+def test_tensorboard_has_what_a_user_watches(tiny_config, tmp_path):
+    train(tiny_config("train.total_steps=4", "checkpoint.every_steps=4"))
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ["train/loss", "train/lr", "train/weight_decay", "train/grad_norm", "perf/images_per_s",
+                "perf/step_time_s", "health/feature_std"]:
+        assert tag in tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert lrs[0] < lrs[1]  # warm-up
+    assert "masks/context_green_targets_red" in acc.Tags()["images"]
+
+
+def test_mae_stage_then_salt_against_it(tiny_config, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    train(tiny_config("train.objective=mae", "train.loss=mse", "train.total_steps=3", f"run.dir={teacher_dir}"))
+    result = train(tiny_config("train.total_steps=3", f"teacher.checkpoint={teacher_dir}",
+                               f"run.dir={tmp_path / 'student'}"))
+    assert result.step == 3 and result.loss == result.loss  # finite
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "student"))
+    assert meta["teacher"]["source"] == str(teacher_dir.resolve()) and len(meta["teacher"]["sha256"]) == 64
+
+
+def test_resuming_against_another_teacher_is_refused(tiny_config, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    train(tiny_config("train.objective=mae", "train.total_steps=2", f"run.dir={teacher_dir}"))
+    train(tiny_config("train.total_steps=4", "run.stop_at_step=2", f"run.dir={tmp_path / 'student'}"))
+    with pytest.raises(UserError, match="trained against teacher"):
+        train(tiny_config("train.total_steps=4", f"teacher.checkpoint={teacher_dir}", f"run.dir={tmp_path / 'student'}"))
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path):
+    cfg = tiny_config("train.total_steps=20", "optim.lr=1e30", "optim.start_lr=1e30", "optim.clip_grad=0",
+                      "train.max_nonfinite=3", "checkpoint.every_steps=1")
+    with pytest.raises(UserError, match="not finite for 3 steps in a row"):
+        train(cfg)
+    skipped = scalars(tmp_path / "run", "train/nonfinite_skipped")
+    assert max(skipped.values()) == 3
+    # the parameters on disk are finite: skipped steps never reached the optimizer
+    path = ckpt.latest_checkpoint(tmp_path / "run")
+    from usjepa.eval.backbones import load_backbone
+    encoder, _ = load_backbone("student", tmp_path / "run", torch.device("cpu"))
+    assert path is not None and all(torch.isfinite(p).all() for p in encoder.parameters())
