@@ -13,10 +13,12 @@ The frozen teacher is never saved here, only its path and hash (in meta.json).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,14 @@ from usjepa.errors import UserError
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 META = "meta.json"
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group; single-process use is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _distributed() -> bool:
@@ -107,7 +117,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not _distributed())
     if _is_main():
         (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -123,7 +134,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore model + optimizer in place from `path`; return its meta."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return read_meta(path)
 
@@ -131,7 +143,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def load_module_weights(path: Path, module: torch.nn.Module, prefix: str) -> None:
     """Load the parameters saved under `model.<prefix>` into `module` (e.g. a stage-1 encoder)."""
     target = {f"{prefix}{k}": v for k, v in module.state_dict().items()}
-    dcp.load({"model": target}, checkpoint_id=path, no_dist=True)
+    with _single_process_quiet():
+        dcp.load({"model": target}, checkpoint_id=path, no_dist=True)
     module.load_state_dict({k[len(prefix):]: v for k, v in target.items()})
 
 
