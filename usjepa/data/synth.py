@@ -26,6 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -36,8 +37,8 @@ from usjepa.errors import UserError
 CLASS_NAMES: tuple[str, ...] = ("normal", "cyst", "solid", "calcified")
 GROUP_PATTERN: str = r"^(patient\d+)_"
 
-# Independent random streams under one user seed, so that e.g. image 17 is the same image
-# whichever other images are generated.
+# Independent random streams under one user seed: an image's pixels depend only on (seed, its
+# index, its class and patient), so any image can be re-rendered alone.
 _LAYOUT_STREAM, _PATIENT_STREAM, _IMAGE_STREAM = 0, 1, 2
 _IMAGES_PER_PATIENT = (3, 8)
 _BODY_MARKS = ("ABD", "THY", "BR", "MSK", "RT", "LT", "LONG", "TRANS")
@@ -86,8 +87,8 @@ def sample_patient(rng: np.random.Generator, patient_id: str) -> Patient:
         attenuation_db=float(rng.uniform(30, 50)),
         tgc_error=float(rng.uniform(-0.2, 0.2)),
         dynamic_range_db=float(rng.uniform(45, 60)),
-        gain=float(rng.uniform(55, 95)),
-        contrast=float(rng.uniform(30, 45)),
+        gain=float(rng.uniform(60, 100)),
+        contrast=float(rng.uniform(26, 38)),
     )
 
 
@@ -112,6 +113,7 @@ class _Geometry:
 
 @functools.lru_cache(maxsize=64)
 def _geometry(patient: Patient, size: int) -> _Geometry:
+    """Probe geometry is a patient property, so consecutive images of a patient share it (cached)."""
     n = size
     z = np.linspace(0.0, 1.0, n)[:, None]
     lat = np.linspace(0.0, 1.0, n)[None, :]
@@ -193,11 +195,13 @@ def _tissue(rng: np.random.Generator, patient: Patient, geo: _Geometry) -> tuple
     fibres = np.cos(2 * np.pi * (z + tilt * lat + 0.01 * np.sin(6 * lat)) / period)
     muscle = e_muscle * (0.75 + 0.6 * np.clip(fibres, 0, None) ** 3)
 
-    amplitude = np.where(z < b_skin, e_skin, np.where(z < b_fat, fat, np.where(z < b_muscle, muscle, organ)))
+    layer = (z >= b_skin).astype(int) + (z >= b_fat) + (z >= b_muscle)  # 0 skin, 1 fat, 2 muscle, 3 organ
+    amplitude = np.choose(layer, (e_skin, fat, muscle, organ))
     # Fascia: bright specular lines at the fat/muscle and muscle/organ interfaces.
     for boundary in (b_fat, b_muscle):
         amplitude = amplitude + 2.0 * np.exp(-0.5 * ((z - boundary) / (0.7 / n)) ** 2)
-    density = np.full((n, n), patient.density)
+    # Fat has fewer, larger scatterers than parenchyma: coarser, less developed speckle.
+    density = patient.density * np.array([1.0, 0.5, 0.8, 1.0])[layer]
     attenuation = np.full((n, n), patient.attenuation_db / 2)
     scene = _Scene(amplitude, density, attenuation, np.zeros((n, n)))
     return scene, b_muscle
@@ -229,7 +233,8 @@ def _inside(rho: np.ndarray, edge: float) -> np.ndarray:
     return t * t * (3 - 2 * t)
 
 
-def _lerp_into(field: np.ndarray, weight: np.ndarray, value) -> None:
+def _lerp_into(field: np.ndarray, weight: np.ndarray, value: float | np.ndarray) -> None:
+    """Blend `field` towards `field * value` where weight is 1 (multiplicative, so textures survive)."""
     field *= 1 + weight * (np.asarray(value) - 1)
 
 
@@ -246,46 +251,50 @@ def _lesion_site(rng: np.random.Generator, geo: _Geometry, organ_top: np.ndarray
             float(ndimage.map_coordinates(geo.y, coords, order=1)[0]))
 
 
-def _add_cyst(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray,
-              base_db: float) -> tuple[tuple[float, float], float]:
+def _add_cyst(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
+              ) -> tuple[tuple[float, float], float]:
     """Anechoic, smooth, sharply bounded; fluid barely attenuates, so the far side is enhanced."""
-    radius = rng.uniform(0.05, 0.14)
+    radius = rng.uniform(0.06, 0.14)
     centre = _lesion_site(rng, geo, organ_top, radius)
-    rho = _shape(geo, centre, radius, rng.uniform(0.6, 1.0), rng.uniform(0, np.pi))
+    rho = _shape(geo, centre, radius, rng.uniform(0.65, 1.0), rng.uniform(0, np.pi))
     w = _inside(rho, edge=1.5 / (geo.size * radius))
     _lerp_into(scene.amplitude, w, rng.uniform(0.0, 0.04))
     wall = np.exp(-0.5 * ((rho - 1) / (1.0 / (geo.size * radius))) ** 2)
     # A thin wall that grazing beams cross for longer: this is what casts the edge shadows.
     scene.amplitude += 0.8 * wall * scene.amplitude.mean()
-    scene.attenuation += wall * base_db * 0.6
+    _lerp_into(scene.attenuation, wall, 1.6)
     _lerp_into(scene.attenuation, w, rng.uniform(0.0, 0.15))
     return centre, radius
 
 
-def _add_solid(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray,
-               base_db: float) -> tuple[tuple[float, float], float]:
+def _add_solid(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
+               ) -> tuple[tuple[float, float], float]:
     """Hypoechoic, heterogeneous, lobulated or spiculated with a fuzzy edge; shadows behind."""
     radius = rng.uniform(0.08, 0.17)
     centre = _lesion_site(rng, geo, organ_top, radius)
-    style = rng.integers(3)  # lobulated, spiculated, both
-    harmonics = tuple((int(k), rng.uniform(0.06, 0.16), rng.uniform(0, 2 * np.pi))
-                      for k in rng.choice(np.arange(2, 6), size=2 + rng.integers(2), replace=False)) \
-        if style != 1 else ((2, rng.uniform(0.0, 0.1), rng.uniform(0, 2 * np.pi)),)
-    spikes = tuple((int(k), rng.uniform(0.15, 0.35), rng.uniform(0, 2 * np.pi))
-                   for k in rng.integers(7, 15, size=2)) if style != 0 else ()
+    style = rng.integers(3)  # 0 lobulated, 1 spiculated, 2 both
+    lobes = rng.choice(np.arange(2, 6), size=int(rng.integers(2, 4)), replace=False) if style != 1 else []
+    harmonics = tuple((int(k), rng.uniform(0.06, 0.16), rng.uniform(0, 2 * np.pi)) for k in lobes)
+    points = rng.integers(7, 15, size=2) if style != 0 else []
+    spikes = tuple((int(k), rng.uniform(0.15, 0.35), rng.uniform(0, 2 * np.pi)) for k in points)
     rho = _shape(geo, centre, radius, rng.uniform(0.6, 1.3), rng.uniform(0, np.pi), harmonics, spikes)
     w = _inside(rho, edge=rng.uniform(0.1, 0.3) if style == 0 else rng.uniform(0.04, 0.12))
     n = geo.size
     interior = rng.uniform(0.25, 0.5) * np.exp(0.6 * _smooth_noise(rng, (n, n), 16))
     _lerp_into(scene.amplitude, w, interior)
+    _lerp_into(scene.density, w, 0.6)
     if rng.random() < 0.3:  # echogenic halo
         scene.amplitude += 0.8 * np.exp(-0.5 * ((rho - 1.08) / 0.06) ** 2) * scene.amplitude.mean()
     _lerp_into(scene.attenuation, w, rng.uniform(1.6, 3.2))
     return centre, radius
 
 
-def _add_calcified(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray,
-                   base_db: float) -> tuple[tuple[float, float], float]:
+def _gaussian_spot(geo: _Geometry, x0: float, y0: float, sigma: float) -> np.ndarray:
+    return np.exp(-0.5 * ((geo.x - x0) ** 2 + (geo.y - y0) ** 2) / sigma ** 2)
+
+
+def _add_calcified(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
+                   ) -> tuple[tuple[float, float], float]:
     """A slightly heterogeneous region holding bright foci, each casting a narrow shadow."""
     radius = rng.uniform(0.08, 0.17)
     centre = _lesion_site(rng, geo, organ_top, radius)
@@ -302,25 +311,25 @@ def _add_calcified(rng: np.random.Generator, scene: _Scene, geo: _Geometry, orga
     fx, fy = centre[0] + c * u - s * v, centre[1] + s * u + c * v
     cell = 1.0 / n
     for x0, y0 in zip(fx, fy):
-        size = rng.uniform(0.5, 1.2) * cell
-        scene.coherent += rng.uniform(20, 40) * _gaussian_spot(geo, x0, y0, size)
+        sigma = rng.uniform(0.5, 1.2) * cell
+        scene.coherent += rng.uniform(20, 40) * _gaussian_spot(geo, x0, y0, sigma)
         # Round-trip loss of 10-25 dB whatever the focus size; it sits just below the reflecting
         # surface, because the focus itself is bright and only what lies behind it is shadowed.
-        scene.attenuation += (_gaussian_spot(geo, x0, y0 + 2 * size, size)
-                              * rng.uniform(5, 12.5) / (size * math.sqrt(2 * math.pi)))
+        scene.attenuation += (_gaussian_spot(geo, x0, y0 + 2 * sigma, sigma)
+                              * rng.uniform(5, 12.5) / (sigma * math.sqrt(2 * math.pi)))
     return centre, radius
 
 
-def _gaussian_spot(geo: _Geometry, x0: float, y0: float, sigma: float) -> np.ndarray:
-    return np.exp(-0.5 * ((geo.x - x0) ** 2 + (geo.y - y0) ** 2) / sigma ** 2)
-
-
 def _add_vessel(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray) -> None:
-    """A longitudinal vessel in any class, so that "something dark" alone does not mean cyst."""
+    """A vessel segment, cut along its axis, in any class: "something dark" alone is not a cyst."""
     radius = rng.uniform(0.015, 0.035)
-    centre = _lesion_site(rng, geo, organ_top, radius)
-    angle = rng.uniform(-0.35, 0.35)
-    dist = np.abs(-math.sin(angle) * (geo.x - centre[0]) + math.cos(angle) * (geo.y - centre[1])) / radius
+    centre = _lesion_site(rng, geo, organ_top, radius + 0.03)
+    angle, half_length = rng.uniform(-0.35, 0.35), rng.uniform(0.2, 0.5)
+    dx, dy = geo.x - centre[0], geo.y - centre[1]
+    along = np.abs(math.cos(angle) * dx + math.sin(angle) * dy) / half_length
+    dist = np.abs(-math.sin(angle) * dx + math.cos(angle) * dy) / radius
+    # The vessel leaves the image plane at its ends, so it tapers out instead of stopping.
+    dist = dist / np.clip(1 - along ** 4, 1e-3, None)
     w = _inside(dist, 0.3)
     _lerp_into(scene.amplitude, w, 0.03)
     scene.amplitude += 0.8 * np.exp(-0.5 * ((dist - 1.1) / 0.25) ** 2) * scene.amplitude.mean()
@@ -354,7 +363,11 @@ def _psf(patient: Patient, size: int) -> np.ndarray:
 
 
 def _acquire(rng: np.random.Generator, patient: Patient, scene: _Scene, geo: _Geometry) -> np.ndarray:
-    """Beam-space echo amplitude in [0, 1] after attenuation, TGC, beamforming and log compression."""
+    """Log-compressed beam-space echo, 0 at the noise floor and 1 one dynamic range above it.
+
+    Attenuation, TGC, beamforming (PSF) and envelope detection happen here; values above 1
+    are strong reflectors and saturate later.
+    """
     n = geo.size
     z = geo.z
     dz = 1.0 / (n - 1)
@@ -363,13 +376,15 @@ def _acquire(rng: np.random.Generator, patient: Patient, scene: _Scene, geo: _Ge
     # is slightly brighter.
     wiggle = 2.5 * _smooth_noise(rng, (n, 1), 3)
     focus = rng.uniform(0.3, 0.7)
-    tgc_db = patient.attenuation_db * (1 + patient.tgc_error) * z + wiggle + 3 * np.exp(-0.5 * ((z - focus) / 0.15) ** 2)
+    focal_db = 3 * np.exp(-0.5 * ((z - focus) / 0.15) ** 2)
+    tgc_db = patient.attenuation_db * (1 + patient.tgc_error) * z + wiggle + focal_db
     gain = 10 ** ((tgc_db - loss_db) / 20)
     present = rng.random((n, n)) < scene.density
     scatter = rng.standard_normal((n, n)) * scene.amplitude * present + scene.coherent
     rf = signal.fftconvolve(scatter * gain, _psf(patient, n), mode="same")
-    # Electronic noise is added after the TGC amplifier in reality, so it grows with depth.
-    noise_std = 0.02 * 10 ** ((tgc_db - patient.attenuation_db * z) / 20) * np.sqrt(patient.density * 20)
+    # Receiver noise enters before the TGC amplifier, so it grows with depth: anechoic regions
+    # are black near the probe and grainy grey deep down.
+    noise_std = 0.05 * np.sqrt(patient.density * 20) * 10 ** ((tgc_db - patient.attenuation_db) / 20)
     rf = rf + noise_std * (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n)))
     db = 20 * np.log10(np.abs(rf) + 1e-9)
     # Only the noise floor is clipped here: strong specular reflectors (calcifications, ribs)
@@ -384,10 +399,16 @@ def _scan_convert(beam: np.ndarray, geo: _Geometry) -> np.ndarray:
     return out
 
 
-def _normalise(image: np.ndarray, mask: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """Affine grey-level map giving the FOV this mean and spread; black stays black outside."""
+def _normalise(image: np.ndarray, mask: np.ndarray, mean: float, spread: float) -> np.ndarray:
+    """Affine grey-level map giving the FOV this mean and tissue spread; black stays black outside.
+
+    The spread is measured robustly (interquartile range) so that it is the tissue's: with the
+    standard deviation, a large anechoic area or shadow would compress the tissue and turn
+    black fluid grey.
+    """
     values = image[mask]
-    scaled = (values - values.mean()) / (values.std() + 1e-9) * std + mean
+    q25, q75 = np.percentile(values, [25, 75])
+    scaled = (values - values.mean()) / ((q75 - q25) / 1.349 + 1e-9) * spread + mean
     # Clipping at 0 and 255 moves the mean by a class-dependent amount (anechoic cysts clip);
     # a few offset corrections put it back.
     for _ in range(4):
@@ -409,18 +430,21 @@ def _overlay(rng: np.random.Generator, image: np.ndarray, patient: Patient, geo:
              caliper_site: tuple[tuple[float, float], float] | None) -> np.ndarray:
     """Screen furniture: preset text, a depth ruler and sometimes a pair of '+' calipers."""
     size = geo.size
-    canvas = Image.fromarray(image, mode="L")
+    canvas = Image.fromarray(image)
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(6, round(size / 13)))
     grey = int(rng.integers(170, 256))
     lines = [f"{patient.frequency_mhz:.1f} MHz", f"D {patient.depth_cm:.1f} cm", f"G {int(rng.integers(30, 80))}%"]
     keep = [line for line in lines if rng.random() < 0.7]
-    for row, text in enumerate(keep):
-        draw.text((1, 1 + row * font.size), text, fill=grey, font=font)
-    if rng.random() < 0.6:
-        draw.text((0.72 * size, 1), str(rng.choice(_BODY_MARKS)), fill=grey, font=font)
-    if rng.random() < 0.5:
-        draw.text((1, size - font.size - 2), f"FR {int(rng.integers(12, 40))}", fill=grey, font=font)
+    mark, frame_rate = rng.random() < 0.6, rng.random() < 0.5
+    font_px = round(size / 13)
+    if font_px >= 5:  # smaller text is an unreadable smear that would cover the FOV
+        font = _font(font_px)
+        for row, text in enumerate(keep):
+            draw.text((1, 1 + row * font_px), text, fill=grey, font=font)
+        if mark:
+            draw.text((0.72 * size, 1), str(rng.choice(_BODY_MARKS)), fill=grey, font=font)
+        if frame_rate:
+            draw.text((1, size - font_px - 2), f"FR {int(rng.integers(12, 40))}", fill=grey, font=font)
     # Depth ruler: one tick per cm along the right edge, a longer one every 5 cm.
     x = min(size - 3.0, geo.right + 0.02 * size)
     for cm in range(int(patient.depth_cm) + 1):
@@ -438,7 +462,7 @@ def _overlay(rng: np.random.Generator, image: np.ndarray, patient: Patient, geo:
             px, py = geo.to_pixel(centre[0] + sign * radius * math.cos(t), centre[1] + sign * radius * math.sin(t))
             draw.line([(px - arm, py), (px + arm, py)], fill=grey)
             draw.line([(px, py - arm), (px, py + arm)], fill=grey)
-    return np.asarray(canvas)
+    return np.array(canvas)
 
 
 def render_image(rng: np.random.Generator, class_name: str, patient: Patient, size: int
@@ -448,22 +472,21 @@ def render_image(rng: np.random.Generator, class_name: str, patient: Patient, si
         raise ValueError(f"unknown class {class_name!r}; expected one of {CLASS_NAMES}")
     geo = _geometry(patient, size)
     scene, organ_top = _tissue(rng, patient, geo)
-    base_db = patient.attenuation_db / 2
     if rng.random() < 0.25:
         _add_vessel(rng, scene, geo, organ_top)
     if rng.random() < 0.15:
         _add_rib(rng, scene, geo, organ_top)
-    site = None
+    site = None  # (centre, radius) of the last lesion, for the calipers
     if class_name != "normal":
-        count = 1 + int(rng.random() < 0.25) if class_name != "calcified" else 1
+        count = 1 if class_name == "calcified" else 1 + int(rng.random() < 0.25)
         for _ in range(count):
-            site = _LESIONS[class_name](rng, scene, geo, organ_top, base_db)
+            site = _LESIONS[class_name](rng, scene, geo, organ_top)
     beam = _acquire(rng, patient, scene, geo)
     # Target grey levels come from the patient's presets plus per-image noise: the same
     # distribution for every class, so brightness and contrast say nothing about the class.
-    mean = float(np.clip(patient.gain + rng.normal(0, 6), 40, 110))
-    std = patient.contrast * rng.uniform(0.9, 1.1)
-    image = _normalise(_scan_convert(beam, geo), geo.mask, mean, std)
+    mean = float(np.clip(patient.gain + rng.normal(0, 6), 45, 115))
+    spread = patient.contrast * rng.uniform(0.9, 1.1)
+    image = _normalise(_scan_convert(beam, geo), geo.mask, mean, spread)
     return _overlay(rng, image, patient, geo, site), geo.mask.copy()
 
 
@@ -496,21 +519,50 @@ def plan_dataset(n: int, seed: int) -> list[tuple[int, str]]:
     return [(int(p), name) for p, name in zip(patients, labels)]
 
 
-def _check_args(out: Path, n: int, size: int) -> None:
+def _check_args(n: int, size: int) -> None:
     if n < len(CLASS_NAMES):
-        raise UserError(f"synth: --n {n} is too small; use at least {len(CLASS_NAMES)} (one image per class)")
+        raise UserError(f"--n {n} is too small; use at least {len(CLASS_NAMES)} (one image per class)")
     if size < 32:
-        raise UserError(f"synth: --size {size} is too small; use at least 32 pixels")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"synth: output {out} already exists and is not an empty folder; "
-                        f"pass a new path or remove it")
+        raise UserError(f"--size {size} is too small; use at least 32 pixels")
+
+
+@dataclass(frozen=True)
+class SyntheticImage:
+    """One generated image with what the folder layout (and its tests) need."""
+
+    index: int
+    group: str
+    class_name: str
+    image: np.ndarray  # uint8 (size, size)
+    mask: np.ndarray  # bool (size, size) field of view
+
+    @property
+    def relpath(self) -> str:
+        """Where it goes under the output folder: <class>/<group>_<index>.png."""
+        return f"{self.class_name}/{self.group}_{self.index:05d}.png"
+
+
+def generate(n: int, size: int = 128, seed: int = 0) -> Iterator[SyntheticImage]:
+    """The images `write_synthetic_dataset` writes, with their FOV masks, in index order.
+
+    Image i is drawn from its own generator seeded by (seed, i), its patient's from
+    (seed, patient number), so any image can be reproduced without rendering the others.
+    """
+    _check_args(n, size)
+    patients: dict[int, Patient] = {}
+    for index, (pid, name) in enumerate(plan_dataset(n, seed)):
+        group = f"patient{pid:04d}"
+        if pid not in patients:
+            patients[pid] = sample_patient(np.random.default_rng([seed, _PATIENT_STREAM, pid]), group)
+        image, mask = render_image(np.random.default_rng([seed, _IMAGE_STREAM, index]), name, patients[pid], size)
+        yield SyntheticImage(index, group, name, image, mask)
 
 
 def _write_png(image: np.ndarray, path: Path) -> None:
     """Write atomically, so an interrupted run never leaves a truncated PNG under a final name."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        Image.fromarray(image, mode="L").save(tmp, format="PNG")
+        Image.fromarray(image).save(tmp, format="PNG")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -519,24 +571,23 @@ def _write_png(image: np.ndarray, path: Path) -> None:
 def write_synthetic_dataset(out, n: int, size: int = 128, seed: int = 0) -> dict:
     """Write n PNG images (8-bit grayscale) to OUT/<class_name>/<group>_<index:05d>.png.
 
-    Deterministic for a given (n, size, seed); each image has its own generator seeded by
-    (seed, index). Returns {"n", "size", "seed", "classes": {name: count}, "groups", "out"}.
+    Deterministic for a given (n, size, seed). Returns
+    {"n", "size", "seed", "classes": {name: count}, "groups": number of patients, "out"}.
     """
     out = Path(out)
-    _check_args(out, n, size)
+    _check_args(n, size)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output {out} already exists and is not an empty folder; "
+                        f"pass a new path or remove it")
     for name in CLASS_NAMES:
         (out / name).mkdir(parents=True, exist_ok=True)
-    plan = plan_dataset(n, seed)
-    patients: dict[str, Patient] = {}
     counts = dict.fromkeys(CLASS_NAMES, 0)
-    for index, (pid, name) in enumerate(plan):
-        group = f"patient{pid:04d}"
-        if group not in patients:
-            patients[group] = sample_patient(np.random.default_rng([seed, _PATIENT_STREAM, pid]), group)
-        image, _ = render_image(np.random.default_rng([seed, _IMAGE_STREAM, index]), name, patients[group], size)
-        _write_png(image, out / name / f"{group}_{index:05d}.png")
-        counts[name] += 1
-    return {"n": n, "size": size, "seed": seed, "classes": counts, "groups": len(patients), "out": str(out)}
+    groups = set()
+    for item in generate(n, size, seed):
+        _write_png(item.image, out / item.relpath)
+        counts[item.class_name] += 1
+        groups.add(item.group)
+    return {"n": n, "size": size, "seed": seed, "classes": counts, "groups": len(groups), "out": str(out)}
 
 
 def _run_cli(args: argparse.Namespace) -> int:
@@ -555,9 +606,9 @@ def register_cli(subparsers) -> None:
         help="generate a synthetic B-mode ultrasound image folder (the embedded demo data)",
         description="Write N synthetic B-mode ultrasound PNGs to OUT/<class>/<patient>_<index>.png, "
                     f"classes {', '.join(CLASS_NAMES)}, several images per simulated patient "
-                    f"(group regex {GROUP_PATTERN!r}). Same arguments, same bytes.",
+                    f"(group regex {GROUP_PATTERN}). Same arguments, same bytes.",
     )
-    parser.add_argument("out", type=Path, help="output folder; must not exist or be empty")
+    parser.add_argument("out", type=Path, metavar="OUT", help="output folder; must not exist or be empty")
     parser.add_argument("--n", type=int, required=True, help="number of images (at least one per class)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels, at least 32 (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

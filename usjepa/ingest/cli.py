@@ -47,7 +47,8 @@ def register_cli(subparsers) -> None:
     build.add_argument(
         "--exclude-pattern",
         default=_DEFAULTS.exclude_pattern,
-        help="regex; files whose name (without extension) matches are not images of the set (masks)",
+        help="regex; files whose name (without extension) matches are skipped, e.g. segmentation "
+        "masks; '' to include everything",
     )
     build.add_argument("--format", default=_DEFAULTS.format, choices=sorted(SOURCES), help="source layout")
     build.add_argument("--overwrite", action="store_true", help="replace an existing shard set in OUT")

@@ -1,17 +1,20 @@
 """Ultrasound-region detection: which pixels hold the scan (fan, sector or rectangle).
 
-Outside the region are black borders, text, calipers, scale bars and logos. The mask is the
-largest bright connected component (plus any nearly as large, see `keep_fraction`) after a
-morphological closing (fills speckle gaps and dark anatomy) and opening (cuts thin text
-strokes, caliper lines and bridges), with holes filled and, by default, replaced by its
-convex hull: linear, phased and convex probes all image a convex (or nearly convex) area,
-so the hull restores dark anatomy (shadows, fluid) that reaches the edge of the scan and is
-therefore not a "hole".
+Outside the region are black borders, text, calipers, scale bars and logos. Steps:
+threshold just above the background level; morphological opening (deletes thin text
+strokes, caliper lines and the thin bridges joining them to the scan); the largest
+connected component (plus any nearly as large, see `keep_fraction`); closing (smooths the
+chosen region; done after the choice so it cannot bridge text back on); holes filled;
+and, by default, the convex hull: linear, phased and convex probes all image a convex (or
+nearly convex) area, so the hull restores dark anatomy (shadows, fluid) that reaches the
+edge of the scan and so is not a "hole".
 
 Detection runs on a box-averaged copy about `work_size` pixels on its shorter side (the
 averaging doubles as the smoothing that keeps background noise below the threshold); the
 hull is drawn back at full resolution. Pure functions on arrays; all sizes are fractions of
 the image, so one setting serves 256 px crops and 1024 px screen captures alike.
+Known limit: deep tissue so dark that it equals the background (attenuated far field) is
+outside the region and may be cropped away; it holds no signal.
 """
 
 from __future__ import annotations
@@ -84,11 +87,19 @@ def largest_components(mask: np.ndarray, keep_fraction: float = 1.0) -> np.ndarr
 def hull_polygon(mask: np.ndarray) -> np.ndarray | None:
     """Vertices (x, y) of the convex hull of a boolean mask's pixel centres; None when the
     mask has fewer than three non-collinear pixels."""
-    boundary = mask & ~ndimage.binary_erosion(mask, structure=_EIGHT, border_value=0)
-    ys, xs = np.nonzero(boundary)
-    if xs.size < 3:
+    # Every pixel lies between the leftmost and rightmost pixel of its row, so those row
+    # extremes have the same hull as the whole mask, at a fraction of the points.
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
         return None
-    points = np.column_stack([xs, ys]).astype(np.float64)
+    sub = mask[rows]
+    left = np.argmax(sub, axis=1)
+    right = mask.shape[1] - 1 - np.argmax(sub[:, ::-1], axis=1)
+    points = np.unique(
+        np.concatenate([np.column_stack([left, rows]), np.column_stack([right, rows])]), axis=0
+    ).astype(np.float64)
+    if len(points) < 3:
+        return None
     try:
         return points[ConvexHull(points).vertices]
     except QhullError:  # all points on a line
@@ -129,15 +140,17 @@ def detect_region(image: np.ndarray, settings: RegionSettings = RegionSettings()
     first_percentile = int(np.searchsorted(np.cumsum(counts), 0.01 * small.size))
     background = min(float(first_percentile), settings.max_background)
     mask = small > background + settings.threshold
-    close = _odd_size(settings.close_fraction, small.shape)
-    if close > 1:
-        mask = _close(mask, close)
+    # Open first: it deletes thin text, caliper lines and the bridges that join them to the
+    # scan; choosing components before closing means the closing cannot bridge them back.
     opening = _odd_size(settings.open_fraction, small.shape)
     if opening > 1:
         mask = _open(mask, opening)
     mask = largest_components(mask, settings.keep_fraction)
     if not mask.any():
         return np.zeros(image.shape, dtype=bool)
+    close = _odd_size(settings.close_fraction, small.shape)
+    if close > 1:
+        mask = _close(mask, close)
     if settings.fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     full = _upsample(mask, image.shape)

@@ -22,7 +22,9 @@ IMAGE_EXT = "png"
 REGION_EXT = "region.png"
 META_EXT = "json"
 REQUIRED_META = ("label", "class_name", "group", "source", "split")
-PNG_COMPRESS_LEVEL = 1  # ultrasound speckle barely compresses; level 1 is ~3x faster than 6
+# zlib level 1 with the run-length strategy: about 2x faster than PIL's default (level 6)
+# and, on ultrasound speckle, about the same size
+PNG_OPTIONS = {"compress_level": 1, "compress_type": 3}  # 3 = Z_RLE
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9]+")
@@ -42,7 +44,7 @@ def make_key(relative_path: str, max_len: int = 80) -> str:
 
 def _png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(array).save(buf, format="PNG", **PNG_OPTIONS)
     return buf.getvalue()
 
 

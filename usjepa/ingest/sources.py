@@ -58,6 +58,8 @@ def pil_to_gray(img: Image.Image) -> tuple[np.ndarray, dict]:
         return np.asarray(img), info
     if mode in _HIGH_DEPTH_MODES:
         arr = np.asarray(img).astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError("image holds non-finite pixel values")
         lo, hi = min(0.0, float(arr.min())), float(arr.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         return np.clip(np.rint((arr - lo) * scale), 0, 255).astype(np.uint8), info
@@ -142,10 +144,10 @@ def compile_pattern(pattern: str | None, what: str, need_group: bool) -> re.Patt
     try:
         rx = re.compile(pattern)
     except re.error as exc:
-        raise UserError(f"{what} {pattern!r} is not a valid regular expression ({exc}); fix the pattern") from None
+        raise UserError(f"{what} '{pattern}' is not a valid regular expression ({exc}); fix the pattern") from None
     if need_group and rx.groups < 1:
         raise UserError(
-            f"{what} {pattern!r} has no capture group; wrap the id in parentheses, e.g. 'patient_(\\d+)'"
+            f"{what} '{pattern}' has no capture group; wrap the id in parentheses, e.g. 'patient_(\\d+)'"
         )
     return rx
 
@@ -233,7 +235,7 @@ class ImageFolderSource(Source):
         match = self._group_rx.search(path.stem)
         if match is None or match.group(1) is None:
             raise UserError(
-                f"file {rel!r} (stem {path.stem!r}) does not match the group pattern {self.group_pattern!r}; "
+                f"file {rel!r} (stem {path.stem!r}) does not match the group pattern '{self.group_pattern}'; "
                 "fix the pattern so every file name yields a group id, or rename the file"
             )
         return match.group(1)

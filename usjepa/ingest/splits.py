@@ -1,9 +1,10 @@
 """Deterministic, group-disjoint train/val/test splits and seeded orderings.
 
-Every image of a group (patient, video) lands in one split. Groups are stratified by their
-majority class; within a class, groups are sorted by a seeded hash and fill the test, then
-the val, then the train share by cumulative image count (a group goes to the share that
-holds the midpoint of its images). Same groups + same seed -> same splits, on any machine.
+Every image of a group (patient, video) lands in one split. Groups are sorted by a seeded
+hash within their (majority) class, the classes are interleaved by relative position, and
+the merged list fills the test, then the val, then the train share by cumulative image count
+(a group goes to the share that holds the midpoint of its images). Same groups + same
+seed -> same splits, on any machine.
 """
 
 from __future__ import annotations
@@ -49,16 +50,25 @@ def assign_splits(
         # majority class; ties go to the smallest label so the choice is deterministic
         majority = min(labels[group].items(), key=lambda kv: (-kv[1], kv[0]))[0] if stratify else 0
         strata[majority].append(group)
-    bounds = ((test_fraction, "test"), (test_fraction + val_fraction, "val"))
-    split_of: dict[str, str] = {}
-    for stratum in sorted(strata):
-        groups = sorted(strata[stratum], key=lambda g: (seeded_hash(seed, "split", g), g))
-        total = sum(sizes[g] for g in groups)
+    # Position of each group within its class (hash order, midpoint of its images); sorting
+    # all groups by that position interleaves the classes evenly, so filling the cumulative
+    # shares over the merged order stratifies without rounding each small class separately.
+    position: dict[str, tuple[float, str, str]] = {}
+    for stratum in strata.values():
+        ranked = sorted((seeded_hash(seed, "split", g), g) for g in stratum)
+        total = sum(sizes[g] for _, g in ranked)
         done = 0
-        for group in groups:
-            midpoint = (done + sizes[group] / 2) / total
-            split_of[group] = next((name for bound, name in bounds if midpoint < bound), "train")
+        for digest, group in ranked:
+            position[group] = ((done + sizes[group] / 2) / total, digest, group)
             done += sizes[group]
+    bounds = ((test_fraction, "test"), (test_fraction + val_fraction, "val"))
+    total = sum(sizes.values())
+    split_of: dict[str, str] = {}
+    done = 0
+    for group in sorted(position, key=position.__getitem__):
+        midpoint = (done + sizes[group] / 2) / total
+        split_of[group] = next((name for bound, name in bounds if midpoint < bound), "train")
+        done += sizes[group]
     return split_of
 
 

@@ -154,6 +154,12 @@ class ShardSink:
         return self.shards
 
     def abort(self) -> None:
+        """Drop the unfinished tar (complete ones stay; no manifest will claim them)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()  # flush the tar stream before its file goes away
+            except Exception:
+                pass
         if self._file is not None:
             self._file.close()
         if self._tmp is not None:
@@ -249,7 +255,8 @@ def build_shards(src, out, settings: BuildSettings | None = None, progress: bool
             "val_fraction": settings.val_fraction,
             "test_fraction": settings.test_fraction,
             "stratified_by": "majority class of the group" if settings.stratify else None,
-            "method": "groups sorted by seeded sha256, filling test, val, train by cumulative image count",
+            "method": "groups sorted by seeded sha256 within their class, classes interleaved, "
+            "filling test, val, train by cumulative image count (group midpoint)",
         },
         preprocessing={
             "grayscale": "ITU-R 601-2 luma for colour input; >8-bit scaled linearly to 0-255",
