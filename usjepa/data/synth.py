@@ -254,7 +254,7 @@ def _lesion_site(rng: np.random.Generator, geo: _Geometry, organ_top: np.ndarray
 def _add_cyst(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
               ) -> tuple[tuple[float, float], float]:
     """Anechoic, smooth, sharply bounded; fluid barely attenuates, so the far side is enhanced."""
-    radius = rng.uniform(0.06, 0.14)
+    radius = rng.uniform(0.10, 0.20)
     centre = _lesion_site(rng, geo, organ_top, radius)
     rho = _shape(geo, centre, radius, rng.uniform(0.65, 1.0), rng.uniform(0, np.pi))
     w = _inside(rho, edge=1.5 / (geo.size * radius))
@@ -270,7 +270,7 @@ def _add_cyst(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top
 def _add_solid(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
                ) -> tuple[tuple[float, float], float]:
     """Hypoechoic, heterogeneous, lobulated or spiculated with a fuzzy edge; shadows behind."""
-    radius = rng.uniform(0.08, 0.17)
+    radius = rng.uniform(0.12, 0.22)
     centre = _lesion_site(rng, geo, organ_top, radius)
     style = rng.integers(3)  # 0 lobulated, 1 spiculated, 2 both
     lobes = rng.choice(np.arange(2, 6), size=int(rng.integers(2, 4)), replace=False) if style != 1 else []
@@ -296,14 +296,14 @@ def _gaussian_spot(geo: _Geometry, x0: float, y0: float, sigma: float) -> np.nda
 def _add_calcified(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
                    ) -> tuple[tuple[float, float], float]:
     """A slightly heterogeneous region holding bright foci, each casting a narrow shadow."""
-    radius = rng.uniform(0.08, 0.17)
+    radius = rng.uniform(0.12, 0.22)
     centre = _lesion_site(rng, geo, organ_top, radius)
     aspect, angle = rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
     rho = _shape(geo, centre, radius, aspect, angle)
     n = geo.size
     # Texture change without a net brightness change: mean of exp(0.35 g) is ~1.06.
     _lerp_into(scene.amplitude, _inside(rho, 0.4), np.exp(0.35 * _smooth_noise(rng, (n, n), 24)))
-    count = rng.integers(3, 9)
+    count = rng.integers(5, 11)
     r = radius * np.sqrt(rng.uniform(0.05, 1.0, count))
     t = rng.uniform(0, 2 * np.pi, count)
     c, s = math.cos(angle), math.sin(angle)
@@ -311,7 +311,7 @@ def _add_calcified(rng: np.random.Generator, scene: _Scene, geo: _Geometry, orga
     fx, fy = centre[0] + c * u - s * v, centre[1] + s * u + c * v
     cell = 1.0 / n
     for x0, y0 in zip(fx, fy):
-        sigma = rng.uniform(0.5, 1.2) * cell
+        sigma = rng.uniform(0.8, 1.6) * cell
         scene.coherent += rng.uniform(20, 40) * _gaussian_spot(geo, x0, y0, sigma)
         # Round-trip loss of 10-25 dB whatever the focus size; it sits just below the reflecting
         # surface, because the focus itself is bright and only what lies behind it is shadowed.

@@ -46,6 +46,14 @@ def probe_backbone(run_dir: Path, kind: str, shards: str | None = None, out_dir:
     return result
 
 
+def _backbone_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKBONES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"'{text}': choose from {', '.join(BACKBONES)}, comma-separated")
+    return names
+
+
 def _run(args: argparse.Namespace) -> int:
     results = {}
     for kind in args.backbone:
@@ -66,8 +74,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                     "(AdamW 1e-3, wd 1e-4, batch 32, cosine, early stopping on val loss, 5 seeds), "
                     "as in PAPER.md section 4. Writes <out>/<backbone>.json and a confusion-matrix PNG.")
     p.add_argument("run", help="run dir of a `usjepa train` run (its config gives the architecture and image size)")
-    p.add_argument("--backbone", nargs="+", choices=BACKBONES, default=["student"],
-                   help="which encoder(s) to probe (default: student)")
+    p.add_argument("--backbone", type=_backbone_list, default=["student"], metavar="NAME[,NAME...]",
+                   help=f"which encoder(s) to probe, comma-separated, from {', '.join(BACKBONES)} (default: student)")
     p.add_argument("--shards", help="labelled shard set to probe on (default: the run's data.shards)")
     p.add_argument("--out", help="where to write the reports (default: RUN/probe)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
