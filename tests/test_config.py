@@ -14,10 +14,10 @@ def test_defaults_are_the_papers_settings():
 
 def test_overrides_are_typed():
     cfg = load_config("configs/demo.yaml", ["optim.lr=1e-4", "mask.target_scale=[0.1,0.2]",
-                                           "train.total_steps=70", "run.dir=2024", "probe.seeds=[3]"])
+                                           "train.total_steps=700", "run.dir=2024", "probe.seeds=[3]"])
     assert cfg.optim.lr == pytest.approx(1e-4)
     assert cfg.mask.target_scale == (0.1, 0.2)
-    assert cfg.train.total_steps == 70
+    assert cfg.train.total_steps == 700
     assert cfg.run.dir == "2024"
     assert cfg.probe.seeds == (3,)
 

@@ -1,14 +1,9 @@
 import numpy as np
-import pytest
 
 from usjepa.config import MaskConfig
 from usjepa.data.masks import block_shape, collate_masks, sample_masks, valid_patches
 
 GRID = 14  # 224 px / 16, the paper's setting
-
-
-def _block_area(idx):
-    return len(idx)
 
 
 def test_paper_masks_have_the_configured_sizes_and_counts():

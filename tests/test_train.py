@@ -95,3 +95,20 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path):
     from usjepa.eval.backbones import load_backbone
     encoder, _ = load_backbone("student", tmp_path / "run", torch.device("cpu"))
     assert path is not None and all(torch.isfinite(p).all() for p in encoder.parameters())
+
+
+def test_validation_loss_at_checkpoints_and_best_is_kept(tiny_config, tmp_path):
+    train(tiny_config("train.total_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=1"))
+    run = tmp_path / "run"
+    val = scalars(run, "val/loss")
+    assert sorted(val) == [2, 4, 6, 8]
+    best_step = min(val, key=val.get)
+    best = ckpt.best_checkpoint(run)
+    assert best.name == f"step_{best_step:06d}"
+    assert ckpt.read_meta(best)["val_loss"] == pytest.approx(val[best_step])
+    # pruning keeps the newest and the best
+    assert {p.name for p in ckpt.list_checkpoints(run)} == {best.name, "step_000008"}
+    # the same masks and inputs every time: validating twice gives the same number
+    from usjepa.train.loop import Trainer
+    trainer = Trainer(tiny_config("train.total_steps=8"))
+    assert trainer.validate() == trainer.validate() == pytest.approx(val[8])

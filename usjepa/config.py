@@ -117,6 +117,10 @@ class TrainConfig:
     norm_pix_targets: bool = True  # stage 1: per-patch normalised pixel targets
     precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype for student and predictor
     max_nonfinite: int = 5  # consecutive skipped steps (NaN/Inf loss or grad) before stopping
+    # At every checkpoint, the loss on the `val` split (un-augmented, fixed masks) is logged as
+    # val/loss and `checkpoints/best` names the lowest (PAPER.md section 2). 0 batches = all.
+    validate: bool = True
+    val_batches: int = 0
 
 
 @dataclass

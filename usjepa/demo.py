@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from usjepa.errors import UserError
 from usjepa.eval.cli import probe_backbone
 from usjepa.eval.report import format_table
 from usjepa.ingest.writer import BuildSettings, build_shards
-from usjepa.train.checkpoint import atomic_write_text
+from usjepa.fileio import atomic_write_text
 from usjepa.train.loop import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -41,8 +42,11 @@ def run_demo(out: Path, images: int = 1200, steps: int | None = None, seeds: int
     teacher_dir, student_dir = out / "runs" / "teacher", out / "runs" / "student"
 
     print(f"[1/5] synthetic B-mode images -> {data}")
-    if not data.is_dir():
-        write_synthetic_dataset(data, n=images, size=128, seed=0)
+    if not data.is_dir():  # written aside and renamed, so an interrupted run never leaves half a set
+        partial = out / "data.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_synthetic_dataset(partial, n=images, size=128, seed=0)
+        partial.rename(data)
     print(f"[2/5] shards -> {shards}")
     if not (shards / "manifest.json").is_file():
         build_shards(data, shards, BuildSettings(image_size=64, shard_size=100, group_pattern=GROUP_PATTERN),

@@ -76,9 +76,11 @@ def augment(rng: np.random.Generator, image: torch.Tensor, region: torch.Tensor,
     return pixels.clamp(0, 1) * region, region
 
 
-def resize_eval(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [1, H, W] -> pixels float [1, S, S] in [0, 1], no randomness (probe, validation)."""
+def resize_eval(image: torch.Tensor, region: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 image and bool region [1, H, W] -> pixels float [1, S, S] in [0, 1] and region,
+    with no randomness (probe, validation)."""
     pixels = image.float() / 255
-    if pixels.shape[-1] != size or pixels.shape[-2] != size:
+    if pixels.shape[-2:] != (size, size):
         pixels = TF.resize(pixels, [size, size], antialias=True)
-    return pixels
+        region = TF.resize(region.to(torch.uint8), [size, size], interpolation=InterpolationMode.NEAREST).bool()
+    return pixels, region

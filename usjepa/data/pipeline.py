@@ -29,8 +29,11 @@ from usjepa.config import Config
 from usjepa.data.augment import augment, resize_eval, to_model_input
 from usjepa.data.masks import collate_masks, sample_masks, valid_patches
 from usjepa.errors import UserError
-from usjepa.ingest.manifest import Manifest, load_manifest
+from usjepa.ingest.manifest import Manifest
 from usjepa.ingest.sample_format import decode_sample
+
+
+VALIDATION_SEED = 1_000_003  # validation masks come from a seed no training batch uses
 
 
 @dataclass(frozen=True)
@@ -93,35 +96,6 @@ class TrainBatches(IterableDataset):
                 yield record
             epoch += 1
 
-    # -- batches ----------------------------------------------------------------------------
-    def _make_batch(self, records: list[dict], batch_index: int) -> dict:
-        cfg = self.cfg
-        seed, size, patch = cfg.run.seed, cfg.data.image_size, cfg.model.patch_size
-        images, regions, labels, masks, bad = [], [], [], [], 0
-        for i, record in enumerate(records):
-            try:
-                image, region, meta = decode_sample(record)
-            except ValueError as e:
-                print(f"usjepa: skipping corrupt sample: {e}", file=sys.stderr)
-                bad += 1
-                continue
-            sample = self.rank * len(records) + i
-            rng = np.random.default_rng([seed, self.rank, batch_index, i])
-            pixels, reg = augment(rng, torch.tensor(image)[None], torch.tensor(region)[None],
-                                  cfg.data.augment, size)
-            valid = valid_patches(reg[0].numpy(), patch, cfg.mask.region_min_pixels)
-            masks.append(sample_masks(cfg.mask, size // patch, seed, batch_index, sample, valid))
-            images.append(pixels)
-            regions.append(reg)
-            labels.append(int(meta.get("label", -1)))
-        if not images:
-            raise UserError(f"batch {batch_index}: all {len(records)} samples failed to decode; "
-                            "run `usjepa shards verify` on the shard set")
-        context, targets = collate_masks(masks, seed, batch_index)
-        return {"images": to_model_input(torch.stack(images)), "regions": torch.stack(regions),
-                "labels": torch.tensor(labels), "context": context, "targets": targets,
-                "batch_index": batch_index, "corrupt": bad}
-
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info else 0
@@ -132,8 +106,63 @@ class TrainBatches(IterableDataset):
         local = layout.first_local_batch
         while True:
             chunk = [next(records) for _ in range(batch_size)]
-            yield self._make_batch(chunk, batch_index=local * self.workers + layout.stream)
+            yield make_batch(self.cfg, chunk, batch_index=local * self.workers + layout.stream, rank=self.rank)
             local += 1
+
+
+def make_batch(cfg: Config, records: list[dict], batch_index: int, rank: int = 0, augmented: bool = True,
+               mask_seed: int | None = None) -> dict:
+    """Decode, view (augmented, or just resized) and mask one batch of raw records.
+
+    A record that fails to decode is skipped and counted in `corrupt`; the batch is smaller.
+    """
+    seed = cfg.run.seed
+    mask_seed = seed if mask_seed is None else mask_seed
+    size, patch = cfg.data.image_size, cfg.model.patch_size
+    images, regions, labels, masks, bad = [], [], [], [], 0
+    for i, record in enumerate(records):
+        try:
+            image, region, meta = decode_sample(record)
+        except ValueError as e:
+            print(f"usjepa: skipping corrupt sample: {e}", file=sys.stderr)
+            bad += 1
+            continue
+        image, region = torch.tensor(image)[None], torch.tensor(region)[None]
+        if augmented:
+            rng = np.random.default_rng([seed, rank, batch_index, i])
+            pixels, region = augment(rng, image, region, cfg.data.augment, size)
+        else:
+            pixels, region = resize_eval(image, region, size)
+        valid = valid_patches(region[0].numpy(), patch, cfg.mask.region_min_pixels)
+        sample = rank * len(records) + i
+        masks.append(sample_masks(cfg.mask, size // patch, mask_seed, batch_index, sample, valid))
+        images.append(pixels)
+        regions.append(region)
+        labels.append(int(meta.get("label", -1)))
+    if not images:
+        raise UserError(f"batch {batch_index}: all {len(records)} samples failed to decode; "
+                        "run `usjepa shards verify` on the shard set")
+    context, targets = collate_masks(masks, mask_seed, batch_index)
+    return {"images": to_model_input(torch.stack(images)), "regions": torch.stack(regions),
+            "labels": torch.tensor(labels), "context": context, "targets": targets,
+            "batch_index": batch_index, "corrupt": bad}
+
+
+def _records(manifest: Manifest, split: str) -> Iterator[dict]:
+    """Raw records of a split in manifest order."""
+    return wds.tarfile_to_samples()([{"url": str(p)} for p in manifest.shard_paths(split)])
+
+
+def validation_batches(cfg: Config, manifest: Manifest, split: str = "val", max_batches: int = 0) -> Iterator[dict]:
+    """Un-augmented batches of a held-out split with masks fixed for the whole run, so that
+    the validation loss of two steps is measured on identical inputs and targets."""
+    records, n = _records(manifest, split), 0
+    while not max_batches or n < max_batches:
+        chunk = [r for _, r in zip(range(cfg.data.batch_size), records)]
+        if not chunk:
+            return
+        yield make_batch(cfg, chunk, batch_index=n, augmented=False, mask_seed=cfg.run.seed + VALIDATION_SEED)
+        n += 1
 
 
 def make_train_loader(cfg: Config, manifest: Manifest, start_batch: int = 0, rank: int = 0,
@@ -147,18 +176,14 @@ def make_train_loader(cfg: Config, manifest: Manifest, start_batch: int = 0, ran
 
 def eval_batches(manifest: Manifest, split: str, image_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) of a split in manifest order, un-augmented: for probes and validation."""
-    records = wds.tarfile_to_samples()([{"url": str(p)} for p in manifest.shard_paths(split)])
     images, labels = [], []
-    for record in records:
-        image, _, meta = decode_sample(record)
-        images.append(to_model_input(resize_eval(torch.tensor(image)[None], image_size)))
+    for record in _records(manifest, split):
+        image, region, meta = decode_sample(record)
+        pixels, _ = resize_eval(torch.tensor(image)[None], torch.tensor(region)[None], image_size)
+        images.append(to_model_input(pixels))
         labels.append(int(meta["label"]))
         if len(images) == batch_size:
             yield torch.stack(images), torch.tensor(labels)
             images, labels = [], []
     if images:
         yield torch.stack(images), torch.tensor(labels)
-
-
-def open_shards(cfg: Config) -> Manifest:
-    return load_manifest(cfg.data.shards)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage, signal
 
 from usjepa.errors import UserError
+from usjepa.fileio import atomic_write
 
 CLASS_NAMES: tuple[str, ...] = ("normal", "cyst", "solid", "calcified")
 GROUP_PATTERN: str = r"^(patient\d+)_"
@@ -560,12 +560,7 @@ def generate(n: int, size: int = 128, seed: int = 0) -> Iterator[SyntheticImage]
 
 def _write_png(image: np.ndarray, path: Path) -> None:
     """Write atomically, so an interrupted run never leaves a truncated PNG under a final name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 def write_synthetic_dataset(out, n: int, size: int = 128, seed: int = 0) -> dict:

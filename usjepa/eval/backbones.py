@@ -16,6 +16,7 @@ from usjepa.train import checkpoint as ckpt
 from usjepa.train.rundir import RESOLVED_CONFIG
 
 BACKBONES = ("student", "teacher", "random")
+CHECKPOINTS = ("latest", "best")
 
 
 def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
@@ -25,19 +26,24 @@ def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     return load_config(path, overrides)
 
 
-def load_backbone(kind: str, run_dir: Path, device: torch.device,
-                  overrides: Sequence[str] = ()) -> tuple[Encoder, Config]:
+def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Sequence[str] = (),
+                  checkpoint: str = "latest") -> tuple[Encoder, Config]:
     """The encoder `kind` of run `run_dir` (frozen, eval mode) and that run's config.
 
-    - student: the run's encoder at its latest checkpoint (a stage-1 run's encoder is its teacher);
+    - student: the run's encoder at its `latest` checkpoint or at its `best` (lowest validation
+      loss); a stage-1 run's encoder is its teacher;
     - teacher: the frozen teacher a SALT run trained against;
     - random: the run's encoder architecture with seeded random weights.
     """
     cfg = run_config(run_dir, overrides)
     if kind == "student":
-        path = ckpt.latest_checkpoint(Path(run_dir))
+        if checkpoint not in CHECKPOINTS:
+            raise UserError(f"unknown checkpoint '{checkpoint}'; choose one of {', '.join(CHECKPOINTS)}")
+        find = ckpt.latest_checkpoint if checkpoint == "latest" else ckpt.best_checkpoint
+        path = find(Path(run_dir))
         if path is None:
-            raise UserError(f"{run_dir}: no checkpoint yet; train the run first")
+            raise UserError(f"{run_dir}: no {checkpoint} checkpoint yet; train the run first"
+                            + (" with train.validate=true and a val split" if checkpoint == "best" else ""))
         encoder = build_encoder(cfg.model, cfg.data.image_size)
         ckpt.load_module_weights(path, encoder, prefix="encoder.")
     elif kind == "teacher":

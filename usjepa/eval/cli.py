@@ -9,7 +9,7 @@ from pathlib import Path
 
 from usjepa.config import parse_override
 from usjepa.data.pipeline import eval_batches
-from usjepa.eval.backbones import BACKBONES, load_backbone
+from usjepa.eval.backbones import BACKBONES, CHECKPOINTS, load_backbone
 from usjepa.eval.features import extract_features
 from usjepa.eval.probe import ProbeSplit, run_probe
 from usjepa.eval.report import format_table, write_probe_report
@@ -21,7 +21,8 @@ SPLITS = ("train", "val", "test")
 
 
 def probe_backbone(run_dir: Path, kind: str, shards: str | None = None, out_dir: Path | None = None,
-                   overrides: Sequence[str] = (), device: str = "auto", progress: bool = True) -> dict:
+                   overrides: Sequence[str] = (), device: str = "auto", progress: bool = True,
+                   checkpoint: str = "latest") -> dict:
     """Extract features of every split with backbone `kind` of `run_dir`, train the probes,
     write `<out_dir>/<kind>.json` and its confusion-matrix plot; return the result.
 
@@ -30,18 +31,21 @@ def probe_backbone(run_dir: Path, kind: str, shards: str | None = None, out_dir:
         if not parse_override(text)[0].startswith("probe."):
             raise UserError(f"override '{text}': `usjepa probe` takes probe.* settings only (e.g. probe.seeds=[0,1])")
     dev = resolve_device(device)
-    encoder, cfg = load_backbone(kind, Path(run_dir), dev, overrides)
+    encoder, cfg = load_backbone(kind, Path(run_dir), dev, overrides, checkpoint)
     probe = cfg.probe
     manifest = load_manifest(shards or cfg.data.shards)
-    dtype = next(encoder.parameters()).dtype
+    # Every backbone is probed in fp32 (the teacher trains in bf16), so that precision never
+    # decides a comparison between them.
+    encoder = encoder.float()
     splits = {}
     for split in SPLITS:
         batches = eval_batches(manifest, split, cfg.data.image_size, probe.extract_batch_size)
-        x, y = extract_features(encoder.float(), batches, dev, dtype, progress=progress,
+        x, y = extract_features(encoder, batches, dev, progress=progress,
                                 desc=f"{kind} {split}")
         splits[split] = ProbeSplit(x, y)
     result = run_probe(splits, manifest.classes, probe, dev)
-    result.update(backbone=kind, run_dir=str(run_dir), shards=str(manifest.root))
+    result.update(backbone=kind, run_dir=str(run_dir), shards=str(manifest.root),
+                  checkpoint=checkpoint if kind == "student" else None)
     write_probe_report(result, out_dir or Path(run_dir) / "probe", kind)
     return result
 
@@ -59,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     for kind in args.backbone:
         start = time.perf_counter()
         results[kind] = probe_backbone(Path(args.run), kind, args.shards, args.out and Path(args.out),
-                                       args.overrides, args.device)
+                                       args.overrides, args.device, checkpoint=args.checkpoint)
         print(f"{kind}: macro-F1 {100 * results[kind]['macro_f1_mean']:.1f} "
               f"({time.perf_counter() - start:.0f} s)")
     print(format_table(results))
@@ -78,6 +82,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help=f"which encoder(s) to probe, comma-separated, from {', '.join(BACKBONES)} (default: student)")
     p.add_argument("--shards", help="labelled shard set to probe on (default: the run's data.shards)")
     p.add_argument("--out", help="where to write the reports (default: RUN/probe)")
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="latest",
+                   help="the student's checkpoint: latest, or best (lowest validation loss); default latest")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("overrides", nargs="*", metavar="probe.KEY=VALUE",
                    help="probe settings, e.g. probe.seeds=[0,1,2] probe.max_epochs=50")

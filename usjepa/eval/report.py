@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from usjepa.errors import UserError
+from usjepa.fileio import atomic_write
 
 
 def _jsonable(obj: Any) -> Any:
@@ -30,21 +29,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder, then os.replace it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _pct(mean: float, std: float) -> str:
@@ -70,7 +54,7 @@ def write_probe_report(result: dict, out_dir: str | os.PathLike, name: str) -> t
     png_path = out / f"{name}_confusion.png"
 
     text = json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n"
-    _atomic_write(json_path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(json_path, lambda f: f.write(text.encode("utf-8")))
 
     # Figure + Agg canvas directly: no pyplot state, no change to the process's backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -97,7 +81,7 @@ def write_probe_report(result: dict, out_dir: str | os.PathLike, name: str) -> t
         f"(confusion summed over {n_seeds} seeds)",
         fontsize=10,
     )
-    _atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
     return json_path, png_path
 
 

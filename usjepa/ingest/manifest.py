@@ -8,11 +8,11 @@ names inside are relative to it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from usjepa.errors import UserError
+from usjepa.fileio import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "usjepa-shards"
@@ -132,15 +132,7 @@ class Manifest:
 
 def write_manifest(manifest: Manifest) -> Path:
     """Write `root/manifest.json` atomically (temporary file, fsync, os.replace)."""
-    path = Path(manifest.root) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest.to_dict(), f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(manifest.root) / MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2) + "\n")
 
 
 def load_manifest(shards_dir) -> Manifest:

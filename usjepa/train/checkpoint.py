@@ -4,6 +4,7 @@ Layout inside a run dir:
     checkpoints/step_000120/   DCP files of {"model", "optim"} (sharded when distributed)
     checkpoints/step_000120/meta.json   step, samples seen, data position, RNG, teacher
     checkpoints/latest         the name of the newest complete checkpoint
+    checkpoints/best           the one with the lowest validation loss (never pruned)
 
 A checkpoint is written under a temporary name and renamed when complete, and `latest` is
 replaced atomically, so a job killed mid-save leaves the previous checkpoint intact.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from usjepa.errors import UserError
+from usjepa.fileio import atomic_write_text
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 META = "meta.json"
@@ -52,12 +55,6 @@ def _is_main() -> bool:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, str]:
@@ -106,6 +103,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the lowest validation loss so far, if any was validated."""
+    pointer = checkpoint_dir(run_dir) / "best"
+    if not pointer.is_file():
+        return None
+    path = checkpoint_dir(run_dir) / pointer.read_text().strip()
+    return path if (path / META).is_file() else None
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     meta: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoint `step` of model + optimizer + meta; prune to the newest `keep_last`."""
@@ -124,8 +130,14 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(root / "latest", final.name)
+        best = best_checkpoint(run_dir)
+        val_loss = meta.get("val_loss")
+        if val_loss is not None and (best is None or val_loss < read_meta(best).get("val_loss", math.inf)):
+            atomic_write_text(root / "best", final.name)
+            best = final
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 

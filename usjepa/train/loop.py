@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from usjepa.config import Config
-from usjepa.data.pipeline import make_train_loader
+from usjepa.data.pipeline import make_train_loader, validation_batches
 from usjepa.errors import UserError
 from usjepa.ingest.manifest import load_manifest
 from usjepa.models.predictor import Predictor, build_predictor
@@ -175,10 +175,25 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def save(self) -> Path:
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean loss over the validation split, or None when there is none to measure."""
+        cfg = self.cfg
+        if not cfg.train.validate or "val" not in self.manifest.splits or not self.manifest.count("val"):
+            return None
+        self.student.eval()
+        total = count = 0.0
+        for batch in validation_batches(cfg, self.manifest, max_batches=cfg.train.val_batches):
+            loss, _ = self.forward(batch)
+            total += loss.item() * batch["images"].shape[0]
+            count += batch["images"].shape[0]
+        self.student.train()
+        return total / count
+
+    def save(self, val_loss: float | None) -> Path:
         meta = {"samples_seen": self.step * self.cfg.data.batch_size, "data_position": self.step,
-                "rng": ckpt.rng_state(), "teacher": self.teacher_info.as_dict() if self.teacher_info else None,
-                "time": time.time()}
+                "val_loss": val_loss, "rng": ckpt.rng_state(),
+                "teacher": self.teacher_info.as_dict() if self.teacher_info else None, "time": time.time()}
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.optimizer, meta,
                                     self.cfg.checkpoint.keep_last)
 
@@ -244,7 +259,10 @@ class Trainer:
                                                   cfg.model.patch_size), self.step)
                 bar.update(1)
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == end or stop.received:
-                    self.save()
+                    val_loss = self.validate()
+                    if val_loss is not None:
+                        writer.add_scalar("val/loss", val_loss, self.step)
+                    self.save(val_loss)
                 if stop.received:
                     print(f"usjepa: signal {stop.received} received; saved step {self.step} and stopped",
                           file=sys.stderr)

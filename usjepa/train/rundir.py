@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from usjepa.config import Config, dump_yaml, to_dict
-from usjepa.train.checkpoint import atomic_write_text
+from usjepa.fileio import atomic_write_text
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 # Settings that may change between invocations of one run without changing its result.
