@@ -34,7 +34,7 @@ def _config(name: str):
     return path
 
 
-def run_demo(out: Path, images: int = 1200, steps: int | None = None, seeds: int | None = None,
+def run_demo(out: Path, images: int = 2000, steps: int | None = None, seeds: int | None = None,
              progress: bool = True) -> dict:
     start = time.perf_counter()
     out = Path(out)
@@ -80,12 +80,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", help="the whole flow on synthetic ultrasound (about 6-8 minutes on 2 CPU cores)",
+        "demo", help="the whole flow on synthetic ultrasound (about 6 minutes on 2 CPU cores)",
         description="synth -> shards -> stage-1 MAE teacher -> SALT student -> linear probes of a "
                     "random encoder, the teacher and the student. Writes OUT/summary.json and prints "
                     "a macro-F1 table. Rerun with the same --out to resume an interrupted demo.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--images", type=int, default=1200, help="synthetic images to generate (default: 1200)")
+    p.add_argument("--images", type=int, default=2000, help="synthetic images to generate (default: 2000)")
     p.add_argument("--steps", type=int, help="training steps per stage (default: the configs' total_steps)")
     p.add_argument("--seeds", type=int, help="probe seeds (default: the config's 5)")
     p.set_defaults(func=_run)

@@ -33,4 +33,6 @@ def mask_overlay(images: torch.Tensor, context: torch.Tensor, targets: torch.Ten
     tint = tint.reshape(n, 3, grid, grid).repeat_interleave(patch, -1).repeat_interleave(patch, -2)
     rgb = gray.expand(-1, 3, -1, -1)
     shaded = torch.where(tint.sum(1, keepdim=True) > 0, 0.6 * rgb + 0.4 * tint, rgb)
+    zoom = max(1, 192 // shaded.shape[-1])  # small training images stay legible in TensorBoard
+    shaded = shaded.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
     return (make_grid(shaded, nrow=min(n, 4), padding=2) * 255).to(torch.uint8)
