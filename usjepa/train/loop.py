@@ -11,6 +11,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,49 @@ class Student(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    grad_norm: float  # NaN when the step was skipped before the backward pass
+    lr: float
+    weight_decay: float
+    tokens: torch.Tensor  # the student's context tokens, for health metrics
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+class Meter:
+    """Throughput and data-wait time since the last read."""
+
+    def __init__(self) -> None:
+        self.start = self.window_start = time.perf_counter()
+        self.images = self.steps = 0
+        self.data_seconds = 0.0
+
+    def time_data(self, batches: Iterator[dict]) -> dict:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        self.data_seconds += time.perf_counter() - t0
+        return batch
+
+    def count(self, images: int) -> None:
+        self.images += images
+        self.steps += 1
+
+    def read_and_reset(self) -> tuple[float, float, float]:
+        """(images/s, seconds per step, data-wait seconds per step) over the window."""
+        elapsed = time.perf_counter() - self.window_start
+        steps = max(self.steps, 1)
+        figures = (self.images / elapsed, elapsed / steps, self.data_seconds / steps)
+        self.window_start, self.images, self.steps, self.data_seconds = time.perf_counter(), 0, 0, 0.0
+        return figures
+
+    def total_seconds(self) -> float:
+        return time.perf_counter() - self.start
 
 
 @dataclass
@@ -120,12 +164,15 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=cfg.optim.start_lr,
                                            betas=cfg.optim.betas)
         self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.counters = {"nonfinite_skipped": 0, "corrupt_skipped": 0}  # run totals, kept across resumes
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is not None:
             meta = ckpt.load_checkpoint(latest, self.student, self.optimizer)
             self._check_teacher(meta)
             ckpt.set_rng_state(meta["rng"])
             self.step = meta["step"]
+            self.counters.update(meta.get("counters", {}))
             changed = f"; changed settings: {', '.join(drift)}" if drift else ""
             print(f"usjepa: resuming {self.run_dir} from step {self.step}{changed}", file=sys.stderr)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -192,67 +239,69 @@ class Trainer:
 
     def save(self, val_loss: float | None) -> Path:
         meta = {"samples_seen": self.step * self.cfg.data.batch_size, "data_position": self.step,
-                "val_loss": val_loss, "rng": ckpt.rng_state(),
+                "val_loss": val_loss, "counters": dict(self.counters), "rng": ckpt.rng_state(),
                 "teacher": self.teacher_info.as_dict() if self.teacher_info else None, "time": time.time()}
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.optimizer, meta,
                                     self.cfg.checkpoint.keep_last)
 
     # -- the loop -----------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> StepOutcome:
+        """Schedules, forward, backward, update; a non-finite loss or gradient updates nothing."""
+        lr, wd = self._set_schedules()
+        loss, tokens = self.forward(batch)
+        outcome = StepOutcome(loss=loss.item(), grad_norm=math.nan, lr=lr, weight_decay=wd, tokens=tokens)
+        if math.isfinite(outcome.loss):
+            loss.backward()
+            outcome.grad_norm = self._update()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return outcome
+
+    def _count_nonfinite(self, outcome: StepOutcome, writer: SummaryWriter) -> None:
+        if outcome.finite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        self.counters["nonfinite_skipped"] += 1
+        writer.add_scalar("train/nonfinite_skipped", self.counters["nonfinite_skipped"], self.step)
+        if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+            raise UserError(f"step {self.step}: loss or gradient not finite for {self.nonfinite_in_a_row} steps "
+                            f"in a row (loss={outcome.loss}, grad norm={outcome.grad_norm}); the last checkpoint "
+                            "is intact: lower optim.lr or check the data, then rerun")
+
+    def _log(self, writer: SummaryWriter, outcome: StepOutcome, meter: Meter) -> None:
+        images_per_s, step_time, data_wait = meter.read_and_reset()
+        scalars = {"train/loss": outcome.loss, "train/lr": outcome.lr, "train/weight_decay": outcome.weight_decay,
+                   "train/grad_norm": outcome.grad_norm, "perf/images_per_s": images_per_s,
+                   "perf/step_time_s": step_time, "perf/data_wait_s": data_wait,
+                   "health/feature_std": feature_std(outcome.tokens),
+                   "data/corrupt_skipped": self.counters["corrupt_skipped"]}
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, self.step)
+
     def run(self) -> TrainResult:
         cfg = self.cfg
         end = min(cfg.run.stop_at_step or cfg.train.total_steps, cfg.train.total_steps)
         if self.step >= end:
             print(f"usjepa: {self.run_dir} is already at step {self.step}; nothing to do", file=sys.stderr)
             return TrainResult(self.run_dir, self.step, math.nan, 0.0, 0.0)
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
-        loader = make_train_loader(cfg, self.manifest, start_batch=self.step)
+        batches = iter(make_train_loader(cfg, self.manifest, start_batch=self.step))
         bar = tqdm(total=end, initial=self.step, disable=not cfg.log.progress, desc=cfg.train.objective,
                    unit="step", dynamic_ncols=True)
         self.student.train()
-        nonfinite_in_a_row = nonfinite_total = corrupt = 0
-        start, first_step, loss_value = time.perf_counter(), self.step, math.nan
-        window_start, window_images = time.perf_counter(), 0
-        data_time = 0.0
-        with StopSignal() as stop:
-            batches = iter(loader)
+        first_step, meter, outcome = self.step, Meter(), None
+        with SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None) as writer, \
+                StopSignal() as stop:
             while self.step < end:
-                t0 = time.perf_counter()
-                batch = next(batches)
-                data_time += time.perf_counter() - t0
-                corrupt += batch["corrupt"]
-                lr, wd = self._set_schedules()
-                loss, tokens = self.forward(batch)
-                loss_value = loss.item()
-                grad_norm = math.nan
-                if math.isfinite(loss_value):
-                    loss.backward()
-                    grad_norm = self._update()
-                else:
-                    self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                window_images += batch["images"].shape[0]
-                if math.isfinite(loss_value) and math.isfinite(grad_norm):
-                    nonfinite_in_a_row = 0
-                else:
-                    nonfinite_in_a_row += 1
-                    nonfinite_total += 1
-                    writer.add_scalar("train/nonfinite_skipped", nonfinite_total, self.step)
-                    if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                        writer.close()
-                        raise UserError(f"step {self.step}: loss or gradient not finite for {nonfinite_in_a_row} "
-                                        f"steps in a row (loss={loss_value}, grad norm={grad_norm}); the last "
-                                        "checkpoint is intact: lower optim.lr or check the data, then rerun")
+                batch = meter.time_data(batches)
+                self.counters["corrupt_skipped"] += batch["corrupt"]
+                outcome = self.train_step(batch)
+                meter.count(batch["images"].shape[0])
+                self._count_nonfinite(outcome, writer)
                 if self.step % cfg.log.every_steps == 0 or self.step == end:
-                    elapsed = time.perf_counter() - window_start
-                    scalars = {"train/loss": loss_value, "train/lr": lr, "train/weight_decay": wd,
-                               "train/grad_norm": grad_norm, "perf/images_per_s": window_images / elapsed,
-                               "perf/step_time_s": elapsed / cfg.log.every_steps,
-                               "perf/data_wait_s": data_time / cfg.log.every_steps,
-                               "health/feature_std": feature_std(tokens), "data/corrupt_skipped": corrupt}
-                    for tag, value in scalars.items():
-                        writer.add_scalar(tag, value, self.step)
-                    window_start, window_images, data_time = time.perf_counter(), 0, 0.0
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                    self._log(writer, outcome, meter)
+                    bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}")
                 if cfg.log.image_every_steps and (self.step == 1 or self.step % cfg.log.image_every_steps == 0):
                     writer.add_image("masks/context_green_targets_red",
                                      mask_overlay(batch["images"], batch["context"], batch["targets"],
@@ -268,10 +317,9 @@ class Trainer:
                           file=sys.stderr)
                     break
         bar.close()
-        writer.close()
-        seconds = time.perf_counter() - start
+        seconds = meter.total_seconds()
         images = (self.step - first_step) * cfg.data.batch_size
-        return TrainResult(self.run_dir, self.step, loss_value, images / seconds, seconds)
+        return TrainResult(self.run_dir, self.step, outcome.loss, images / seconds, seconds)
 
 
 def train(cfg: Config) -> TrainResult:
