@@ -28,19 +28,25 @@ DEFAULT_EXCLUDE = r"_mask"  # BUSI-style lesion masks (`benign (1)_mask.png`) ar
 class Loaded(NamedTuple):
     image: np.ndarray  # uint8 (H, W)
     region: np.ndarray | None = None  # bool (H, W) when the source provides the region
-    info: dict | None = None  # provenance: original mode and size, colour fraction, ...
+    info: dict | None = None  # provenance: original mode and size, colour fraction, frame index, ...
 
 
 @dataclass(frozen=True)
 class SourceItem:
     key: str
     source: str  # path relative to the source root, '/'-separated
-    label: int
+    label: int  # -1 for unlabelled data (pretraining corpora)
     class_name: str
     group: str
+    split: str | None = None  # a split the source prescribes (UltraBench, a CSV column); None: by group
 
     def load(self) -> Loaded:
         raise NotImplementedError
+
+    def frames(self) -> Iterator[Loaded]:
+        """Every image this item holds: one for a picture, several for a cine loop or a
+        multi-frame DICOM (each with info["frame"] set)."""
+        yield self.load()
 
 
 # ---------------------------------------------------------------------------- grayscale
@@ -103,6 +109,11 @@ class Source:
     format_name: ClassVar[str] = ""
     root: Path
     classes: list[str]
+
+    @classmethod
+    def looks_like(cls, root: Path) -> bool:
+        """Whether `root` is in this format (for `--format auto`)."""
+        return False
 
     def __iter__(self) -> Iterator[SourceItem]:
         raise NotImplementedError
