@@ -164,12 +164,12 @@ def test_assign_splits_fractions_per_class_and_group_integrity():
 def test_interrupted_build_leaves_no_manifest_or_temp_files(folder, tmp_path, monkeypatch):
     import usjepa.ingest.writer as writer
 
-    root, _ = folder
-    real, calls = writer.process_item, []
+    root, made = folder
+    real, calls, limit = writer.process_item, [], [7]
 
     def failing(*args, **kwargs):
         calls.append(1)
-        if len(calls) > 7:
+        if len(calls) > limit[0]:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -177,9 +177,15 @@ def test_interrupted_build_leaves_no_manifest_or_temp_files(folder, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         build_shards(root, tmp_path / "out", BuildSettings(**SMALL), progress=False)
     names = [p.name for p in (tmp_path / "out").iterdir()]
-    assert "manifest.json" not in names and not [n for n in names if n.startswith(".")]
+    # only the resumable work folder is left: no manifest, no shards, no temporary tars
+    assert names == [".work"]
     with pytest.raises(UserError, match="usjepa shards build"):
         load_manifest(tmp_path / "out")
+    calls.clear()
+    limit[0] = len(made)
+    resumed = build_shards(root, tmp_path / "out", BuildSettings(**SMALL), progress=False)
+    assert len(calls) == len(made) - 7  # the 7 finished items were not processed again
+    assert resumed.total == len(made) and not (tmp_path / "out" / ".work").exists()
 
 
 def test_group_pattern_mismatch_names_file_and_pattern(folder, tmp_path):
@@ -230,7 +236,7 @@ def test_existing_shard_set_needs_overwrite(folder, tmp_path):
         build_shards(root, out, BuildSettings(**SMALL), progress=False)
     m = build_shards(root, out, BuildSettings(**{**SMALL, "shard_size": 100}, overwrite=True), progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json"] + [s.name for info in m.splits.values() for s in info.shards]
+        ["manifest.json", "build_report.json"] + [s.name for info in m.splits.values() for s in info.shards]
     )
 
 

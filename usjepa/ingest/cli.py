@@ -1,43 +1,94 @@
-"""`usjepa shards build SRC OUT` and `usjepa shards verify OUT`."""
+"""`usjepa shards build SRC OUT`, `usjepa shards verify OUT`, `usjepa shards inspect OUT`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import re
+from dataclasses import replace
 
-from usjepa.ingest.manifest import Manifest
-from usjepa.ingest.sources import SOURCES
+from usjepa.errors import UserError
+from usjepa.ingest.formats import AUTO, format_choices
+from usjepa.ingest.manifest import REPORT_NAME, Manifest
+from usjepa.ingest.overlay import LARGE_OVERLAY_ACTIONS
 from usjepa.ingest.verify import verify_shards
-from usjepa.ingest.writer import BuildSettings, timed_build
+from usjepa.ingest.writer import WORK_DIR, BuildSettings, resolve_workers, run_build
 
 _DEFAULTS = BuildSettings()
+_OPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# CLI flag (argparse dest) -> BuildSettings field; each flag defaults to None ("not given"),
+# so a recipe's settings hold unless the flag is given explicitly.
+_SETTING_FLAGS = {
+    "size": "image_size",
+    "shard_size": "shard_size",
+    "val_fraction": "val_fraction",
+    "test_fraction": "test_fraction",
+    "seed": "seed",
+    "group_pattern": "group_pattern",
+    "exclude_pattern": "exclude_pattern",
+    "format": "format",
+    "max_samples": "max_samples",
+    "weight_cap": "weight_cap",
+    "large_overlay": "large_overlay",
+    "dedup": "dedup",
+}
+_OVERLAY_FLAGS = {"overlay_max_fraction": "max_fraction", "overlay_tolerance": "tolerance"}
+
+
+def _recipes_module():
+    """`usjepa.ingest.recipes` when it exists (it provides `load_recipe`), else None."""
+    try:
+        module = importlib.import_module("usjepa.ingest.recipes")
+    except ModuleNotFoundError as exc:
+        if exc.name == "usjepa.ingest.recipes":
+            return None
+        raise
+    return module if hasattr(module, "load_recipe") else None
 
 
 def register_cli(subparsers) -> None:
-    """Add `shards` (with `build` and `verify`) to the `usjepa` command's subparsers."""
+    """Add `shards` (with `build`, `verify` and `inspect`) to the `usjepa` command's subparsers."""
     shards = subparsers.add_parser(
         "shards",
-        help="build or verify WebDataset shards of preprocessed ultrasound images",
-        description="Turn an image folder into WebDataset tar shards (grayscale, ultrasound-region "
-        "mask, crop, percentile stretch, group-disjoint train/val/test splits) and check them.",
+        help="build, verify or inspect WebDataset shards of preprocessed ultrasound images",
+        description="Turn a source (image folder, ...) into WebDataset tar shards (grayscale with colour "
+        "overlays inpainted or flagged, ultrasound-region mask, crop, percentile stretch, dedup, "
+        "group-disjoint train/val/test splits) and check or look at them.",
     )
     shards.set_defaults(func=lambda args: _print_help(shards))
-    sub = shards.add_subparsers(dest="shards_command", metavar="{build,verify}")
+    sub = shards.add_subparsers(dest="shards_command", metavar="{build,verify,inspect}")
+    recipes = _recipes_module()
 
     build = sub.add_parser(
         "build",
-        help="preprocess an image folder into shards",
-        description="SRC/<class>/<image> -> OUT/{train,val,test}-NNNNNN.tar + OUT/manifest.json. "
-        "Class folder names (sorted) give the labels; unreadable images are skipped and listed in "
-        "the manifest.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="preprocess a source into shards",
+        description="SRC -> OUT/{train,val,test}-NNNNNN.tar + OUT/build_report.json + OUT/manifest.json "
+        "(written last). Work is done per item into OUT/.work (parallel with --workers): an "
+        "interrupted build (Ctrl-C, kill) resumes where it stopped when the same command is run "
+        "again. Unreadable inputs are skipped and listed in the build report."
+        + (" With --recipe, SRC and the settings come from the recipe; flags given explicitly "
+           "override it." if recipes else ""),
     )
-    build.add_argument("src", metavar="SRC", help="source folder, one subfolder per class")
-    build.add_argument("out", metavar="OUT", help="output folder for the shards and manifest.json")
-    build.add_argument("--size", type=int, default=_DEFAULTS.image_size, help="output image side in pixels (square)")
-    build.add_argument("--shard-size", type=int, default=_DEFAULTS.shard_size, help="at most this many samples per tar")
-    build.add_argument("--val-fraction", type=float, default=_DEFAULTS.val_fraction, help="share of images for validation")
-    build.add_argument("--test-fraction", type=float, default=_DEFAULTS.test_fraction, help="share of images for test")
-    build.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed of the split and of the sample order")
+    if recipes is not None:
+        build.add_argument("src", metavar="SRC", nargs="?", default=None,
+                           help="source folder (optional with --recipe, which names it)")
+    else:
+        build.add_argument("src", metavar="SRC", help="source folder (for imagefolder: one subfolder per class)")
+    build.add_argument("out", metavar="OUT", help="output folder for the shards, build_report.json and manifest.json")
+    d = _DEFAULTS
+    build.add_argument("--format", default=None, choices=format_choices(),
+                       help=f"source layout; '{AUTO}' asks every format whether it recognises SRC "
+                       f"(default: {d.format})")
+    build.add_argument("--workers", type=int, default=1,
+                       help="processes that load, preprocess and encode (0: one per CPU core); the output "
+                       "does not depend on it (default: 1)")
+    build.add_argument("--size", type=int, default=None, help=f"output image side in pixels, square (default: {d.image_size})")
+    build.add_argument("--shard-size", type=int, default=None, help=f"at most this many samples per tar (default: {d.shard_size})")
+    build.add_argument("--val-fraction", type=float, default=None, help=f"share of samples for validation (default: {d.val_fraction})")
+    build.add_argument("--test-fraction", type=float, default=None, help=f"share of samples for test (default: {d.test_fraction})")
+    build.add_argument("--seed", type=int, default=None, help=f"seed of the splits, the sample order and the --max-samples choice (default: {d.seed})")
     build.add_argument(
         "--group-pattern",
         default=None,
@@ -46,22 +97,60 @@ def register_cli(subparsers) -> None:
     )
     build.add_argument(
         "--exclude-pattern",
-        default=_DEFAULTS.exclude_pattern,
+        default=None,
         help="regex; files whose name (without extension) matches are skipped, e.g. segmentation "
-        "masks; '' to include everything",
+        f"masks; '' to include everything (default: '{d.exclude_pattern}')",
     )
-    build.add_argument("--format", default=_DEFAULTS.format, choices=sorted(SOURCES), help="source layout")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing shard set in OUT")
-    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="option for the source format's reader, repeatable, e.g. fps=3, max_frames=30, "
+                       "group_by=patient (VALUE is read as JSON when it parses: numbers, true/false, null, lists)")
+    build.add_argument("--max-samples", type=int, default=None,
+                       help="keep at most this many samples (deterministic: the first ones in a seeded order of "
+                       "the items, after failures and duplicates; default: all)")
+    build.add_argument("--weight-cap", type=int, default=None,
+                       help=f"manifest sampling_weight = min(train samples, this) for dataset mixing (default: {d.weight_cap})")
+    build.add_argument("--overlay-max-fraction", type=float, default=None,
+                       help="colour overlays covering less than this share of an image are inpainted, larger ones "
+                       f"flagged (default: {d.overlay.max_fraction})")
+    build.add_argument("--overlay-tolerance", type=int, default=None,
+                       help=f"a pixel is coloured when its channels differ by more than this (default: {d.overlay.tolerance})")
+    build.add_argument("--large-overlay", choices=LARGE_OVERLAY_ACTIONS, default=None,
+                       help=f"images with large colour overlays: keep and flag them, or skip them (default: {d.large_overlay})")
+    build.add_argument("--no-dedup", dest="dedup", action="store_const", const=False, default=None,
+                       help="keep identical images (default: each distinct preprocessed image is written once)")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace an existing shard set in OUT (and unfinished work made with other settings)")
+    build.add_argument("--keep-work", action="store_true",
+                       help=f"keep OUT/{WORK_DIR} after the build: a later --overwrite build with the same "
+                       "preprocessing then only re-splits and re-packs")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if recipes is not None:
+        build.add_argument("--recipe", metavar="PATH", default=None, help="build recipe (YAML): source, format, settings")
+        build.add_argument("--set", dest="variables", action="append", default=[], metavar="KEY=VALUE",
+                           help="recipe variable ${NAME}, repeatable (e.g. --set BUSI=/data/busi)")
     build.set_defaults(func=_build)
 
     verify = sub.add_parser(
         "verify",
         help="decode every sample and check it against the manifest",
-        description="Check sha256, counts, labels, image size and region masks of a shard set.",
+        description="Check sha256, counts, labels, image size, region masks, build fields (overlay flags, "
+        "pixel hashes: no duplicates when deduplicated) and the sampling weight of a shard set.",
     )
     verify.add_argument("out", metavar="OUT", help="folder holding manifest.json and the shards")
     verify.set_defaults(func=_verify)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="summarise a shard set; draw a contact sheet of samples with their region masks",
+        description="Print what the shard set holds; with --grid, also write a PNG of the first N samples "
+        "of a split with the region mask drawn on each (green border, blue outside) and its class.",
+    )
+    inspect.add_argument("out", metavar="OUT", help="folder holding manifest.json and the shards")
+    inspect.add_argument("--grid", metavar="PNG", default=None, help="write the contact sheet to this PNG file")
+    inspect.add_argument("--split", default="train", help="split to draw from (default: train)")
+    inspect.add_argument("--n", type=int, default=32, help="number of samples to draw, the first of the split (default: 32)")
+    inspect.add_argument("--columns", type=int, default=None, help="tiles per row (default: about sqrt(n))")
+    inspect.set_defaults(func=_inspect)
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:
@@ -69,29 +158,82 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def parse_key_values(pairs: list[str], what: str, parse_values: bool = True) -> dict:
+    """['a=1', 'b=x'] -> {'a': 1, 'b': 'x'}; VALUE read as JSON when it parses (else text)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not _OPTION_NAME.match(key):
+            raise UserError(f"{what} {pair!r} must be KEY=VALUE with KEY a name (letters, digits, _), e.g. fps=3")
+        if parse_values:
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def settings_from_args(args, base: BuildSettings | None = None) -> BuildSettings:
+    """BuildSettings from `base` (defaults or a recipe's) and the flags given explicitly."""
+    base = base or BuildSettings()
+    given = {field: getattr(args, dest) for dest, field in _SETTING_FLAGS.items() if getattr(args, dest, None) is not None}
+    if "exclude_pattern" in given and given["exclude_pattern"] == "":
+        given["exclude_pattern"] = None
+    overlay = {field: getattr(args, dest) for dest, field in _OVERLAY_FLAGS.items() if getattr(args, dest, None) is not None}
+    options = {**base.source_options, **parse_key_values(args.source_option, "--source-option")}
+    return replace(base, **given, overlay=replace(base.overlay, **overlay), source_options=options,
+                   overwrite=args.overwrite or base.overwrite)
+
+
 def _build(args) -> int:
-    settings = BuildSettings(
-        image_size=args.size,
-        shard_size=args.shard_size,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        group_pattern=args.group_pattern,
-        exclude_pattern=args.exclude_pattern or None,
-        overwrite=args.overwrite,
-        format=args.format,
-    )
-    manifest, seconds = timed_build(args.src, args.out, settings, progress=not args.no_progress)
-    processed = manifest.total + len(manifest.skipped)
-    print(f"built {manifest.total} samples into {manifest.root} ({manifest.image_size} px)")
+    src = args.src
+    base = None
+    if getattr(args, "recipe", None):
+        recipes = _recipes_module()
+        variables = recipes.parse_assignments(args.variables) if hasattr(recipes, "parse_assignments") \
+            else parse_key_values(args.variables, "--set", parse_values=False)
+        recipe_src, base, recipe_options = recipes.load_recipe(args.recipe, variables)
+        base = replace(base, source_options={**(recipe_options or {}), **base.source_options})
+        src = src if src is not None else recipe_src
+    elif getattr(args, "variables", None):
+        raise UserError("--set gives recipe variables; use it with --recipe PATH")
+    if src is None:
+        raise UserError("no source given: usjepa shards build SRC OUT" + (" (or --recipe PATH OUT)" if hasattr(args, "recipe") else ""))
+    settings = settings_from_args(args, base)
+    workers = resolve_workers(args.workers)
+    try:
+        result = run_build(src, args.out, settings, progress=not args.no_progress, workers=workers,
+                           keep_work=args.keep_work)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished work is kept in {args.out}/{WORK_DIR}; run the same command again to resume")
+        raise
+    manifest, report = result.manifest, result.report
+    summary, run = report["summary"], report["run"]
+    print(f"built {manifest.total} samples into {manifest.root} ({manifest.image_size} px, format "
+          f"{manifest.source_format}{' (detected)' if report['source']['format_detected'] else ''})")
     print(summarize(manifest))
-    print(f"skipped {len(manifest.skipped)}", end="")
-    for s in manifest.skipped[:5]:
+    print(f"skipped {summary['skipped']}", end="")
+    for s in report["skipped"][:5]:
         print(f"\n  {s['source']}: {s['reason']}", end="")
-    if len(manifest.skipped) > 5:
-        print(f"\n  ... (all listed in {manifest.root / 'manifest.json'})", end="")
+    if summary["skipped"] > 5:
+        print(f"\n  ... (all listed in {manifest.root / REPORT_NAME})", end="")
     print()
-    print(f"{seconds:.1f} s, {processed / max(seconds, 1e-9):.0f} images/s")
+    print(f"duplicates {summary['duplicates']} (written once)", end="")
+    for s in report["duplicates"][:3]:
+        print(f"\n  {s['source']} = {s['duplicate_of']}", end="")
+    print()
+    print(f"colour overlays: {summary['overlay_inpainted']} inpainted, {summary['overlay_flagged']} flagged, "
+          f"{summary['overlay_skipped']} skipped")
+    if settings.max_samples is not None:
+        print(f"capped at {settings.max_samples} samples ({summary['capped']} more read, "
+              f"{summary['items_not_read']} items not read)")
+    print(f"sampling weight {manifest.sampling_weight} (cap {manifest.weight_cap})")
+    seconds = run["seconds"]
+    reused = f", {run['items_reused']} items reused from an earlier run" if run["items_reused"] else ""
+    print(f"{seconds['total']:.1f} s ({seconds['process']:.1f} s processing, {seconds['pack']:.1f} s packing), "
+          f"{run['frames_per_second']:.0f} images/s with {run['workers']} worker(s){reused}")
     return 0
 
 
@@ -99,7 +241,8 @@ def summarize(manifest: Manifest) -> str:
     lines = [f"classes: {', '.join(f'{i}={c}' for i, c in enumerate(manifest.classes))}"]
     for split, info in manifest.splits.items():
         per_class = ", ".join(f"{c} {n}" for c, n in info.class_counts.items())
-        lines.append(f"{split:5s} {info.count:7d} samples, {info.groups} groups, {len(info.shards)} shard(s) ({per_class})")
+        unl = f", unlabelled {info.unlabelled}" if info.unlabelled else ""
+        lines.append(f"{split:5s} {info.count:7d} samples, {info.groups} groups, {len(info.shards)} shard(s) ({per_class}{unl})")
     return "\n".join(lines)
 
 
@@ -108,6 +251,23 @@ def _verify(args) -> int:
     print(f"ok: {report['samples']} samples in {report['shards_dir']} verified in {report['seconds']:.1f} s")
     for split, r in report["splits"].items():
         print(f"{split:5s} {r['count']:7d} samples, {r['shards']} shard(s), {r['groups']} groups")
+    print(f"colour overlays: {report['inpainted']} inpainted, {report['overlay_flagged']} flagged; "
+          f"skipped at build {report['skipped_at_build']}, duplicates at build {report['duplicates_at_build']}")
     if report["unlisted_shards"]:
         print(f"note: {len(report['unlisted_shards'])} shard file(s) not in the manifest (ignored): {report['unlisted_shards'][:5]}")
+    if report["leftover_work"]:
+        print(f"note: {report['shards_dir']}/{WORK_DIR} holds kept build work (--keep-work); delete it when not needed")
+    return 0
+
+
+def _inspect(args) -> int:
+    from usjepa.ingest.inspect import contact_sheet, summary_lines
+    from usjepa.ingest.manifest import load_manifest
+
+    manifest = load_manifest(args.out)
+    print("\n".join(summary_lines(manifest)))
+    if args.grid:
+        drawn = contact_sheet(args.out, args.grid, split=args.split, n=args.n, columns=args.columns)
+        print(f"contact sheet: {drawn['samples']} {drawn['split']} samples -> {drawn['path']} "
+              f"({drawn['size'][0]}x{drawn['size'][1]} px)")
     return 0

@@ -2,7 +2,10 @@
 
 `OUT/manifest.json` is written last and atomically, so its presence means a complete build.
 `Manifest.root` is the folder that holds it (not stored: the folder may be moved); shard
-names inside are relative to it.
+names inside are relative to it. The full list of skipped inputs, duplicates and flagged
+overlays is in `OUT/build_report.json`; the manifest holds counts and the first few.
+`sampling_weight` (min(train samples, weight_cap), PAPER.md: min(|D_i|, 50,000)) is what a
+multi-dataset mixture weights this set by.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "usjepa-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+REPORT_NAME = "build_report.json"
+MAX_SKIPPED_LISTED = 100  # in the manifest; the build report lists all
 
 
 @dataclass
@@ -33,6 +38,7 @@ class SplitInfo:
     class_counts: dict[str, int] = field(default_factory=dict)
     groups: int = 0
     shards: list[ShardInfo] = field(default_factory=list)
+    unlabelled: int = 0  # samples with label -1 (not in class_counts)
 
 
 @dataclass
@@ -49,10 +55,15 @@ class Manifest:
     preprocessing: dict = field(default_factory=dict)
     region_detection: dict = field(default_factory=dict)
     source_stats: dict = field(default_factory=dict)
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # the first MAX_SKIPPED_LISTED
     sample_format: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     tool: dict = field(default_factory=dict)
+    num_skipped: int | None = None  # all skipped inputs (None: len(skipped))
+    selection: dict = field(default_factory=dict)  # dedup, sample cap, overlay policy
+    build_summary: dict = field(default_factory=dict)  # counts; details in build_report.json
+    sampling_weight: int | None = None
+    weight_cap: int | None = None
 
     def _split(self, split: str) -> SplitInfo:
         if split not in self.splits:
@@ -79,6 +90,10 @@ class Manifest:
     def total(self) -> int:
         return sum(s.count for s in self.splits.values())
 
+    @property
+    def skipped_count(self) -> int:
+        return len(self.skipped) if self.num_skipped is None else self.num_skipped
+
     def to_dict(self) -> dict:
         return {
             "format": FORMAT_NAME,
@@ -94,7 +109,11 @@ class Manifest:
             "sample_format": self.sample_format,
             "classes": list(self.classes),
             "splits": {name: asdict(info) for name, info in self.splits.items()},
-            "num_skipped": len(self.skipped),
+            "sampling_weight": self.sampling_weight,
+            "weight_cap": self.weight_cap,
+            "selection": self.selection,
+            "build_summary": self.build_summary,
+            "num_skipped": self.skipped_count,
             "skipped": self.skipped,
         }
 
@@ -107,6 +126,7 @@ class Manifest:
                 class_counts={str(k): int(v) for k, v in info["class_counts"].items()},
                 groups=int(info["groups"]),
                 shards=[ShardInfo(str(s["name"]), int(s["count"]), str(s["sha256"])) for s in info["shards"]],
+                unlabelled=int(info.get("unlabelled", 0)),
             )
             for name, info in data["splits"].items()
         }
@@ -127,7 +147,16 @@ class Manifest:
             sample_format=dict(data.get("sample_format", {})),
             format_version=int(data["format_version"]),
             tool=dict(data.get("tool", {})),
+            num_skipped=int(data["num_skipped"]) if data.get("num_skipped") is not None else None,
+            selection=dict(data.get("selection") or {}),
+            build_summary=dict(data.get("build_summary") or {}),
+            sampling_weight=_opt_int(data.get("sampling_weight")),
+            weight_cap=_opt_int(data.get("weight_cap")),
         )
+
+
+def _opt_int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def write_manifest(manifest: Manifest) -> Path:

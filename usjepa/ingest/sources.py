@@ -1,9 +1,12 @@
 """Where images come from: a `Source` is an iterable of `SourceItem`s, one per image.
 
 An item knows its stable key, its path relative to the source root, its class and group,
-and how to `load()` itself as a uint8 grayscale array (plus a region mask when the source
-ships one). Formats register by name (`@register_source("imagefolder")`); `open_source`
-picks one. Items are plain picklable dataclasses so worker processes can load them.
+and how to `load()` itself as a uint8 array: grayscale (H, W), or RGB (H, W, 3) when the
+input has colour (the builder inpaints or flags colour overlays, `overlay.py`, and converts
+to grayscale), plus a region mask when the source ships one. Formats register by name
+(`@register_source("imagefolder")`), say how to recognise them (`looks_like`, described by
+`looks_for`, used by `formats.detect_format`); `open_source` picks one. Items are plain
+picklable dataclasses so worker processes can load them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ DEFAULT_EXCLUDE = r"_mask"  # BUSI-style lesion masks (`benign (1)_mask.png`) ar
 
 
 class Loaded(NamedTuple):
-    image: np.ndarray  # uint8 (H, W)
+    image: np.ndarray  # uint8 (H, W) grayscale, or (H, W, 3) RGB when the input has colour
     region: np.ndarray | None = None  # bool (H, W) when the source provides the region
     info: dict | None = None  # provenance: original mode and size, colour fraction, frame index, ...
 
@@ -53,10 +56,12 @@ class SourceItem:
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-def pil_to_gray(img: Image.Image) -> tuple[np.ndarray, dict]:
-    """PIL image -> (uint8 HxW, info). Never keeps colour: RGB-like modes become luma
-    (ITU-R 601-2: 0.299 R + 0.587 G + 0.114 B, PIL's "L" conversion); alpha is dropped;
-    16-bit and float images are scaled linearly from [min(0, lo), hi] to 0-255."""
+def pil_to_array(img: Image.Image) -> tuple[np.ndarray, dict]:
+    """PIL image -> (uint8 array, info), keeping colour: (H, W) for grayscale input, (H, W, 3)
+    RGB for colour input. RGB whose three channels are equal everywhere (grayscale stored as
+    RGB, a gray palette) is collapsed to (H, W) losslessly; alpha is dropped; 16-bit and
+    float images are scaled linearly from [min(0, lo), hi] to 0-255. EXIF orientation is
+    applied. What to do with real colour is the builder's choice (`overlay.to_gray`)."""
     img = ImageOps.exif_transpose(img)
     info = {"orig_mode": img.mode, "orig_size": [img.width, img.height]}
     mode = img.mode
@@ -69,8 +74,37 @@ def pil_to_gray(img: Image.Image) -> tuple[np.ndarray, dict]:
         lo, hi = min(0.0, float(arr.min())), float(arr.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         return np.clip(np.rint((arr - lo) * scale), 0, 255).astype(np.uint8), info
-    if mode == "LA":
-        return np.asarray(img.getchannel("L")), info
+    if mode in ("LA", "1"):
+        return np.asarray(img.getchannel("L") if mode == "LA" else img.convert("L")), info
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    red, green, blue = rgb.split()  # comparing in PIL: cheaper than converting all of RGB to numpy
+    if ImageChops.difference(red, green).getbbox() is None and ImageChops.difference(green, blue).getbbox() is None:
+        return np.asarray(red), info
+    return np.asarray(rgb), info
+
+
+def collapse_gray(rgb: np.ndarray) -> np.ndarray:
+    """(H, W) when the three channels of an (H, W, 3) uint8 array are identical, else the
+    array unchanged (lossless either way)."""
+    red = rgb[..., 0]
+    if np.array_equal(red, rgb[..., 1]) and np.array_equal(red, rgb[..., 2]):
+        return np.ascontiguousarray(red)
+    return rgb
+
+
+def pil_to_gray(img: Image.Image) -> tuple[np.ndarray, dict]:
+    """PIL image -> (uint8 HxW, info), for callers that want grayscale straight away (the
+    builder itself loads with `pil_to_array` so colour overlays can be inpainted). Never
+    keeps colour: RGB-like modes become luma (ITU-R 601-2: 0.299 R + 0.587 G + 0.114 B,
+    PIL's "L" conversion); alpha is dropped; 16-bit and float images are scaled linearly
+    from [min(0, lo), hi] to 0-255."""
+    img = ImageOps.exif_transpose(img)
+    info = {"orig_mode": img.mode, "orig_size": [img.width, img.height]}
+    mode = img.mode
+    if mode == "L" or mode in _HIGH_DEPTH_MODES or mode == "LA":
+        return pil_to_array(img)
     rgb = img.convert("RGB")
     info["color_fraction"] = color_fraction(rgb)
     return np.asarray(rgb.convert("L")), info
@@ -93,12 +127,20 @@ def load_gray_image(path: Path) -> tuple[np.ndarray, dict]:
         return pil_to_gray(img)
 
 
+def load_image(path: Path) -> tuple[np.ndarray, dict]:
+    """Decode an image file fully (truncated or corrupt files raise) as uint8 grayscale
+    (H, W), or RGB (H, W, 3) when it has colour (`pil_to_array`)."""
+    with Image.open(path) as img:
+        img.load()
+        return pil_to_array(img)
+
+
 @dataclass(frozen=True)
 class ImageFileItem(SourceItem):
     path: Path = field(default=Path(), compare=False)
 
     def load(self) -> Loaded:
-        image, info = load_gray_image(self.path)
+        image, info = load_image(self.path)
         return Loaded(image, None, info)
 
 
@@ -107,12 +149,16 @@ class Source:
     """An iterable of items plus what the manifest needs to say about where they came from."""
 
     format_name: ClassVar[str] = ""
+    looks_for: ClassVar[str] = ""
+    """One line saying what `looks_like` checks, for the error of `--format auto` when no
+    format recognises a folder (e.g. "*.dcm files (DICOM) anywhere below the root")."""
     root: Path
     classes: list[str]
 
     @classmethod
     def looks_like(cls, root: Path) -> bool:
-        """Whether `root` is in this format (for `--format auto`)."""
+        """Whether `root` is in this format (for `--format auto`). Cheap: stop at the first
+        file that decides it."""
         return False
 
     def __iter__(self) -> Iterator[SourceItem]:
@@ -173,6 +219,23 @@ class ImageFolderSource(Source):
     (e.g. patient) id; without it every image is its own group. exclude_pattern: regex; files
     whose stem matches are not images of the set (default: segmentation masks, '_mask').
     """
+
+    looks_for: ClassVar[str] = (
+        "images (" + ", ".join(IMAGE_SUFFIXES) + ") in one subfolder per class: <root>/<class name>/<image>.png"
+    )
+
+    @classmethod
+    def looks_like(cls, root: Path) -> bool:
+        """A folder whose non-hidden subfolders hold at least one image file (at any depth)."""
+        root = Path(root)
+        if not root.is_dir():
+            return False
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for dirpath, dirnames, filenames in os.walk(sub):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                if any(_is_image(n) and not n.startswith(".") for n in filenames):
+                    return True
+        return False
 
     def __init__(self, root, group_pattern: str | None = None, exclude_pattern: str | None = DEFAULT_EXCLUDE):
         self.root = Path(root).expanduser().absolute()

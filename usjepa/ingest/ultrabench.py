@@ -1,0 +1,425 @@
+"""The processed layout that the `ultrabench` package writes (one folder per dataset):
+
+    ROOT/images/<image>                 the images (.png, .jpg, ...)
+    ROOT/masks/scan/<image or stem>.png scan (ultrasound region) mask per image; nonzero = inside
+    ROOT/train.json + ROOT/validation.json + ROOT/test.json     PyPI release 1.0.1
+    ROOT/train_val.json + ROOT/test.json                         the repository's newer CLI
+
+(`val.json` / `valid.json` are read as the validation file; `trainval.json` as train_val.)
+Splits are used as given (every item carries `split`). With train_val.json, or train.json
+without a validation file, the train/val cut is made here: groups (patient, video) are
+assigned deterministically with `usjepa.ingest.splits.assign_splits` (stratified by class,
+`val_fraction` 0.1, `seed` 0). An image listed twice, in one file or in two, is an error.
+
+Accepted JSON shapes, per split file:
+- a list of records: `[{"image": "images/a.png", "label": 1, ...}, ...]` (what ultrabench writes);
+- an object holding that list under one of: records, examples, samples, items, data, images,
+  annotations;
+- an object mapping image path -> record (`{"a.png": {"label": 1}}`) or -> label
+  (`{"a.png": 1}`), the key being the image path.
+
+Record keys (the first present of each role wins):
+- image (required): image, image_path, img, img_path, path, file, filename, file_name,
+  image_file, image_name, name. A path relative to ROOT (`images/a.png`; `\\` separators
+  are accepted), a bare file name looked up in ROOT/images, or an absolute path.
+- label: label, class_id, label_id, target (an integer, or a class name when text) and
+  class name: class, class_name, classname, pathology, diagnosis, category, label_name,
+  view. The classes are ordered by the integer label when there is one (so labels match
+  ultrabench's encoding; names come from the class-name key, else the number as text),
+  else sorted by name. A record with neither is an error naming its keys, unless no
+  record of the set has any (then every item is unlabelled: label -1, class_name "").
+- group: patient, patient_id, patientid, subject, subject_id, video, video_id, source,
+  study, study_id, case, case_id, group (POCUS records name their source video in
+  `source`). Without one: `group_pattern` on the image stem, else each image alone.
+- scan mask: scan_mask, scan_mask_path, scan, region_mask, region (relative to ROOT).
+  Without one, or when that file is absent: masks/scan/<image file name>, else
+  masks/scan/<image stem>.<image suffix>. No mask, or an empty one: region None (the
+  writer detects the region itself); counted in stats().
+Other keys (bboxes, steatosis, tumour masks, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image
+
+from usjepa.errors import UserError
+from usjepa.ingest.sample_format import make_key
+from usjepa.ingest.sources import (
+    IMAGE_SUFFIXES,
+    Loaded,
+    Source,
+    SourceItem,
+    compile_pattern,
+    load_image,
+    register_source,
+)
+from usjepa.ingest.splits import assign_splits
+from usjepa.ingest.tabular import UNLABELLED, DirIndex, require_some_exist
+
+TRAIN_VAL_FILES = ("train_val.json", "trainval.json")
+TRAIN_FILES = ("train.json",)
+VAL_FILES = ("validation.json", "val.json", "valid.json")
+TEST_FILES = ("test.json",)
+
+LIST_KEYS = ("records", "examples", "samples", "items", "data", "images", "annotations")
+IMAGE_KEYS = ("image", "image_path", "img", "img_path", "path", "file", "filename", "file_name", "image_file",
+              "image_name", "name")
+LABEL_KEYS = ("label", "class_id", "label_id", "target")
+NAME_KEYS = ("class", "class_name", "classname", "pathology", "diagnosis", "category", "label_name", "view")
+GROUP_KEYS = ("patient", "patient_id", "patientid", "subject", "subject_id", "video", "video_id", "source", "study",
+              "study_id", "case", "case_id", "group")
+MASK_KEYS = ("scan_mask", "scan_mask_path", "scan", "region_mask", "region")
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """A mask file as bool HxW: nonzero (in any colour channel) is inside."""
+    with Image.open(path) as img:
+        img.load()
+        arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr[..., 0] if arr.shape[2] == 2 else arr[..., :3].max(axis=-1)  # LA: luminance only
+    return arr > 0
+
+
+@dataclass(frozen=True)
+class ScanMaskItem(SourceItem):
+    """An image file plus, when the layout has one, its scan (region) mask file."""
+
+    path: Path = field(default=Path(), compare=False)
+    mask_path: Path | None = field(default=None, compare=False)
+
+    def load(self) -> Loaded:
+        image, info = load_image(self.path)  # grayscale, or RGB when it has colour (the writer converts)
+        if self.mask_path is None:
+            info["scan_mask"] = "none"
+            return Loaded(image, None, info)
+        region = load_mask(self.mask_path)
+        if region.shape != image.shape[:2]:
+            raise ValueError(f"scan mask {self.mask_path.name} is {region.shape[1]}x{region.shape[0]} but the image "
+                             f"is {image.shape[1]}x{image.shape[0]}")
+        if not region.any():
+            info["scan_mask"] = "empty"
+            return Loaded(image, None, info)
+        info["scan_mask"] = "file"
+        return Loaded(image, region, info)
+
+
+def _first(record: dict, keys) -> tuple[str | None, object]:
+    for key in keys:
+        if key in record and record[key] is not None and record[key] != "":
+            return key, record[key]
+    return None, None
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+        return int(number) if number.is_integer() else None
+    return None
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of one split file, in any of the accepted shapes (module docstring)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                        "fix or regenerate the file") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc}); regenerate it") from None
+    if isinstance(data, dict):
+        for key in LIST_KEYS:
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+        else:
+            if data and all(isinstance(v, dict) for v in data.values()):
+                data = [{"image": k, **v} if _first(v, IMAGE_KEYS)[0] is None else v for k, v in data.items()]
+            elif data and all(not isinstance(v, (dict, list)) for v in data.values()):
+                data = [{"image": k, "label": v} for k, v in data.items()]
+            else:
+                raise UserError(
+                    f"{path} is a JSON object without a list of records (looked for {', '.join(LIST_KEYS)}; it has "
+                    f"{', '.join(list(map(str, data))[:10]) or 'no keys'}); expected a list of records, one per image"
+                )
+    if not isinstance(data, list):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}; expected a list of records, one per image")
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise UserError(f"{path} record {i} is a {type(record).__name__} ({str(record)[:60]!r}); expected an "
+                            "object with an image path and a label")
+    return data
+
+
+@register_source("ultrabench")
+class UltraBenchSource(Source):
+    """An UltraBench dataset folder (see the module docstring for the layout and shapes)."""
+
+    looks_for: ClassVar[str] = ("an UltraBench dataset folder: images/ plus train.json + validation.json + test.json "
+                                "or train_val.json + test.json")
+
+    def __init__(
+        self,
+        root,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        scan_masks: bool = True,
+        group_pattern: str | None = None,
+        exclude_pattern: str | None = None,
+    ):
+        self.root = Path(root).expanduser().absolute()
+        if not 0 <= val_fraction < 1:
+            raise UserError(f"val_fraction {val_fraction} must be in [0, 1)")
+        self.val_fraction, self.seed, self.scan_masks = val_fraction, seed, scan_masks
+        self.group_pattern, self.exclude_pattern = group_pattern, exclude_pattern
+        self._group_rx = compile_pattern(group_pattern, "group pattern", need_group=True)
+        self._exclude_rx = compile_pattern(exclude_pattern, "exclude pattern", need_group=False)
+        self.variant, self.files = self._split_files()
+        self._items, self._stats, self.classes = self._scan()
+
+    # -- layout
+    def _split_files(self) -> tuple[str, dict[str, Path]]:
+        root = self.root
+        layout = ("an UltraBench dataset folder holds images/, masks/scan/ and train.json + validation.json + "
+                  "test.json (release 1.0.1) or train_val.json + test.json")
+        if not root.is_dir():
+            raise UserError(f"UltraBench source {root} does not exist or is not a folder; check the path ({layout})")
+
+        def pick(names: tuple[str, ...]) -> Path | None:
+            present = [root / n for n in names if (root / n).is_file()]
+            if len(present) > 1:
+                raise UserError(f"{root} holds both {present[0].name} and {present[1].name}; keep one")
+            return present[0] if present else None
+
+        train_val, train, val, test = pick(TRAIN_VAL_FILES), pick(TRAIN_FILES), pick(VAL_FILES), pick(TEST_FILES)
+        jsons = ", ".join(sorted(p.name for p in root.glob("*.json"))) or "none"
+        if test is None or (train_val is None and train is None):
+            raise UserError(f"no UltraBench split files in {root} (JSON files there: {jsons}); {layout}")
+        if train_val is not None and (train is not None or val is not None):
+            raise UserError(f"{root} holds both {train_val.name} and train/validation files (JSON files: {jsons}); "
+                            "keep one layout")
+        if train_val is not None:
+            return "train_val+test", {"train_val": train_val, "test": test}
+        if val is None:
+            return "train+test", {"train_val": train, "test": test}
+        return "train+validation+test", {"train": train, "val": val, "test": test}
+
+    # -- listing
+    def _resolve_image(self, raw: str, index: DirIndex) -> Path:
+        raw = raw.replace("\\", "/")
+        path = Path(raw).expanduser()
+        if path.is_absolute():
+            return path
+        direct = self.root / path
+        if not index.exists(direct) and len(path.parts) == 1 and index.exists(self.root / "images" / path):
+            return self.root / "images" / path
+        return direct
+
+    def _find_mask(self, raw: str | None, image: Path, index: DirIndex) -> Path | None:
+        if raw:
+            path = self.root / Path(str(raw).replace("\\", "/"))
+            if index.exists(path):
+                return path
+        folder = self.root / "masks" / "scan"
+        if image.name in index.names(folder):
+            return folder / image.name
+        matches = index.by_stem(folder, image.stem, IMAGE_SUFFIXES)
+        if matches:
+            return folder / min(matches, key=lambda n: (not n.lower().endswith(".png"), n))
+        return None
+
+    def _scan(self):
+        index = DirIndex()
+        rows: list[dict] = []
+        seen: dict[Path, str] = {}
+        excluded = 0
+        any_label = False
+        for split_key, path in self.files.items():
+            for i, record in enumerate(read_records(path)):
+                where = f"{path.name} record {i}"
+                image_key, raw = _first(record, IMAGE_KEYS)
+                label_key, label_value = _first(record, LABEL_KEYS)
+                name_key, name_value = _first(record, NAME_KEYS)
+                if image_key is None or not isinstance(raw, str):
+                    raise UserError(
+                        f"{self.root / path.name} record {i} has no image path (looked for {', '.join(IMAGE_KEYS)}); "
+                        f"it has keys: {', '.join(map(str, record)) or 'none'}; fix the split file"
+                    )
+                image = self._resolve_image(raw, index)
+                if self._exclude_rx is not None and self._exclude_rx.search(image.stem):
+                    excluded += 1
+                    continue
+                if image in seen:
+                    raise UserError(
+                        f"{raw!r} is listed twice in {self.root} ({seen[image]} and {where}); each image may be in "
+                        "one split only: fix the split files"
+                    )
+                seen[image] = where
+                number = _as_int(label_value) if label_key is not None else None
+                name = None
+                if name_key is not None:
+                    name = str(name_value).strip()
+                elif label_key is not None and number is None:
+                    name = str(label_value).strip()  # a class name stored under "label"
+                any_label = any_label or number is not None or name is not None
+                _, group = _first(record, GROUP_KEYS)
+                _, mask = _first(record, MASK_KEYS)
+                rows.append({"split_key": split_key, "where": where, "file": path, "index": i, "keys": list(record),
+                             "raw": raw, "path": image,
+                             "number": number, "name": name, "group": None if group is None else str(group),
+                             "mask": mask if isinstance(mask, str) else None})
+        if not rows:
+            raise UserError(f"the split files of {self.root} list no images (or all were excluded by "
+                            f"'{self.exclude_pattern}'); regenerate the dataset with ultrabench")
+        exists = [index.exists(r["path"]) for r in rows]
+        require_some_exist([(r["raw"], r["path"]) for r in rows], exists, f"the split files of {self.root}",
+                           "image paths are read relative to the dataset folder (or its images/ folder); point SRC at "
+                           "the folder that holds images/ and the JSON files")
+        classes, label_of_row = self._labels(rows, any_label)
+
+        for r in rows:
+            rel = self._relative(r["path"])
+            r["rel"] = rel
+            if r["group"] is None:
+                if self._group_rx is not None:
+                    match = self._group_rx.search(r["path"].stem)
+                    if match is None or match.group(1) is None:
+                        raise UserError(f"{r['where']}: image {rel!r} does not match the group pattern "
+                                        f"'{self.group_pattern}'; fix the pattern")
+                    r["group"] = match.group(1)
+                else:
+                    r["group"] = rel
+        train_val = [r for r in rows if r["split_key"] == "train_val"]
+        val_of_group = assign_splits(((r["group"], label_of_row[id(r)]) for r in train_val), self.val_fraction, 0.0,
+                                     self.seed) if train_val else {}
+
+        items: list[ScanMaskItem] = []
+        masks_found = 0
+        for r in rows:
+            split = val_of_group[r["group"]] if r["split_key"] == "train_val" else r["split_key"]
+            mask = self._find_mask(r["mask"], r["path"], index) if self.scan_masks else None
+            masks_found += mask is not None
+            label = label_of_row[id(r)]
+            items.append(ScanMaskItem(
+                key=make_key(r["rel"]), source=r["rel"], label=label,
+                class_name=classes[label] if label >= 0 else UNLABELLED, group=r["group"], split=split,
+                path=r["path"], mask_path=mask,
+            ))
+        split_groups: dict[str, set] = {}
+        for it in items:
+            split_groups.setdefault(it.split, set()).add(it.group)
+        shared = set()
+        names = sorted(split_groups)
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                shared |= split_groups[names[a]] & split_groups[names[b]]
+        missing = [r["rel"] for r, ok in zip(rows, exists) if not ok]
+        stats = {
+            "layout": self.variant,
+            "split_files": {k: p.name for k, p in self.files.items()},
+            "images_listed": len(items),
+            "per_split": dict(sorted(Counter(it.split for it in items).items())),
+            "missing_files": len(missing),
+            "missing_examples": missing[:10],
+            "scan_masks_found": masks_found,
+            "scan_masks_missing": len(items) - masks_found if self.scan_masks else None,
+            "excluded": excluded,
+            "exclude_pattern": self.exclude_pattern,
+            "groups_in_several_splits": len(shared),
+        }
+        return items, stats, classes
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def _labels(self, rows: list[dict], any_label: bool) -> tuple[list[str], dict[int, int]]:
+        """(classes, id(row) -> label index); see the module docstring for the rules."""
+        if not any_label:
+            return [], {id(r): -1 for r in rows}
+        for r in rows:
+            if r["number"] is None and r["name"] is None:
+                raise UserError(
+                    f"{r['file']} record {r['index']} has no label (looked for {', '.join(LABEL_KEYS + NAME_KEYS)}); "
+                    f"it has keys: {', '.join(r['keys'])}; fix the split file"
+                )
+        name_of_number: dict[int, str] = {}
+        for r in rows:
+            if r["number"] is not None and r["name"] is not None:
+                known = name_of_number.setdefault(r["number"], r["name"])
+                if known != r["name"]:
+                    raise UserError(f"label {r['number']} is class {known!r} in one record and {r['name']!r} in "
+                                    f"{r['where']}; the split files disagree: regenerate them")
+        numbers = {r["number"] for r in rows if r["number"] is not None}
+        if numbers:
+            number_of_name = {v: k for k, v in name_of_number.items()}
+            for r in rows:
+                if r["number"] is None:
+                    if r["name"] not in number_of_name:
+                        raise UserError(f"{r['where']} has class {r['name']!r} but no integer label, and no other "
+                                        "record gives that class a label; fix the split files")
+                    r["number"] = number_of_name[r["name"]]
+            ordered = sorted(numbers | set(name_of_number))
+            classes = [name_of_number.get(n, str(n)) for n in ordered]
+            if len(set(classes)) != len(classes):
+                raise UserError(f"two integer labels share a class name ({classes}); fix the split files")
+            index = {n: i for i, n in enumerate(ordered)}
+            return classes, {id(r): index[r["number"]] for r in rows}
+        classes = sorted({r["name"] for r in rows})
+        index = {c: i for i, c in enumerate(classes)}
+        return classes, {id(r): index[r["name"]] for r in rows}
+
+    def __iter__(self) -> Iterator[ScanMaskItem]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @classmethod
+    def looks_like(cls, root: Path) -> bool:
+        root = Path(root)
+        if not (root / "images").is_dir() or not any((root / n).is_file() for n in TEST_FILES):
+            return False
+        return any((root / n).is_file() for n in TRAIN_VAL_FILES + TRAIN_FILES)
+
+    def grouping(self) -> dict:
+        keys = "record key (" + ", ".join(GROUP_KEYS) + ")"
+        out = {
+            "mode": "ultrabench",
+            "prescribed_splits": self.variant,
+            "group": keys if self._group_rx is None else f"{keys}, else pattern {self.group_pattern} on the image stem",
+            "without_group": "each image is its own group" if self._group_rx is None else None,
+        }
+        if "train_val" in self.files:
+            out["val_from_train"] = {
+                "file": self.files["train_val"].name,
+                "val_fraction": self.val_fraction,
+                "seed": self.seed,
+                "method": "usjepa.ingest.splits.assign_splits by group, stratified by majority class",
+            }
+        return out
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+
+__all__ = ["ScanMaskItem", "UltraBenchSource", "load_mask", "read_records"]
