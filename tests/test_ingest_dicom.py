@@ -457,3 +457,53 @@ def _shard_metas(out: Path) -> list[dict]:
         with tarfile.open(tar_path) as tar:
             metas += [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
     return metas
+
+
+def test_colour_multiframe_unlabelled_tree_leaks_nothing_into_shards(tree, tmp_path, monkeypatch):
+    """The whole fixture tree (identifiers in folder and file names and in the tags, colour,
+    YBR and palette files, a 30-frame cine, broken files), pydicom's own example files with
+    their original identifying values: nothing identifying in any byte the build writes."""
+    import pydicom
+
+    from usjepa.ingest.writer import BuildSettings, build_shards
+
+    salt_file = tmp_path / "keys" / "salt"
+    salt_file.parent.mkdir()
+    salt_file.write_bytes(SALT)
+    salt_file.chmod(0o600)
+    monkeypatch.setenv(deid.SALT_ENV, str(salt_file))
+    out = tmp_path / "out"
+    manifest = build_shards(tree, out, BuildSettings(format="dicom", image_size=32, val_fraction=0.2,
+                                                     test_fraction=0.2), progress=False)
+    metas = _shard_metas(out)
+    assert manifest.total == len(metas) > 30  # the cine's frames are samples of their own
+    assert any(m.get("frame") is not None for m in metas)
+    assert all(m["label"] == -1 and m["group"].startswith("pat-") for m in metas)
+    secrets = set(SECRETS)
+    for name in EXAMPLES:
+        ds = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
+        secrets |= {v for values in deid.identifying_values(ds).values() for v in values if len(v) >= 4}
+    blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    leaked = sorted(s for s in secrets if s.encode() in blob)
+    assert not leaked and SALT not in blob, leaked
+
+
+def test_build_hands_out_to_the_source_and_records_no_identifying_root(tmp_path, monkeypatch):
+    """The build passes OUT as output_dir (a salt file inside it is refused) and records the
+    root as the source's pseudonymised folder name (the export folder here is named after
+    the patient)."""
+    from usjepa.ingest.writer import BuildSettings, build_shards
+
+    src, out = tmp_path / PID, tmp_path / "out"
+    for i in range(3):
+        write_dicom(src / f"scan{i}.dcm", _fan(i))
+    settings = BuildSettings(format="dicom", image_size=32, val_fraction=0, test_fraction=0)
+    monkeypatch.setenv(deid.SALT_ENV, str(out / "keys" / "salt"))
+    with pytest.raises(UserError, match="inside the output folder"):
+        build_shards(src, out, settings, progress=False)
+    monkeypatch.setenv(deid.SALT_ENV, str(tmp_path / "keys" / "salt"))
+    manifest = build_shards(src, out, settings, progress=False)
+    recorded = json.loads((out / "manifest.json").read_text())["source"]["root"]
+    assert manifest.total == 3 and recorded == manifest.source_root
+    assert recorded.startswith("pat-") and "123456" not in recorded
+    assert "123456" not in (out / "build_report.json").read_text().replace(str(out), "")

@@ -343,6 +343,17 @@ def test_built_shards_from_csv_and_ultrabench(tmp_path):
     assert {s: manifest.splits[s].count for s in ("train", "val", "test")} == {"train": 10, "val": 2, "test": 4}
 
 
+def test_csv_build_keeps_listed_files_named_like_masks(tmp_path):
+    """The build's default exclude pattern ('_mask': BUSI's lesion masks in image folders)
+    is not handed to a csv source: every file the list names is ingested."""
+    for name in ("scan.png", "scan_mask.png"):
+        png(tmp_path / "csv" / name, size=(40, 48))
+    listing = write_csv(tmp_path / "csv" / "list.csv", "file\nscan.png\nscan_mask.png\n")
+    manifest = build_shards(listing, tmp_path / "out", BuildSettings(image_size=16, format="csv"), progress=False)
+    assert manifest.total == 2 and "exclude_pattern" not in manifest.source_stats["options"]
+    assert manifest.source_stats["exclude_pattern"] is None
+
+
 # ---------------------------------------------------------------------------- recipes
 def test_recipes_register_the_formats_they_need(tmp_path):
     """In a fresh interpreter, loading a recipe registers csv, filenames and ultrabench."""

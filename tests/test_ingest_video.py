@@ -235,6 +235,26 @@ def test_class_folders(class_tree):
     assert open_source("video", class_tree).label_mode == "none"
 
 
+def test_build_hands_its_region_settings_to_the_video_source(class_tree, tmp_path, monkeypatch):
+    import functools
+
+    from usjepa.ingest.region import RegionSettings
+    from usjepa.ingest.writer import BuildSettings, build_shards
+
+    real, seen = VideoSource.__init__, []
+
+    @functools.wraps(real)  # keeps the signature the build inspects
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("region"))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoSource, "__init__", recording)
+    region = RegionSettings(threshold=3.0)
+    build_shards(class_tree, tmp_path / "out", BuildSettings(format="video", image_size=16, region=region,
+                                                             max_samples=2, source_options={"fps": 1}), progress=False)
+    assert seen == [region]
+
+
 def test_labels_none_and_user_errors(class_tree, tmp_path):
     source = VideoSource(class_tree, labels="none")
     assert source.classes == [] and {(it.label, it.class_name) for it in source} == {(-1, "")}

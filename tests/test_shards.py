@@ -162,10 +162,10 @@ def test_assign_splits_fractions_per_class_and_group_integrity():
 
 
 def test_interrupted_build_leaves_no_manifest_or_temp_files(folder, tmp_path, monkeypatch):
-    import usjepa.ingest.writer as writer
+    import usjepa.ingest.work as work  # where the worker entry point looks process_item up
 
     root, made = folder
-    real, calls, limit = writer.process_item, [], [7]
+    real, calls, limit = work.process_item, [], [7]
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -173,7 +173,7 @@ def test_interrupted_build_leaves_no_manifest_or_temp_files(folder, tmp_path, mo
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(writer, "process_item", failing)
+    monkeypatch.setattr(work, "process_item", failing)
     with pytest.raises(KeyboardInterrupt):
         build_shards(root, tmp_path / "out", BuildSettings(**SMALL), progress=False)
     names = [p.name for p in (tmp_path / "out").iterdir()]

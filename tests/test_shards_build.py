@@ -182,11 +182,11 @@ def test_interrupted_packing_resumes_without_reprocessing(tmp_path, monkeypatch)
 
 
 def test_changed_settings_are_refused_then_overwrite_starts_over(tmp_path, monkeypatch):
-    import usjepa.ingest.writer as writer
+    import usjepa.ingest.work as work  # where the worker entry point looks process_item up
 
     src = image_folder(tmp_path / "src", per_class=4)
     out = tmp_path / "out"
-    real, calls = writer.process_item, []
+    real, calls = work.process_item, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -194,10 +194,10 @@ def test_changed_settings_are_refused_then_overwrite_starts_over(tmp_path, monke
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(writer, "process_item", interrupted)
+    monkeypatch.setattr(work, "process_item", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_shards(src, out, BuildSettings(image_size=32), progress=False)
-    monkeypatch.setattr(writer, "process_item", real)
+    monkeypatch.setattr(work, "process_item", real)
     assert results(out) == 3
     with pytest.raises(UserError, match=r"other settings \(preprocess.image_size: 32 -> 40.*--overwrite"):
         build_shards(src, out, BuildSettings(image_size=40), progress=False)

@@ -28,7 +28,8 @@ from usjepa.ingest.formats import detect_format  # noqa: E402
 from usjepa.ingest.overlay import to_gray  # noqa: E402
 from usjepa.ingest.preprocess import preprocess  # noqa: E402
 from usjepa.ingest.sources import open_source  # noqa: E402
-from usjepa.ingest.writer import BuildSettings, process_item, run_build, write_result  # noqa: E402
+from usjepa.ingest.work import process_item, write_result  # noqa: E402
+from usjepa.ingest.writer import BuildSettings, run_build  # noqa: E402
 
 DEFAULT_SRC = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 

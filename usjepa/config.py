@@ -319,6 +319,24 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         node = node.setdefault(part, {})
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested settings under their dotted keys."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two nested settings dicts (a resolved
+    config, a shard build's work fingerprint)."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`optim.lr=1e-4` -> ('optim.lr', 0.0001). Values are read as YAML scalars or lists."""
     key, sep, raw = text.partition("=")

@@ -407,6 +407,7 @@ class DicomSource(Source):
     `output_dir` is refused.
     exclude_pattern: regex; files whose stem matches are skipped. group_pattern is not
     supported (grouping comes from the DICOM tags).
+    pseudonymised_root: the root's folder name, identifiers replaced (what a build records).
     """
 
     looks_for = "DICOM files (128-byte preamble + 'DICM', any extension) below the root, not outnumbered by images"
@@ -453,7 +454,7 @@ class DicomSource(Source):
             self._salt = bytes(salt)
         else:
             self._salt = deid.load_or_create_salt(salt_path, output_dir)
-        self._items, self._stats, self.classes, self.label_mode = self._scan()
+        self._items, self._stats, self.classes, self.label_mode, self.pseudonymised_root = self._scan()
 
     # -- listing
     def _scan(self):
@@ -501,6 +502,7 @@ class DicomSource(Source):
         values = [deid.identifying_values(e.header) if e.header is not None else {} for e in entries]
         patient_ids = {self._tag(e, "PatientID") for e in entries} - {""}
         label_mode, label_note = self._label_mode(root, entries, values, scrubber)
+        pseudonymised_root = self._pseudonymise_root(values, patient_ids, scrubber)
 
         items: list[DicomItem] = []
         modality, photometric, syntaxes, burned = Counter(), Counter(), Counter(), Counter()
@@ -595,7 +597,7 @@ class DicomSource(Source):
             },
             "warnings": warnings_,
         }
-        return items, stats, classes, label_mode
+        return items, stats, classes, label_mode, pseudonymised_root
 
     @staticmethod
     def _tag(entry: _Entry, keyword: str) -> str:
@@ -611,6 +613,17 @@ class DicomSource(Source):
         another patient's file, an unreadable file) become that patient's pseudonym."""
         parts = source.split("/")
         return "/".join(deid.pseudonym(self._salt, "patient", p) if p.strip() in patient_ids else p for p in parts)
+
+    def _pseudonymise_root(self, values, patient_ids: set[str], scrubber: deid.PathScrubber) -> str:
+        """The root's own folder name with every part that names an identifier of any file of
+        the tree replaced: what a manifest records instead of the root path (the export folder
+        may be named after a patient; folders above it are not recorded at all)."""
+        tree_values: dict[str, set[str]] = {}
+        for vals in values:
+            for keyword, texts in vals.items():
+                tree_values.setdefault(keyword, set()).update(texts)
+        name = self._scrub_known(self.root.name, patient_ids, scrubber)
+        return scrubber.scrub(name, "", {k: sorted(v) for k, v in tree_values.items()})
 
     def _label_mode(self, root: Path, entries, values, scrubber) -> tuple[str, str]:
         first = [p for p in root.iterdir() if not p.name.startswith(".")]

@@ -125,7 +125,7 @@ def contact_sheet(shards_dir, grid_path, split: str = "train", n: int = 32, colu
 def summary_lines(manifest: Manifest) -> list[str]:
     """A few lines on what the shard set holds and how it was built."""
     lines = [f"{manifest.root}: {manifest.total} samples, {manifest.image_size} px, source "
-             f"{manifest.source_format} {manifest.source_root}"]
+             f"{manifest.source_format} {manifest.source_root or '(root not recorded)'}"]
     lines.append("classes: " + (", ".join(f"{i}={c}" for i, c in enumerate(manifest.classes)) or "(none)"))
     for split, info in manifest.splits.items():
         per_class = ", ".join(f"{c} {k}" for c, k in info.class_counts.items())

@@ -47,7 +47,7 @@ class Manifest:
     classes: list[str]
     image_size: int
     splits: dict[str, SplitInfo]
-    source_root: str = ""
+    source_root: str | None = ""  # None: not recorded (a DICOM root that could name a patient)
     source_format: str = "imagefolder"
     created: str = ""
     grouping: dict = field(default_factory=dict)
@@ -100,7 +100,8 @@ class Manifest:
             "format_version": self.format_version,
             "created": self.created,
             "tool": self.tool,
-            "source": {"root": self.source_root, "format": self.source_format, **self.source_stats},
+            "source": {**({} if self.source_root is None else {"root": self.source_root}),
+                       "format": self.source_format, **self.source_stats},
             "grouping": self.grouping,
             "split_settings": self.split_settings,
             "image_size": self.image_size,
@@ -120,6 +121,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict, root: Path) -> Manifest:
         source = dict(data["source"])
+        source_root = source.pop("root", None)  # absent: not recorded
         splits = {
             name: SplitInfo(
                 count=int(info["count"]),
@@ -135,7 +137,7 @@ class Manifest:
             classes=[str(c) for c in data["classes"]],
             image_size=int(data["image_size"]),
             splits=splits,
-            source_root=str(source.pop("root")),
+            source_root=None if source_root is None else str(source_root),
             source_format=str(source.pop("format")),
             created=str(data.get("created", "")),
             grouping=dict(data.get("grouping", {})),

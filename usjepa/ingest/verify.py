@@ -11,8 +11,9 @@ from webdataset import tariterators
 
 from usjepa.errors import UserError
 from usjepa.ingest.manifest import load_manifest
+from usjepa.ingest.pack import SHARD_PATTERN
 from usjepa.ingest.sample_format import BUILD_META, decode_sample
-from usjepa.ingest.writer import SHARD_PATTERN, WORK_DIR
+from usjepa.ingest.workdir import WORK_DIR
 
 MAX_LISTED = 10
 

@@ -6,29 +6,13 @@ from pathlib import Path
 
 import yaml
 
-from usjepa.config import Config, dump_yaml, to_dict
+from usjepa.config import Config, changed_settings, dump_yaml, to_dict
 from usjepa.fileio import atomic_write_text
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 # Settings that may change between invocations of one run without changing its result.
 RESUMABLE_CHANGES = ("run.stop_at_step", "run.threads", "run.device", "train.total_steps",
                      "checkpoint.", "log.", "data.num_workers", "probe.")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def changed_settings(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs."""
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def prepare_run_dir(cfg: Config) -> tuple[Path, list[str]]:
