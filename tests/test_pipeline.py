@@ -87,3 +87,22 @@ def test_eval_batches_keep_shard_order(shards):
     b = [y for _, y in eval_batches(manifest, "test", 32, 7)]
     assert torch.equal(torch.cat(a), torch.cat(b))
     assert sum(len(y) for y in a) == manifest.count("test")
+
+
+def test_short_side_shards_keep_their_aspect_and_feed_square_batches(synth_dir, tmp_path, tiny_config):
+    from usjepa.ingest.sample_format import decode_sample
+    from usjepa.ingest.verify import verify_shards
+    from usjepa.ingest.writer import BuildSettings, build_shards
+    import webdataset as wds
+
+    out = tmp_path / "short"
+    build_shards(synth_dir, out, BuildSettings(image_size=32, shard_size=12, resize_mode="short_side",
+                                               group_pattern=r"^(patient\d+)_"), progress=False)
+    verify_shards(out)
+    manifest = load_manifest(out)
+    shapes = {decode_sample(r)[0].shape for r in wds.tarfile_to_samples()([{"url": str(p)} for p in manifest.shard_paths("train")])}
+    assert all(min(s) == 32 for s in shapes) and any(s[0] != s[1] for s in shapes)  # fans are wider than tall
+    batch = take(make_train_loader(tiny_config(f"data.shards={out}"), manifest), 1)[0]
+    assert batch["images"].shape == (8, 1, 32, 32)
+    images, _ = next(eval_batches(manifest, "test", 32, 4))
+    assert images.shape == (4, 1, 32, 32)

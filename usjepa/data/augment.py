@@ -81,6 +81,9 @@ def resize_eval(image: torch.Tensor, region: torch.Tensor, size: int) -> tuple[t
     with no randomness (probe, validation)."""
     pixels = image.float() / 255
     if pixels.shape[-2:] != (size, size):
-        pixels = TF.resize(pixels, [size, size], antialias=True)
-        region = TF.resize(region.to(torch.uint8), [size, size], interpolation=InterpolationMode.NEAREST).bool()
+        # Shorter side to `size`, then the centre square: shards stored with their aspect
+        # ratio (resize mode short_side) are not distorted.
+        pixels = TF.center_crop(TF.resize(pixels, size, antialias=True), [size, size])
+        region = TF.center_crop(TF.resize(region.to(torch.uint8), size, interpolation=InterpolationMode.NEAREST),
+                                [size, size]).bool()
     return pixels, region

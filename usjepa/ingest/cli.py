@@ -12,6 +12,7 @@ from usjepa.errors import UserError
 from usjepa.ingest.formats import AUTO, format_choices
 from usjepa.ingest.manifest import REPORT_NAME, Manifest
 from usjepa.ingest.overlay import LARGE_OVERLAY_ACTIONS
+from usjepa.ingest.preprocess import RESIZE_MODES
 from usjepa.ingest.verify import verify_shards
 from usjepa.ingest.writer import WORK_DIR, BuildSettings, resolve_workers, run_build
 
@@ -22,6 +23,7 @@ _OPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # so a recipe's settings hold unless the flag is given explicitly.
 _SETTING_FLAGS = {
     "size": "image_size",
+    "resize_mode": "resize_mode",
     "shard_size": "shard_size",
     "val_fraction": "val_fraction",
     "test_fraction": "test_fraction",
@@ -84,7 +86,13 @@ def register_cli(subparsers) -> None:
     build.add_argument("--workers", type=int, default=1,
                        help="processes that load, preprocess and encode (0: one per CPU core); the output "
                        "does not depend on it (default: 1)")
-    build.add_argument("--size", type=int, default=None, help=f"output image side in pixels, square (default: {d.image_size})")
+    build.add_argument("--size", type=int, default=None,
+                       help=f"output size in pixels: the side of the square, or the shorter side with "
+                       f"--resize-mode short_side (default: {d.image_size})")
+    build.add_argument("--resize-mode", default=None, choices=RESIZE_MODES,
+                       help="pad: pad the region crop to a square, then resize (keeps the aspect ratio); "
+                       "stretch: resize the crop to a square; short_side: shorter side to --size, aspect "
+                       f"kept, not square (default: {d.resize_mode})")
     build.add_argument("--shard-size", type=int, default=None, help=f"at most this many samples per tar (default: {d.shard_size})")
     build.add_argument("--val-fraction", type=float, default=None, help=f"share of samples for validation (default: {d.val_fraction})")
     build.add_argument("--test-fraction", type=float, default=None, help=f"share of samples for test (default: {d.test_fraction})")

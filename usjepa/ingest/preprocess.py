@@ -15,7 +15,7 @@ from PIL import Image
 
 from usjepa.ingest.region import RegionSettings, detect_region, region_bbox
 
-RESIZE_MODES = ("pad", "stretch")
+RESIZE_MODES = ("pad", "stretch", "short_side")
 INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -101,18 +101,30 @@ def pad_to_square(image: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np
     return out_img, out_reg
 
 
+def output_shape(shape: tuple[int, int], size: int, mode: str) -> tuple[int, int]:
+    """(height, width) after resizing: size x size, or the shorter side to `size` keeping the
+    aspect ratio (`short_side`, so the training crops see undistorted anatomy)."""
+    if mode != "short_side":
+        return size, size
+    h, w = shape
+    scale = size / min(h, w)
+    return max(size, round(h * scale)), max(size, round(w * scale))
+
+
 def resize_square(
     image: np.ndarray, region: np.ndarray, size: int, mode: str = "pad", interpolation: str = "bicubic"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Resize image (with `interpolation`) and mask (nearest) to size x size; zero the outside."""
+    """Resize image (with `interpolation`) and mask (nearest) per `mode` (see RESIZE_MODES and
+    `output_shape`); zero the outside."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode {mode!r} is not one of {RESIZE_MODES}")
     if mode == "pad":
         image, region = pad_to_square(image, region)
-    if image.shape != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), INTERPOLATIONS[interpolation]))
+    h, w = output_shape(image.shape, size, mode)
+    if image.shape != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((w, h), INTERPOLATIONS[interpolation]))
         mask_img = Image.fromarray(region.view(np.uint8) * np.uint8(255))
-        region = np.asarray(mask_img.resize((size, size), Image.Resampling.NEAREST)) > 127
+        region = np.asarray(mask_img.resize((w, h), Image.Resampling.NEAREST)) > 127
     image = np.where(region, image, np.uint8(0))
     return image, region
 

@@ -12,6 +12,7 @@ from webdataset import tariterators
 from usjepa.errors import UserError
 from usjepa.ingest.manifest import load_manifest
 from usjepa.ingest.pack import SHARD_PATTERN
+from usjepa.ingest.preprocess import output_shape
 from usjepa.ingest.sample_format import BUILD_META, decode_sample
 from usjepa.ingest.workdir import WORK_DIR
 
@@ -45,6 +46,7 @@ def verify_shards(out) -> dict:
     start = time.perf_counter()
     manifest = load_manifest(out)
     size, classes = manifest.image_size, manifest.classes
+    resize_mode = manifest.preprocessing.get("resize_mode", "pad")
     problems: list[str] = []
     keys: set[str] = set()
     hashes: dict[str, str] = {}
@@ -77,8 +79,9 @@ def verify_shards(out) -> dict:
                     if key in keys:
                         problems.append(f"{shard.name}: duplicate key {key}")
                     keys.add(key)
-                    if image.shape != (size, size):
-                        problems.append(f"{shard.name}: {key} is {image.shape}, expected ({size}, {size})")
+                    if image.shape != output_shape(image.shape, size, resize_mode):
+                        problems.append(f"{shard.name}: {key} is {image.shape}, expected "
+                                        f"{output_shape(image.shape, size, resize_mode)} ({resize_mode})")
                     if not region.any():
                         problems.append(f"{shard.name}: {key} has an empty region mask")
                     label, name = meta["label"], meta["class_name"]
