@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,7 +335,8 @@ class _CineItem(SourceItem):
         for f in range(self.n_frames):
             if self.broken_after is not None and f >= self.broken_after:
                 raise OSError("truncated stream")
-            rgb = np.stack([fan(hash(self.key) % 1000 + f)] * 3, -1)
+            # a stable, per-item seed (str hash() changes per process): frames never repeat across items
+            rgb = np.stack([fan(zlib.crc32(self.key.encode()) % 1000 * 10 + f)] * 3, -1)
             yield Loaded(rgb, None, {"frame": f, "time_s": f / 10})
 
 

@@ -1,34 +1,60 @@
-"""The `usjepa` command: one subcommand per stage of the flow."""
+"""The `usjepa` command: one subcommand per stage of the flow.
+
+Each subcommand lives in the module that does its work, which registers its own parser.
+Only the module of the command being run is imported (torch and friends take seconds to
+import), so `usjepa --help` answers at once; the one-line summaries below are what it lists.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from usjepa import __version__
 from usjepa.errors import UserError
 
+COMMANDS = {  # name: (module with register_cli, one-line summary)
+    "demo": ("usjepa.demo", "the whole flow on synthetic ultrasound (about 6 minutes on 2 CPU cores)"),
+    "synth": ("usjepa.data.synth", "generate a synthetic B-mode ultrasound image folder (the demo's data)"),
+    "shards": ("usjepa.ingest.cli", "build, verify or inspect WebDataset shards of ultrasound corpora"),
+    "train": ("usjepa.train.cli", "stage 1 (MAE teacher) or stage 2 (SALT student) training; resumes by itself"),
+    "probe": ("usjepa.eval.cli", "linear-probe macro-F1 of a run's student, teacher or a random encoder"),
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from usjepa import demo
-    from usjepa.data import synth
-    from usjepa.eval import cli as probe_cli
-    from usjepa.ingest import cli as shards_cli
-    from usjepa.train import cli as train_cli
 
+class _SummaryAction(argparse._SubParsersAction):
+    """Subparsers whose listing shows COMMANDS' summaries, whichever module registered them."""
+
+    def add_parser(self, name, **kwargs):
+        kwargs.setdefault("help", COMMANDS[name][1])
+        return super().add_parser(name, **kwargs)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; the full parser of `command` (when given), stubs for the others."""
     parser = argparse.ArgumentParser(
         prog="usjepa",
         description="US-JEPA: SALT pretraining of ultrasound foundation models "
                     "(frozen teacher -> student + predictor), shards, linear probes.")
     parser.add_argument("--version", action="version", version=f"usjepa {__version__}")
+    parser.register("action", "parsers", _SummaryAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, synth, shards_cli, train_cli, probe_cli):
-        module.register_cli(sub)
+    for name, (module, _) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(module).register_cli(sub)
+        else:
+            sub.add_parser(name, add_help=False)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_of(argv))
     args, extra = parser.parse_known_args(argv)
     # argparse cannot take positionals after an option (`probe RUN --backbone x probe.seeds=[0]`):
     # accept trailing KEY=VALUE overrides wherever they stand.

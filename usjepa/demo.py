@@ -80,8 +80,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", help="the whole flow on synthetic ultrasound (about 6 minutes on 2 CPU cores)",
-        description="synth -> shards -> stage-1 MAE teacher -> SALT student -> linear probes of a "
+        "demo", description="synth -> shards -> stage-1 MAE teacher -> SALT student -> linear probes of a "
                     "random encoder, the teacher and the student. Writes OUT/summary.json and prints "
                     "a macro-F1 table. Rerun with the same --out to resume an interrupted demo.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")

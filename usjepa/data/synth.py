@@ -598,7 +598,6 @@ def register_cli(subparsers) -> None:
     """Add `usjepa synth OUT --n N [--size S] [--seed K]`."""
     parser = subparsers.add_parser(
         "synth",
-        help="generate a synthetic B-mode ultrasound image folder (the embedded demo data)",
         description="Write N synthetic B-mode ultrasound PNGs to OUT/<class>/<patient>_<index>.png, "
                     f"classes {', '.join(CLASS_NAMES)}, several images per simulated patient "
                     f"(group regex {GROUP_PATTERN}). Same arguments, same bytes.",

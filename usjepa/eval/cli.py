@@ -73,8 +73,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "probe", help="linear-probe macro-F1 of a run's student, teacher or a random encoder",
-        description="Frozen encoder -> mean-pooled last-layer tokens -> one linear layer "
+        "probe", description="Frozen encoder -> mean-pooled last-layer tokens -> one linear layer "
                     "(AdamW 1e-3, wd 1e-4, batch 32, cosine, early stopping on val loss, 5 seeds), "
                     "as in PAPER.md section 4. Writes <out>/<backbone>.json and a confusion-matrix PNG.")
     p.add_argument("run", help="run dir of a `usjepa train` run (its config gives the architecture and image size)")

@@ -54,7 +54,6 @@ def register_cli(subparsers) -> None:
     """Add `shards` (with `build`, `verify` and `inspect`) to the `usjepa` command's subparsers."""
     shards = subparsers.add_parser(
         "shards",
-        help="build, verify or inspect WebDataset shards of preprocessed ultrasound images",
         description="Turn a source (image folder, ...) into WebDataset tar shards (grayscale with colour "
         "overlays inpainted or flagged, ultrasound-region mask, crop, percentile stretch, dedup, "
         "group-disjoint train/val/test splits) and check or look at them.",

@@ -19,8 +19,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="stage 1 (MAE teacher) or stage 2 (SALT student) training; resumes by itself",
-        description="Train with the settings of CONFIG (YAML) and KEY=VALUE overrides "
+        "train", description="Train with the settings of CONFIG (YAML) and KEY=VALUE overrides "
                     "(e.g. train.total_steps=100 run.dir=runs/x optim.lr=1e-4). Unknown keys fail "
                     "before any work. Rerunning with the same run.dir resumes from its latest checkpoint. "
                     "SIGTERM/SIGUSR2/Ctrl-C finish the step, save and exit. "
