@@ -18,11 +18,10 @@ from usjepa.ingest.tabular import (
     UNLABELLED,
     CsvSource,
     FilenameSource,
-    PendingVideoItem,
     canonical_labels,
-    video_item_class,
 )
 from usjepa.ingest.ultrabench import UltraBenchSource
+from usjepa.ingest.video import VideoItem
 from usjepa.ingest.writer import BuildSettings, build_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,18 +149,15 @@ def test_csv_lists_videos(tmp_path):
     src = CsvSource(tmp_path, path_root="vids", path_suffix="mp4", label_column="B-lines",
                     group_pattern=r"patient_(\d+)", fps=3, max_frames=30)
     items = list(src)
-    assert all(isinstance(it, video_item_class()) for it in items)
+    assert all(isinstance(it, VideoItem) for it in items)
     assert [it.source for it in items] == ["vids/patient_1_R1.mp4", "vids/patient_1_L1.mp4", "vids/patient_2_R1.mp4"]
     assert [it.class_name for it in items] == ["yes", "no", "yes"] and src.stats()["videos"] == 3
     assert [it.group for it in items] == ["1", "1", "2"]
-    # not decodable: NotImplementedError until a video reader exists, then that reader's error
-    expected = NotImplementedError if video_item_class() is PendingVideoItem else Exception
-    with pytest.raises(expected):
+    with pytest.raises(ValueError):  # the files are not real videos: a per-item failure
         items[0].load()
-    if video_item_class() is not PendingVideoItem:
-        assert items[0].settings.fps == 3 and items[0].settings.max_frames == 30
-        with pytest.raises(UserError, match="fps"):
-            CsvSource(tmp_path, path_root="vids", path_suffix=".mp4", fps=-1)
+    assert items[0].settings.fps == 3 and items[0].settings.max_frames == 30
+    with pytest.raises(UserError, match="fps"):
+        CsvSource(tmp_path, path_root="vids", path_suffix=".mp4", fps=-1)
 
 
 @pytest.mark.skipif(not BUSI.is_dir(), reason=f"BUSI not found at {BUSI} (shared data absent)")
@@ -208,7 +204,7 @@ def test_filenames_source_labels_from_prefixes(tmp_path):
     assert {n: it.class_name for n, it in items.items()} == {
         "Cov_a.png": "covid", "Pneu_b.jpg": "pneumonia", "pneu-c.png": "pneumonia", "Reg_d.png": "regular",
         "Normal_e.png": "regular", "Cov-v1.mp4": "covid", "Reg_v2.gif": "regular"}
-    assert isinstance(items["Reg_v2.gif"], video_item_class()) and items["Cov_a.png"].load().image.ndim == 2
+    assert isinstance(items["Reg_v2.gif"], VideoItem) and items["Cov_a.png"].load().image.ndim == 2
     assert src.stats()["unmatched"] == 2 and len({it.group for it in src}) == len(items)
     with pytest.raises(UserError, match="match no prefix"):
         FilenameSource(tmp_path, images=["data/pocus_images/convex"], label_from_prefix={"cov": "covid"},

@@ -356,9 +356,6 @@ class _CineSource(Source):
     def looks_like(cls, root):
         return any(Path(root).glob("*.cine"))
 
-    def __iter__(self):
-        return iter(self._items)
-
 
 def test_frames_prescribed_splits_and_unlabelled(tmp_path, monkeypatch):
     monkeypatch.setitem(sources_module.SOURCES, "cine", _CineSource)

@@ -709,12 +709,6 @@ class DicomSource(Source):
                 dicom += 1
         return dicom > 0 and dicom >= images
 
-    def __iter__(self) -> Iterator[DicomItem]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
     def grouping(self) -> dict:
         return {
             "mode": "dicom_tag",
@@ -725,9 +719,6 @@ class DicomSource(Source):
             "salt_id": deid.salt_id(self._salt),
             "fallback": "files without the tag are their own group",
         }
-
-    def stats(self) -> dict:
-        return dict(self._stats)
 
 
 def _with_label(item: DicomItem, label: int) -> DicomItem:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -154,6 +155,10 @@ class Source:
     format recognises a folder (e.g. "*.dcm files (DICOM) anywhere below the root")."""
     root: Path
     classes: list[str]
+    # Every source lists its items once, when constructed (listing is cheap next to decoding,
+    # and the writer needs the whole list to order and split it).
+    _items: list[SourceItem]
+    _stats: Mapping = MappingProxyType({})  # a source with nothing to count keeps this empty one
 
     @classmethod
     def looks_like(cls, root: Path) -> bool:
@@ -162,10 +167,10 @@ class Source:
         return False
 
     def __iter__(self) -> Iterator[SourceItem]:
-        raise NotImplementedError
+        return iter(self._items)
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        return len(self._items)
 
     def grouping(self) -> dict:
         """How groups were formed, for the manifest."""
@@ -173,7 +178,12 @@ class Source:
 
     def stats(self) -> dict:
         """Counts about the listing (files found, excluded, ...), for the manifest."""
-        return {}
+        return dict(self._stats)
+
+
+def pattern_grouping(pattern: str) -> dict:
+    """The manifest's account of groups taken from file names by a regex."""
+    return {"mode": "pattern", "pattern": pattern, "applied_to": "file stem, first capture group"}
 
 
 SOURCES: dict[str, Callable[..., Source]] = {}
@@ -314,12 +324,6 @@ class ImageFolderSource(Source):
             )
         return match.group(1)
 
-    def __iter__(self) -> Iterator[ImageFileItem]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
     def grouping(self) -> dict:
         if self._group_rx is None:
             return {
@@ -328,10 +332,7 @@ class ImageFolderSource(Source):
                 "note": "no group_pattern given: each image is its own group, so images of one "
                 "patient or video can fall on both sides of a split",
             }
-        return {"mode": "pattern", "pattern": self.group_pattern, "applied_to": "file stem, first capture group"}
-
-    def stats(self) -> dict:
-        return dict(self._stats)
+        return pattern_grouping(self.group_pattern)
 
 
 def _is_image(name: str) -> bool:

@@ -54,8 +54,7 @@ import io
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -64,14 +63,16 @@ from usjepa.ingest.sample_format import make_key
 from usjepa.ingest.sources import (
     IMAGE_SUFFIXES,
     ImageFileItem,
-    Loaded,
     Source,
     SourceItem,
     compile_pattern,
+    pattern_grouping,
     register_source,
 )
+from usjepa.ingest.video import VIDEO_SUFFIXES, VideoItem, VideoSettings
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg", ".wmv", ".ogv")
+# A GIF listed in a table is read as a picture (its first frame), not as a cine loop.
+TABLE_VIDEO_SUFFIXES = tuple(s for s in VIDEO_SUFFIXES if s != ".gif")
 UNLABELLED = ""  # class_name of items with label -1 (as the video source)
 
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "filepath", "file_path", "relative_path", "image",
@@ -96,37 +97,11 @@ def normalize_split(value: str) -> str | None:
 
 
 def is_video(path: Path | str) -> bool:
-    return str(path).lower().endswith(VIDEO_SUFFIXES)
+    return str(path).lower().endswith(TABLE_VIDEO_SUFFIXES)
 
 
 def _has_media_suffix(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
-
-
-@dataclass(frozen=True)
-class PendingVideoItem(SourceItem):
-    """A video listed while `usjepa.ingest.video` is missing: listing works, decoding does not."""
-
-    path: Path = field(default=Path(), compare=False)
-
-    def load(self) -> Loaded:
-        raise NotImplementedError(
-            f"cannot decode video {self.source}: this build has no video reader (usjepa.ingest.video); "
-            "extract frames to images first or update usjepa"
-        )
-
-    def frames(self) -> Iterator[Loaded]:
-        yield self.load()
-
-
-def video_item_class() -> type:
-    """The item class for video files: `usjepa.ingest.video.VideoItem`, else (module
-    missing) `PendingVideoItem`."""
-    try:
-        from usjepa.ingest.video import VideoItem
-    except ImportError:
-        return PendingVideoItem
-    return VideoItem
+    return name.lower().endswith(IMAGE_SUFFIXES + TABLE_VIDEO_SUFFIXES)
 
 
 class MediaItems:
@@ -134,12 +109,6 @@ class MediaItems:
     `fps` / `max_frames` (None: the video reader's defaults, 3 fps and 30 frames)."""
 
     def __init__(self, fps: float | None = None, max_frames: int | None = None):
-        self.video_class = video_item_class()
-        self.video_fields: dict = {}
-        if self.video_class is PendingVideoItem:
-            return
-        from usjepa.ingest.video import VideoSettings
-
         chosen = {k: v for k, v in (("fps", fps), ("max_frames", max_frames)) if v is not None}
         try:
             settings = VideoSettings(**chosen)
@@ -148,7 +117,7 @@ class MediaItems:
         problems = settings.problems()
         if problems:
             raise UserError("invalid video options: " + "; ".join(problems) + "; fix fps / max_frames")
-        self.video_fields = {"settings": settings}
+        self.settings = settings
 
     def __call__(self, path: Path, video: bool | None = None, **fields) -> SourceItem:
         """`fields`: the SourceItem fields (key, source, label, class_name, group, split)."""
@@ -156,7 +125,7 @@ class MediaItems:
             video = is_video(path)
         if not video:
             return ImageFileItem(path=path, **fields)
-        return self.video_class(path=path, **fields, **self.video_fields)
+        return VideoItem(path=path, **fields, settings=self.settings)
 
 
 class DirIndex:
@@ -459,12 +428,6 @@ class CsvSource(Source):
         }
         return items, stats, classes
 
-    def __iter__(self) -> Iterator[SourceItem]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
     @classmethod
     def looks_like(cls, root: Path) -> bool:
         """A .csv file. A folder holding one is not claimed: a class-folder tree with a stray
@@ -477,16 +440,13 @@ class CsvSource(Source):
         if col is not None:
             return {"mode": "column", "column": self._stats["columns"]["group"], "csv": str(self.csv_path)}
         if self._group_rx is not None:
-            return {"mode": "pattern", "pattern": self.group_pattern, "applied_to": "file stem, first capture group"}
+            return pattern_grouping(self.group_pattern)
         return {
             "mode": "per_image",
             "pattern": None,
             "note": "no group column or group_pattern: each listed file is its own group, so images of one "
             "patient or video can fall on both sides of a split",
         }
-
-    def stats(self) -> dict:
-        return dict(self._stats)
 
 
 # ---------------------------------------------------------------------------- filenames
@@ -538,7 +498,7 @@ class FilenameSource(Source):
         found: list[tuple[Path, bool, str]] = []  # (path, is video, class)
         unmatched: list[str] = []
         excluded = ignored = 0
-        for folders, video, suffixes in ((self.images, False, IMAGE_SUFFIXES), (self.videos, True, VIDEO_SUFFIXES + (".gif",))):
+        for folders, video, suffixes in ((self.images, False, IMAGE_SUFFIXES), (self.videos, True, VIDEO_SUFFIXES)):
             for folder in folders:
                 top = self.root / folder
                 if not top.is_dir():
@@ -592,32 +552,20 @@ class FilenameSource(Source):
         }
         return items, stats, classes
 
-    def __iter__(self) -> Iterator[SourceItem]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
     def grouping(self) -> dict:
         if self._group_rx is not None:
-            return {"mode": "pattern", "pattern": self.group_pattern, "applied_to": "file stem, first capture group"}
+            return pattern_grouping(self.group_pattern)
         return {"mode": "per_file", "pattern": None,
                 "note": "each image and each video is its own group (a video's frames stay together)"}
-
-    def stats(self) -> dict:
-        return dict(self._stats)
 
 
 __all__ = [
     "UNLABELLED",
-    "VIDEO_SUFFIXES",
     "CsvSource",
     "DirIndex",
     "FilenameSource",
     "MediaItems",
-    "PendingVideoItem",
     "canonical_labels",
     "is_video",
     "normalize_split",
-    "video_item_class",
 ]

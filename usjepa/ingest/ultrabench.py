@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -388,12 +387,6 @@ class UltraBenchSource(Source):
         index = {c: i for i, c in enumerate(classes)}
         return classes, {id(r): index[r["name"]] for r in rows}
 
-    def __iter__(self) -> Iterator[ScanMaskItem]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
     @classmethod
     def looks_like(cls, root: Path) -> bool:
         root = Path(root)
@@ -417,9 +410,6 @@ class UltraBenchSource(Source):
                 "method": "usjepa.ingest.splits.assign_splits by group, stratified by majority class",
             }
         return out
-
-    def stats(self) -> dict:
-        return dict(self._stats)
 
 
 __all__ = ["ScanMaskItem", "UltraBenchSource", "load_mask", "read_records"]

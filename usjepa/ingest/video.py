@@ -70,6 +70,7 @@ from usjepa.ingest.sources import (
     Source,
     SourceItem,
     compile_pattern,
+    pattern_grouping,
     register_source,
 )
 
@@ -576,12 +577,6 @@ class VideoSource(Source):
             others += gifs
         return videos > 0 and videos * 2 > videos + others
 
-    def __iter__(self) -> Iterator[VideoItem]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
     def grouping(self) -> dict:
         if self._group_rx is None:
             return {
@@ -590,10 +585,7 @@ class VideoSource(Source):
                 "note": "no group_pattern given: each video is its own group (its frames stay in one split), "
                 "but videos of one patient can fall on both sides of a split",
             }
-        return {"mode": "pattern", "pattern": self.group_pattern, "applied_to": "file stem, first capture group"}
-
-    def stats(self) -> dict:
-        return dict(self._stats)
+        return pattern_grouping(self.group_pattern)
 
 
 def _settings_dict(settings: VideoSettings) -> dict:
