@@ -181,6 +181,20 @@ class Source:
         return dict(self._stats)
 
 
+def group_from_pattern(rx: re.Pattern | None, pattern: str | None, rel: str, path: Path, what: str) -> str:
+    """The group id of file `rel`: the first capture group of `rx` in its stem, or the file
+    itself without a pattern. `what` names the file in the error ("video", "file", a CSV line)."""
+    if rx is None:
+        return rel
+    match = rx.search(path.stem)
+    if match is None or match.group(1) is None:
+        raise UserError(
+            f"{what} {rel!r} (stem {path.stem!r}) does not match the group pattern '{pattern}'; fix the "
+            "pattern so every file name yields a group id, or rename the file"
+        )
+    return match.group(1)
+
+
 def pattern_grouping(pattern: str) -> dict:
     """The manifest's account of groups taken from file names by a regex."""
     return {"mode": "pattern", "pattern": pattern, "applied_to": "file stem, first capture group"}
@@ -299,7 +313,7 @@ class ImageFolderSource(Source):
                 source=rel,
                 label=labels[cls],
                 class_name=cls,
-                group=self._group_of(rel, path),
+                group=group_from_pattern(self._group_rx, self.group_pattern, rel, path, "file"),
                 path=path,
             )
             for cls, rel, path in found
@@ -312,17 +326,6 @@ class ImageFolderSource(Source):
             "empty_class_folders": [d.name for d in class_dirs if d.name not in labels],
         }
         return items, stats, class_names
-
-    def _group_of(self, rel: str, path: Path) -> str:
-        if self._group_rx is None:
-            return rel
-        match = self._group_rx.search(path.stem)
-        if match is None or match.group(1) is None:
-            raise UserError(
-                f"file {rel!r} (stem {path.stem!r}) does not match the group pattern '{self.group_pattern}'; "
-                "fix the pattern so every file name yields a group id, or rename the file"
-            )
-        return match.group(1)
 
     def grouping(self) -> dict:
         if self._group_rx is None:

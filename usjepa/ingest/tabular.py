@@ -66,6 +66,7 @@ from usjepa.ingest.sources import (
     Source,
     SourceItem,
     compile_pattern,
+    group_from_pattern,
     pattern_grouping,
     register_source,
 )
@@ -175,18 +176,6 @@ def require_some_exist(paths: Sequence[tuple[str, Path]], exists: Sequence[bool]
     if paths and not any(exists):
         shown = ", ".join(f"{p}" for _, p in paths[:3])
         raise UserError(f"none of the {len(paths)} files listed in {where} exists (e.g. {shown}); {hint}")
-
-
-def _group_from_pattern(rx: re.Pattern | None, pattern: str | None, rel: str, path: Path, what: str) -> str:
-    if rx is None:
-        return rel
-    match = rx.search(path.stem)
-    if match is None or match.group(1) is None:
-        raise UserError(
-            f"{what} {rel!r} (stem {path.stem!r}) does not match the group pattern '{pattern}'; fix the "
-            "pattern so every file name yields a group id, or rename the file"
-        )
-    return match.group(1)
 
 
 # ---------------------------------------------------------------------------- csv
@@ -406,7 +395,7 @@ class CsvSource(Source):
             if r["group"] is not None:
                 group = r["group"]
             else:
-                group = _group_from_pattern(self._group_rx, self.group_pattern, rel, path, f"{where} line {r['line']}:")
+                group = group_from_pattern(self._group_rx, self.group_pattern, rel, path, f"{where} line {r['line']}:")
             name = name_of.get(r["label"], UNLABELLED) if r["label"] is not None else UNLABELLED
             video = is_video(path)
             videos += video
@@ -538,7 +527,7 @@ class FilenameSource(Source):
             rel = path.relative_to(self.root).as_posix()
             items.append(self._media(
                 path, video=video, key=make_key(rel), source=rel, label=label_of[cls], class_name=cls,
-                group=_group_from_pattern(self._group_rx, self.group_pattern, rel, path, "file"),
+                group=group_from_pattern(self._group_rx, self.group_pattern, rel, path, "file"),
             ))
         stats = {
             "files_found": len(items),

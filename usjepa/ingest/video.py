@@ -70,6 +70,7 @@ from usjepa.ingest.sources import (
     Source,
     SourceItem,
     compile_pattern,
+    group_from_pattern,
     pattern_grouping,
     register_source,
 )
@@ -496,7 +497,7 @@ class VideoSource(Source):
                     source=rel,
                     label=labels[cls] if label_mode == "folders" else -1,
                     class_name=cls,
-                    group=self._group_of(rel, path),
+                    group=group_from_pattern(self._group_rx, self.group_pattern, rel, path, "video"),
                     path=path,
                     settings=self.settings,
                 )
@@ -537,17 +538,6 @@ class VideoSource(Source):
         if len(folders) * 2 > len(found):
             return "none", "unlabelled: about one video per first-level folder (patient folders, not classes)"
         return "folders", "first-level folder names (auto: every video sits in one of several folders)"
-
-    def _group_of(self, rel: str, path: Path) -> str:
-        if self._group_rx is None:
-            return rel
-        match = self._group_rx.search(path.stem)
-        if match is None or match.group(1) is None:
-            raise UserError(
-                f"video {rel!r} (stem {path.stem!r}) does not match the group pattern '{self.group_pattern}'; "
-                "fix the pattern so every file name yields a group id, or rename the file"
-            )
-        return match.group(1)
 
     @classmethod
     def looks_like(cls, root) -> bool:
