@@ -85,6 +85,11 @@ class ModelConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
+    # Attention kernel for student, predictor and teacher alike. xformers' memory-efficient
+    # kernel saves memory on large CUDA runs but is optional and CUDA-only, so `auto` uses it
+    # only when it imports and passes a start-up check against SDPA, else falls back to sdpa
+    # (and says why); an explicit `xformers` that cannot run is an error. Weights are the same.
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
 
 
 @dataclass

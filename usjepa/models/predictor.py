@@ -11,18 +11,21 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from usjepa.config import PredictorConfig
-from usjepa.models.vit import gather_tokens, sincos_pos_embed
+from usjepa.models.attention import attention_layer
+from usjepa.models.vit import attention_backend, gather_tokens, sincos_pos_embed
 
 
 class Predictor(nn.Module):
     def __init__(self, *, in_dim: int, out_dim: int, grid: int, embed_dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float = 4.0):
+                 num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa"):
         super().__init__()
+        self.attention = attention  # sdpa | xformers | auto (resolved on first forward)
         self.embed = nn.Linear(in_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed(grid, embed_dim).unsqueeze(0), persistent=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True,
-                                          norm_layer=nn.LayerNorm) for _ in range(depth))
+                                          norm_layer=nn.LayerNorm, attn_layer=attention_layer(attention))
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         self.proj = nn.Linear(embed_dim, out_dim)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -57,6 +60,11 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build_predictor(cfg: PredictorConfig, in_dim: int, out_dim: int, grid: int) -> Predictor:
+def build_predictor(cfg: PredictorConfig, in_dim: int, out_dim: int, grid: int, *,
+                    attention: str = "auto", device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> Predictor:
+    """The predictor for `cfg`; `attention` is the `model.attention` setting (the predictor
+    follows the student's), resolved for `device`/`dtype` when given, else on first forward."""
     return Predictor(in_dim=in_dim, out_dim=out_dim, grid=grid, embed_dim=cfg.embed_dim,
-                     depth=cfg.depth, num_heads=cfg.num_heads)
+                     depth=cfg.depth, num_heads=cfg.num_heads,
+                     attention=attention_backend(attention, device, dtype))

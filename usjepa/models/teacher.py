@@ -21,6 +21,7 @@ from timm.models._manipulate import adapt_input_conv
 
 from usjepa.config import Config, ModelConfig, TeacherConfig, config_from_dict
 from usjepa.errors import UserError
+from usjepa.models.attention import resolve_backend
 from usjepa.models.vit import Encoder, build_encoder
 from usjepa.train import checkpoint as ckpt
 
@@ -73,7 +74,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def encoder_from_state_dict(sd: dict[str, torch.Tensor], cfg: TeacherConfig, image_size: int,
-                            patch_size: int, source: str) -> Encoder:
+                            patch_size: int, source: str, attention: str = "sdpa") -> Encoder:
     """Build a single-channel Encoder that matches a timm ViT state dict and load it."""
     width, in_chans, p, _ = sd["patch_embed.proj.weight"].shape
     if p != patch_size:
@@ -93,7 +94,7 @@ def encoder_from_state_dict(sd: dict[str, torch.Tensor], cfg: TeacherConfig, ima
         old_grid = int(round(old_tokens ** 0.5))
     encoder = Encoder(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
                       num_heads=heads, class_token=class_token, reg_tokens=reg_tokens,
-                      no_embed_class=no_embed_class, fixed_pos_embed=False)
+                      no_embed_class=no_embed_class, fixed_pos_embed=False, attention=attention)
     sd = dict(sd)
     if in_chans != 1:
         sd["patch_embed.proj.weight"] = adapt_input_conv(1, sd["patch_embed.proj.weight"])
@@ -114,7 +115,7 @@ def encoder_from_state_dict(sd: dict[str, torch.Tensor], cfg: TeacherConfig, ima
     return encoder
 
 
-def _from_run_dir(run_dir: Path, image_size: int, patch_size: int) -> tuple[Encoder, str]:
+def _from_run_dir(run_dir: Path, image_size: int, patch_size: int, attention: str) -> tuple[Encoder, str]:
     stage1 = config_from_dict(yaml.safe_load((run_dir / "resolved_config.yaml").read_text()))
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
@@ -123,7 +124,7 @@ def _from_run_dir(run_dir: Path, image_size: int, patch_size: int) -> tuple[Enco
     if stage1.model.patch_size != patch_size:
         raise UserError(f"teacher run {run_dir} uses patch size {stage1.model.patch_size}, "
                         f"the student {patch_size}: set model.patch_size={stage1.model.patch_size}")
-    encoder = build_encoder(stage1.model, image_size)
+    encoder = build_encoder(stage1.model, image_size, attention=attention)
     ckpt.load_module_weights(path, encoder, prefix="encoder.")
     return encoder, _sha256([p for p in path.iterdir() if p.is_file() and p.name != ckpt.META])
 
@@ -133,24 +134,27 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[Encoder, TeacherInf
     t = cfg.teacher
     image_size, patch_size = cfg.data.image_size, cfg.model.patch_size
     source = t.checkpoint
+    dtype = teacher_dtype(t.dtype, device)
+    # The teacher runs in its own dtype (often bf16) on its device: resolve the kernel for that.
+    attention = resolve_backend(cfg.model.attention, device, dtype)
     if source.lower() == "none":
         arch = ModelConfig(patch_size=patch_size, embed_dim=t.embed_dim or cfg.model.embed_dim,
                            depth=t.depth or cfg.model.depth, num_heads=t.num_heads or cfg.model.num_heads)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.run.seed + 1)
-            encoder, digest = build_encoder(arch, image_size), ""
+            encoder, digest = build_encoder(arch, image_size, attention=attention), ""
     else:
         path = Path(source).expanduser()
         if path.is_dir() and (path / "resolved_config.yaml").is_file():
-            encoder, digest = _from_run_dir(path, image_size, patch_size)
+            encoder, digest = _from_run_dir(path, image_size, patch_size, attention)
         elif path.is_file() and path.suffix in STATE_DICT_SUFFIXES:
             sd = _read_state_dict(path)
-            encoder, digest = encoder_from_state_dict(sd, t, image_size, patch_size, str(path)), _sha256([path])
+            encoder = encoder_from_state_dict(sd, t, image_size, patch_size, str(path), attention)
+            digest = _sha256([path])
         else:
             raise UserError(f"teacher.checkpoint={source}: not a stage-1 run dir (with resolved_config.yaml) "
                             f"nor a state-dict file ({', '.join(STATE_DICT_SUFFIXES)}); use `none` for a random teacher")
         source = str(path.resolve())
-    dtype = teacher_dtype(t.dtype, device)
     encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return encoder, TeacherInfo(source=source, sha256=digest, embed_dim=encoder.embed_dim,
                                 dtype=str(dtype).removeprefix("torch."))

@@ -13,6 +13,7 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from usjepa.config import ModelConfig
+from usjepa.models.attention import attention_layer, resolve_backend
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -28,11 +29,16 @@ def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
 class Encoder(VisionTransformer):
     def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, class_token: bool = False,
-                 reg_tokens: int = 0, no_embed_class: bool = False, fixed_pos_embed: bool = True):
+                 reg_tokens: int = 0, no_embed_class: bool = False, fixed_pos_embed: bool = True,
+                 attention: str = "sdpa"):
+        # `attention`: sdpa | xformers | auto (auto is resolved per device/dtype on first use);
+        # the attention layer keeps timm's parameter names, so state dicts are unchanged.
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=1, num_classes=0,
                          global_pool="", class_token=class_token, reg_tokens=reg_tokens,
                          no_embed_class=no_embed_class, embed_dim=embed_dim, depth=depth,
-                         num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path)
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path,
+                         attn_layer=attention_layer(attention))
+        self.attention = attention
         self.grid = img_size // patch_size
         if fixed_pos_embed:
             # A frozen sin-cos table, as in I-JEPA: nothing to learn, and it extrapolates cleanly.
@@ -72,7 +78,21 @@ class Encoder(VisionTransformer):
         return self.norm(x)[:, n_prefix:]
 
 
-def build_encoder(cfg: ModelConfig, image_size: int) -> Encoder:
+def attention_backend(setting: str, device: torch.device | str | None,
+                      dtype: torch.dtype | None = None) -> str:
+    """`setting` resolved for `device`/`dtype` when the device is known, else left as is
+    (the layers then resolve `auto` on their first forward)."""
+    if device is None:
+        return setting
+    return resolve_backend(setting, torch.device(device), dtype or torch.float32)
+
+
+def build_encoder(cfg: ModelConfig, image_size: int, *, attention: str | None = None,
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Encoder:
+    """The encoder for `cfg`. Its attention backend is `attention` if given, else
+    `cfg.attention` resolved for `device`/`dtype` (explicit xformers that cannot run there
+    raises UserError now rather than at the first step)."""
+    backend = attention if attention is not None else attention_backend(cfg.attention, device, dtype)
     return Encoder(img_size=image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                    depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                   drop_path=cfg.drop_path)
+                   drop_path=cfg.drop_path, attention=backend)

@@ -104,9 +104,13 @@ def resolve_device(setting: str) -> torch.device:
     return device
 
 
-def build_student(cfg: Config, out_dim: int) -> Student:
-    encoder = build_encoder(cfg.model, cfg.data.image_size)
-    predictor = build_predictor(cfg.predictor, cfg.model.embed_dim, out_dim, cfg.grid_size)
+def build_student(cfg: Config, out_dim: int, device: torch.device) -> Student:
+    """Encoder and predictor; the attention backend is resolved for `device` here, so an
+    explicit `model.attention=xformers` that cannot run fails before any training."""
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    encoder = build_encoder(cfg.model, cfg.data.image_size, device=device, dtype=dtype)
+    predictor = build_predictor(cfg.predictor, cfg.model.embed_dim, out_dim, cfg.grid_size,
+                                attention=cfg.model.attention, device=device, dtype=dtype)
     return Student(encoder, predictor)
 
 
@@ -160,7 +164,7 @@ class Trainer:
             out_dim = self.teacher_info.embed_dim
         else:
             out_dim = cfg.model.patch_size ** 2
-        self.student = build_student(cfg, out_dim).to(self.device)
+        self.student = build_student(cfg, out_dim, self.device).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=cfg.optim.start_lr,
                                            betas=cfg.optim.betas)
         self.step = 0
