@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import re
 from dataclasses import replace
 
+from usjepa.config import parse_override
 from usjepa.errors import UserError
 from usjepa.ingest.formats import AUTO, format_choices
 from usjepa.ingest.manifest import REPORT_NAME, Manifest
 from usjepa.ingest.overlay import LARGE_OVERLAY_ACTIONS
 from usjepa.ingest.preprocess import RESIZE_MODES
+from usjepa.ingest.recipes import load_recipe, parse_assignments
 from usjepa.ingest.verify import verify_shards
 from usjepa.ingest.writer import WORK_DIR, BuildSettings, resolve_workers, run_build
 
 _DEFAULTS = BuildSettings()
-_OPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # CLI flag (argparse dest) -> BuildSettings field; each flag defaults to None ("not given"),
 # so a recipe's settings hold unless the flag is given explicitly.
@@ -39,17 +37,6 @@ _SETTING_FLAGS = {
 _OVERLAY_FLAGS = {"overlay_max_fraction": "max_fraction", "overlay_tolerance": "tolerance"}
 
 
-def _recipes_module():
-    """`usjepa.ingest.recipes` when it exists (it provides `load_recipe`), else None."""
-    try:
-        module = importlib.import_module("usjepa.ingest.recipes")
-    except ModuleNotFoundError as exc:
-        if exc.name == "usjepa.ingest.recipes":
-            return None
-        raise
-    return module if hasattr(module, "load_recipe") else None
-
-
 def register_cli(subparsers) -> None:
     """Add `shards` (with `build`, `verify` and `inspect`) to the `usjepa` command's subparsers."""
     shards = subparsers.add_parser(
@@ -60,23 +47,17 @@ def register_cli(subparsers) -> None:
     )
     shards.set_defaults(func=lambda args: _print_help(shards))
     sub = shards.add_subparsers(dest="shards_command", metavar="{build,verify,inspect}")
-    recipes = _recipes_module()
-
     build = sub.add_parser(
         "build",
         help="preprocess a source into shards",
         description="SRC -> OUT/{train,val,test}-NNNNNN.tar + OUT/build_report.json + OUT/manifest.json "
         "(written last). Work is done per item into OUT/.work (parallel with --workers): an "
         "interrupted build (Ctrl-C, kill) resumes where it stopped when the same command is run "
-        "again. Unreadable inputs are skipped and listed in the build report."
-        + (" With --recipe, SRC and the settings come from the recipe; flags given explicitly "
-           "override it." if recipes else ""),
+        "again. Unreadable inputs are skipped and listed in the build report. With --recipe, SRC "
+        "and the settings come from the recipe; flags given explicitly override it.",
     )
-    if recipes is not None:
-        build.add_argument("src", metavar="SRC", nargs="?", default=None,
-                           help="source folder (optional with --recipe, which names it)")
-    else:
-        build.add_argument("src", metavar="SRC", help="source folder (for imagefolder: one subfolder per class)")
+    build.add_argument("src", metavar="SRC", nargs="?", default=None,
+                       help="source folder (optional with --recipe, which names it)")
     build.add_argument("out", metavar="OUT", help="output folder for the shards, build_report.json and manifest.json")
     d = _DEFAULTS
     build.add_argument("--format", default=None, choices=format_choices(),
@@ -131,10 +112,9 @@ def register_cli(subparsers) -> None:
                        help=f"keep OUT/{WORK_DIR} after the build: a later --overwrite build with the same "
                        "preprocessing then only re-splits and re-packs")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
-    if recipes is not None:
-        build.add_argument("--recipe", metavar="PATH", default=None, help="build recipe (YAML): source, format, settings")
-        build.add_argument("--set", dest="variables", action="append", default=[], metavar="KEY=VALUE",
-                           help="recipe variable ${NAME}, repeatable (e.g. --set BUSI=/data/busi)")
+    build.add_argument("--recipe", metavar="PATH", default=None, help="build recipe (YAML): source, format, settings")
+    build.add_argument("--set", dest="variables", action="append", default=[], metavar="KEY=VALUE",
+                       help="recipe variable ${NAME}, repeatable (e.g. --set BUSI=/data/busi)")
     build.set_defaults(func=_build)
 
     verify = sub.add_parser(
@@ -165,23 +145,6 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def parse_key_values(pairs: list[str], what: str, parse_values: bool = True) -> dict:
-    """['a=1', 'b=x'] -> {'a': 1, 'b': 'x'}; VALUE read as JSON when it parses (else text)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not _OPTION_NAME.match(key):
-            raise UserError(f"{what} {pair!r} must be KEY=VALUE with KEY a name (letters, digits, _), e.g. fps=3")
-        if parse_values:
-            try:
-                value = json.loads(value)
-            except ValueError:
-                pass
-        out[key] = value
-    return out
-
-
 def settings_from_args(args, base: BuildSettings | None = None) -> BuildSettings:
     """BuildSettings from `base` (defaults or a recipe's) and the flags given explicitly."""
     base = base or BuildSettings()
@@ -189,7 +152,7 @@ def settings_from_args(args, base: BuildSettings | None = None) -> BuildSettings
     if "exclude_pattern" in given and given["exclude_pattern"] == "":
         given["exclude_pattern"] = None
     overlay = {field: getattr(args, dest) for dest, field in _OVERLAY_FLAGS.items() if getattr(args, dest, None) is not None}
-    options = {**base.source_options, **parse_key_values(args.source_option, "--source-option")}
+    options = {**base.source_options, **dict(parse_override(pair) for pair in args.source_option)}
     return replace(base, **given, overlay=replace(base.overlay, **overlay), source_options=options,
                    overwrite=args.overwrite or base.overwrite)
 
@@ -198,16 +161,13 @@ def _build(args) -> int:
     src = args.src
     base = None
     if getattr(args, "recipe", None):
-        recipes = _recipes_module()
-        variables = recipes.parse_assignments(args.variables) if hasattr(recipes, "parse_assignments") \
-            else parse_key_values(args.variables, "--set", parse_values=False)
-        recipe_src, base, recipe_options = recipes.load_recipe(args.recipe, variables)
+        recipe_src, base, recipe_options = load_recipe(args.recipe, parse_assignments(args.variables))
         base = replace(base, source_options={**(recipe_options or {}), **base.source_options})
         src = src if src is not None else recipe_src
     elif getattr(args, "variables", None):
         raise UserError("--set gives recipe variables; use it with --recipe PATH")
     if src is None:
-        raise UserError("no source given: usjepa shards build SRC OUT" + (" (or --recipe PATH OUT)" if hasattr(args, "recipe") else ""))
+        raise UserError("no source given: usjepa shards build SRC OUT (or --recipe PATH OUT)")
     settings = settings_from_args(args, base)
     workers = resolve_workers(args.workers)
     try:

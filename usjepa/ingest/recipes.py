@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import inspect
 import os
 import re
@@ -41,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from usjepa.errors import UserError
-from usjepa.ingest.sources import SOURCES
+from usjepa.ingest.formats import SOURCES  # importing formats registers every source format
 from usjepa.ingest.writer import BuildSettings
 
 TOP_KEYS = ("name", "description", "format", "source", "options", "build")
@@ -53,18 +52,6 @@ _NOT_IN_BUILD = {"format": "at the top level of the recipe", "overwrite": "on th
 
 _PLACEHOLDER = re.compile(r"\$(\$)?\{([^}]*)\}")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def register_builtin_sources() -> None:
-    """Import the modules that register source formats (idempotent)."""
-    importlib.import_module("usjepa.ingest.tabular")  # csv, filenames
-    importlib.import_module("usjepa.ingest.ultrabench")  # ultrabench
-    for name in ("usjepa.ingest.formats", "usjepa.ingest.video"):  # the others, where present
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
 
 
 def _suggest(key: str, valid, what: str) -> str:
@@ -154,7 +141,6 @@ def _source_parameters(cls) -> tuple[set[str], bool]:
 def read_recipe(path, variables: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None) -> dict:
     """The validated recipe as a dict: name, description, format, source (Path), options,
     settings (BuildSettings), pending (pending build keys not applied), variables (used)."""
-    register_builtin_sources()
     path = Path(path)
     variables = dict(variables or {})
     environ = os.environ if environ is None else environ
@@ -276,4 +262,4 @@ def parse_assignments(pairs) -> dict[str, str]:
     return out
 
 
-__all__ = ["VIDEO_BUILD_KEYS", "load_recipe", "parse_assignments", "read_recipe", "register_builtin_sources"]
+__all__ = ["VIDEO_BUILD_KEYS", "load_recipe", "parse_assignments", "read_recipe"]
