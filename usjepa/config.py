@@ -50,14 +50,40 @@ class AugmentConfig:
 
 
 @dataclass
+class MixtureEntry:
+    shards: str  # a folder written by `usjepa shards build`
+    weight: float = 1.0  # relative share of the samples drawn from this set
+
+
+@dataclass
 class DataConfig:
-    shards: str = "shards/demo"  # a folder written by `usjepa shards build`
+    shards: str = ""  # a folder written by `usjepa shards build` (or use `mixture`)
+    # Several shard sets drawn with replacement, each with its share of the samples, e.g.
+    # [{shards: shards/busi, weight: 1}, {shards: shards/pocus, weight: 3}]. Instead of `shards`.
+    mixture: tuple[MixtureEntry, ...] = ()
     split: str = "train"
     image_size: int = 64
-    batch_size: int = 32  # per optimizer step
-    num_workers: int = 1
+    batch_size: int = 32  # global: samples per optimizer step, over all ranks
+    # The global batch is made of one equal chunk from each of `streams` logical data streams,
+    # each reading its own shards; ranks and loader workers divide the streams among them. The
+    # data a step sees depends on this number alone, not on the world size or worker count, so
+    # keep it fixed for a run (a multiple of every ranks x workers you plan to use, e.g. 64).
+    streams: int = 1
+    # Samples per forward/backward pass on a rank (gradient accumulation over the rest of the
+    # rank's share of the batch); 0 = the rank's whole share in one pass. Does not change results.
+    micro_batch_size: int = 0
+    num_workers: int = 1  # loader processes per rank; must divide the streams a rank reads
     shuffle_buffer: int = 256
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @property
+    def shard_sets(self) -> tuple[MixtureEntry, ...]:
+        """The shard sets to train on; the check that there is one waits until data is read,
+        so a config without data still builds models."""
+        if not (self.mixture or self.shards):
+            raise ConfigError("no shard set given: set data.shards=PATH (a folder from `usjepa shards build`) "
+                              "or list shard sets in data.mixture")
+        return self.mixture or (MixtureEntry(self.shards),)
 
 
 @dataclass
@@ -126,6 +152,21 @@ class TrainConfig:
     # val/loss and `checkpoints/best` names the lowest (PAPER.md section 2). 0 batches = all.
     validate: bool = True
     val_batches: int = 0
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory
+    compile: bool = False  # torch.compile each transformer block (student and predictor)
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process training (torchrun or Slurm); ignored in a single process."""
+
+    # FSDP2 frees each block's gathered parameters after its forward and gathers them again for
+    # the backward: less memory for one more all-gather per block.
+    reshard_after_forward: bool = True
+    # Gradients are reduced across ranks in this dtype. Parameters are computed in
+    # train.precision and kept (sharded) in fp32 for the optimizer.
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    timeout_s: int = 600  # a collective that waits longer than this fails instead of hanging
 
 
 @dataclass
@@ -177,6 +218,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -219,6 +261,13 @@ def validate(cfg: Config) -> Config:
     _check(mk.num_context == 1, "mask.num_context", "only one context block is supported")
     _check(mk.num_targets >= 1, "mask.num_targets", "must be at least 1")
     _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
+    _check(not (d.shards and d.mixture), "data.shards",
+           "name one shard set (data.shards=PATH) or several in data.mixture, not both")
+    _check(all(e.weight > 0 for e in d.mixture), "data.mixture", "every weight must be > 0")
+    _check(d.streams >= 1 and d.batch_size % d.streams == 0, "data.streams",
+           f"{d.streams} must be >= 1 and divide data.batch_size={d.batch_size} (each stream gives "
+           "an equal chunk of the batch)")
+    _check(d.micro_batch_size >= 0, "data.micro_batch_size", "must be >= 0 (0 = no gradient accumulation)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.train.total_steps >= 1, "train.total_steps", "must be at least 1")
     _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")

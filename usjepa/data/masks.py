@@ -100,16 +100,24 @@ def _take(rng: np.random.Generator, idx: np.ndarray, n: int) -> np.ndarray:
     return np.sort(rng.choice(idx, size=n, replace=False))
 
 
-def collate_masks(masks: list[SampleMasks], seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack per-sample masks into tensors of equal length per batch.
+def mask_lengths(masks: list[SampleMasks]) -> tuple[int, int]:
+    """(context, target) lengths every mask of `masks` can be cut to: the smallest of each."""
+    return min(len(m.context) for m in masks), min(len(t) for m in masks for t in m.targets)
 
-    Returns context [B, Kc] and targets [T, B, Kt]; Kc and Kt are the smallest sizes in the
-    batch, each longer mask is subsampled at random (seeded by (seed, step)).
+
+def collate_masks(masks: list[SampleMasks], sample_ids: list[int], seed: int, step: int,
+                  lengths: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-sample masks into tensors of equal length.
+
+    Returns context [B, Kc] and targets [T, B, Kt], where (Kc, Kt) = `lengths`, by default
+    `mask_lengths(masks)`. A distributed step passes the minimum over the whole global batch,
+    so that what a sample keeps does not depend on which rank holds it; for the same reason
+    each longer mask is subsampled by a generator of (seed, step, sample id) alone.
     """
-    rng = np.random.default_rng([seed, step, 0xC011A7E])
-    kc = min(len(m.context) for m in masks)
-    kt = min(len(t) for m in masks for t in m.targets)
-    context = np.stack([_take(rng, m.context, kc) for m in masks])
-    blocks = zip(*(m.targets for m in masks))  # per target block: one index array per sample
-    targets = np.stack([np.stack([_take(rng, idx, kt) for idx in block]) for block in blocks])
-    return torch.from_numpy(context).long(), torch.from_numpy(targets).long()
+    kc, kt = mask_lengths(masks) if lengths is None else lengths
+    contexts, targets = [], []
+    for sample, m in zip(sample_ids, masks):
+        rng = np.random.default_rng([seed, step, sample, 0xC011A7E])
+        contexts.append(_take(rng, m.context, kc))
+        targets.append(np.stack([_take(rng, t, kt) for t in m.targets]))
+    return torch.from_numpy(np.stack(contexts)).long(), torch.from_numpy(np.stack(targets, axis=1)).long()

@@ -1,16 +1,17 @@
-"""Shards -> augmented, masked batches, resumable at any batch.
+"""Shards -> augmented, masked batches, resumable at any step and on any world size.
 
-The training data is an endless, deterministic stream of batches. With W loader workers a
-rank has W logical streams; stream s owns the shards `order[rank*W + s :: world*W]` of each
-epoch's permutation (seeded by (seed, epoch)) and shuffles their samples in a buffer seeded
-by (seed, stream, epoch). Batch b of a rank comes from stream b % W, which is exactly the
-round-robin order in which torch's DataLoader collects worker outputs. So the position in
-the data is one number, the batches consumed, and a resumed loader starts every worker at
-its next batch: whole epochs are skipped by arithmetic on the manifest's counts, and
-inside an epoch the raw tar records are replayed without decoding.
+The training data is an endless, deterministic stream of global batches: step k takes a
+chunk of `data.batch_size / data.streams` samples from each logical stream (see
+`streams.py` for who reads which shards). Inside a stream, samples are shuffled in a buffer
+seeded by (seed, stream, epoch). So the position in the data is one number, the steps done:
+a resumed loader skips whole epochs of a stream by arithmetic on the manifest's counts and
+replays the raw tar records of the current epoch without decoding them.
 
-Augmentations and masks are drawn from (seed, rank, batch, sample) generators, so what a
-batch holds does not depend on the number of restarts.
+Augmentations come from (seed, stream, step, sample) generators and masks from (seed, step,
+sample id) ones, where the sample id is the position in the global batch; so what a batch
+holds depends neither on the number of restarts nor on the ranks and workers that read it.
+Masks are cut to equal lengths only once the lengths of the whole global batch are known
+(`collate_batch`), which in a distributed run takes one small all-gather.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,25 +28,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from usjepa.config import Config
 from usjepa.data.augment import augment, resize_eval, to_model_input
 from usjepa.data.masks import collate_masks, sample_masks, valid_patches
+from usjepa.data.streams import ShardSet, StreamPlan
 from usjepa.errors import UserError
 from usjepa.ingest.manifest import Manifest
 from usjepa.ingest.sample_format import decode_sample
 
 
 VALIDATION_SEED = 1_000_003  # validation masks come from a seed no training batch uses
-
-
-@dataclass(frozen=True)
-class StreamLayout:
-    """Which logical stream a DataLoader worker plays after a resume at `start_batch`."""
-
-    stream: int  # logical stream of this worker, in [0, workers)
-    first_local_batch: int  # index of its first batch within that stream
-
-    @staticmethod
-    def of(worker: int, workers: int, start_batch: int) -> "StreamLayout":
-        return StreamLayout(stream=(start_batch + worker) % workers,
-                            first_local_batch=(start_batch + worker) // workers)
+_TENSORS = ("images", "regions", "labels")
 
 
 def _log_read_error(exn: Exception) -> bool:
@@ -54,39 +43,25 @@ def _log_read_error(exn: Exception) -> bool:
     return True
 
 
-class TrainBatches(IterableDataset):
-    """Endless batches for one rank. Iterate through `make_train_loader`."""
+class TrainParts(IterableDataset):
+    """For each step from `start_step` on, the chunks of one reader's streams (a part of the
+    rank's batch, masks not yet collated). Iterate through `make_train_loader`."""
 
-    def __init__(self, cfg: Config, manifest: Manifest, rank: int = 0, world_size: int = 1,
-                 workers: int = 1, start_batch: int = 0):
-        self.cfg = cfg
-        self.shards = [str(p) for p in manifest.shard_paths(cfg.data.split)]
-        self.counts = [s.count for s in manifest.splits[cfg.data.split].shards]
-        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
-        self.start_batch = start_batch
-        streams = self.world_size * self.workers
-        if len(self.shards) < streams:
-            raise UserError(f"{manifest.root}: split '{cfg.data.split}' has {len(self.shards)} shards but "
-                            f"{self.world_size} ranks x {self.workers} workers need at least {streams}; "
-                            "lower data.num_workers or rebuild with a smaller --shard-size")
+    def __init__(self, cfg: Config, shard_set: ShardSet, plan: StreamPlan, start_step: int = 0):
+        self.cfg, self.shard_set, self.plan, self.start_step = cfg, shard_set, plan, start_step
 
-    # -- raw records ------------------------------------------------------------------------
-    def _stream_shards(self, stream_id: int, epoch: int) -> list[int]:
-        order = np.random.default_rng([self.cfg.run.seed, epoch]).permutation(len(self.shards))
-        return [int(i) for i in order[stream_id :: self.world_size * self.workers]]
-
-    def _raw_records(self, stream_id: int, skip: int) -> Iterator[dict]:
+    def _raw_records(self, stream: int, skip: int) -> Iterator[dict]:
         """Endless shuffled raw (undecoded) records of one stream, after skipping `skip`."""
-        epoch = 0
+        seed, shards, epoch = self.cfg.run.seed, self.shard_set, 0
         while True:
-            mine = self._stream_shards(stream_id, epoch)
-            in_epoch = sum(self.counts[i] for i in mine)
+            mine = shards.epoch_shards(seed, epoch, stream, self.plan.streams)
+            in_epoch = sum(shards.counts[i] for i in mine)
             if skip >= in_epoch:  # skip a whole epoch without reading it
                 skip -= in_epoch
                 epoch += 1
                 continue
-            records = wds.tarfile_to_samples(handler=_log_read_error)([{"url": self.shards[i]} for i in mine])
-            rng = random.Random(f"{self.cfg.run.seed}-{stream_id}-{epoch}")
+            records = wds.tarfile_to_samples(handler=_log_read_error)([{"url": shards.paths[i]} for i in mine])
+            rng = random.Random(f"{seed}-{stream}-{epoch}")
             buffered = wds.shuffle(self.cfg.data.shuffle_buffer, initial=self.cfg.data.shuffle_buffer,
                                    rng=rng)(records)
             for record in buffered:
@@ -98,28 +73,28 @@ class TrainBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info else 0
-        layout = StreamLayout.of(worker, self.workers, self.start_batch)
-        batch_size = self.cfg.data.batch_size
-        stream_id = self.rank * self.workers + layout.stream
-        records = self._raw_records(stream_id, skip=layout.first_local_batch * batch_size)
-        local = layout.first_local_batch
+        chunk = self.plan.chunk
+        streams = self.plan.worker_streams(info.id if info else 0)
+        records = {s: self._raw_records(s, skip=self.start_step * chunk) for s in streams}
+        step = self.start_step
         while True:
-            chunk = [next(records) for _ in range(batch_size)]
-            yield make_batch(self.cfg, chunk, batch_index=local * self.workers + layout.stream, rank=self.rank)
-            local += 1
+            yield join_parts([decode_chunk(self.cfg, [next(records[s]) for _ in range(chunk)], step, stream=s)
+                              for s in streams])
+            step += 1
 
 
-def make_batch(cfg: Config, records: list[dict], batch_index: int, rank: int = 0, augmented: bool = True,
-               mask_seed: int | None = None) -> dict:
-    """Decode, view (augmented, or just resized) and mask one batch of raw records.
+def decode_chunk(cfg: Config, records: list[dict], step: int, stream: int = 0, augmented: bool = True,
+                 mask_seed: int | None = None) -> dict:
+    """Decode, view (augmented, or just resized) and mask the chunk of `stream` in step `step`.
 
-    A record that fails to decode is skipped and counted in `corrupt`; the batch is smaller.
+    Sample i of the chunk has id `stream * len(records) + i` (its place in the global batch).
+    A record that fails to decode is skipped and counted in `corrupt`; the chunk is smaller.
+    Masks stay per sample (`masks`) until `collate_batch`.
     """
     seed = cfg.run.seed
     mask_seed = seed if mask_seed is None else mask_seed
     size, patch = cfg.data.image_size, cfg.model.patch_size
-    images, regions, labels, masks, bad = [], [], [], [], 0
+    images, regions, labels, masks, ids, bad = [], [], [], [], [], 0
     for i, record in enumerate(records):
         try:
             image, region, meta = decode_sample(record)
@@ -129,23 +104,50 @@ def make_batch(cfg: Config, records: list[dict], batch_index: int, rank: int = 0
             continue
         image, region = torch.tensor(image)[None], torch.tensor(region)[None]
         if augmented:
-            rng = np.random.default_rng([seed, rank, batch_index, i])
-            pixels, region = augment(rng, image, region, cfg.data.augment, size)
+            pixels, region = augment(np.random.default_rng([seed, stream, step, i]), image, region,
+                                     cfg.data.augment, size)
         else:
             pixels, region = resize_eval(image, region, size)
+        sample = stream * len(records) + i
         valid = valid_patches(region[0].numpy(), patch, cfg.mask.region_min_pixels)
-        sample = rank * len(records) + i
-        masks.append(sample_masks(cfg.mask, size // patch, mask_seed, batch_index, sample, valid))
-        images.append(pixels)
+        masks.append(sample_masks(cfg.mask, size // patch, mask_seed, step, sample, valid))
+        ids.append(sample)
+        images.append(to_model_input(pixels))
         regions.append(region)
         labels.append(int(meta.get("label", -1)))
-    if not images:
-        raise UserError(f"batch {batch_index}: all {len(records)} samples failed to decode; "
+    empty = torch.empty(0, 1, size, size)
+    return {"images": torch.stack(images) if images else empty,
+            "regions": torch.stack(regions) if regions else empty.bool(),
+            "labels": torch.tensor(labels, dtype=torch.long), "masks": masks, "ids": ids, "corrupt": bad,
+            "step": step, "mask_seed": mask_seed}
+
+
+def join_parts(parts: list[dict]) -> dict:
+    """One step's parts (chunks, or the outputs of several loader workers) as one batch."""
+    steps = {p["step"] for p in parts}
+    assert len(steps) == 1, f"parts of different steps {sorted(steps)} joined: the loader order is broken"
+    joined = {k: torch.cat([p[k] for p in parts]) for k in _TENSORS}
+    joined.update(masks=[m for p in parts for m in p["masks"]], ids=[i for p in parts for i in p["ids"]],
+                  corrupt=sum(p["corrupt"] for p in parts), step=parts[0]["step"], mask_seed=parts[0]["mask_seed"])
+    return joined
+
+
+def collate_batch(batch: dict, lengths: tuple[int, int] | None = None) -> dict:
+    """`batch` with its masks collated into `context` [B, Kc] and `targets` [T, B, Kt] tensors.
+
+    `lengths` (Kc, Kt) are the smallest mask sizes of the global batch (by default of this one).
+    """
+    if not batch["ids"]:
+        raise UserError(f"step {batch['step']}: every sample of a batch failed to decode; "
                         "run `usjepa shards verify` on the shard set")
-    context, targets = collate_masks(masks, mask_seed, batch_index)
-    return {"images": to_model_input(torch.stack(images)), "regions": torch.stack(regions),
-            "labels": torch.tensor(labels), "context": context, "targets": targets,
-            "batch_index": batch_index, "corrupt": bad}
+    context, targets = collate_masks(batch["masks"], batch["ids"], batch["mask_seed"], batch["step"], lengths)
+    return {**batch, "context": context, "targets": targets}
+
+
+def make_batch(cfg: Config, records: list[dict], step: int, augmented: bool = True,
+               mask_seed: int | None = None) -> dict:
+    """One self-contained collated batch of `records` (validation, tools)."""
+    return collate_batch(decode_chunk(cfg, records, step, augmented=augmented, mask_seed=mask_seed))
 
 
 def _records(manifest: Manifest, split: str) -> Iterator[dict]:
@@ -153,25 +155,40 @@ def _records(manifest: Manifest, split: str) -> Iterator[dict]:
     return wds.tarfile_to_samples()([{"url": str(p)} for p in manifest.shard_paths(split)])
 
 
-def validation_batches(cfg: Config, manifest: Manifest, split: str = "val", max_batches: int = 0) -> Iterator[dict]:
-    """Un-augmented batches of a held-out split with masks fixed for the whole run, so that
-    the validation loss of two steps is measured on identical inputs and targets."""
-    records, n = _records(manifest, split), 0
+def validation_batches(cfg: Config, manifests: tuple[Manifest, ...], split: str = "val",
+                       max_batches: int = 0) -> Iterator[dict]:
+    """Un-augmented batches of a held-out split (of every shard set that has one) with masks
+    fixed for the whole run, so the validation losses of two steps are measured on identical
+    inputs and targets. Every rank gets the same batches."""
+    records = (r for m in manifests if split in m.splits for r in _records(m, split))
+    n = 0
     while not max_batches or n < max_batches:
         chunk = [r for _, r in zip(range(cfg.data.batch_size), records)]
         if not chunk:
             return
-        yield make_batch(cfg, chunk, batch_index=n, augmented=False, mask_seed=cfg.run.seed + VALIDATION_SEED)
+        yield make_batch(cfg, chunk, step=n, augmented=False, mask_seed=cfg.run.seed + VALIDATION_SEED)
         n += 1
 
 
-def make_train_loader(cfg: Config, manifest: Manifest, start_batch: int = 0, rank: int = 0,
-                      world_size: int = 1) -> DataLoader:
-    """DataLoader over `TrainBatches` whose n-th batch is batch `start_batch + n` of the run."""
+def _unchanged(part: dict) -> dict:
+    return part  # DataLoader's default conversion would turn the per-sample masks into tensors
+
+
+def make_train_loader(cfg: Config, shard_set: ShardSet, start_step: int = 0, rank: int = 0,
+                      world_size: int = 1) -> Iterator[dict]:
+    """This rank's share of the batches of steps `start_step`, `start_step + 1`, ... (masks
+    per sample; pass each through `collate_batch`)."""
+    plan = StreamPlan.of(cfg, rank, world_size)
     workers = cfg.data.num_workers
-    dataset = TrainBatches(cfg, manifest, rank, world_size, workers, start_batch)
-    return DataLoader(dataset, batch_size=None, num_workers=workers,
-                      prefetch_factor=2 if workers else None, persistent_workers=False)
+    loader = DataLoader(TrainParts(cfg, shard_set, plan, start_step), batch_size=None, num_workers=workers,
+                        collate_fn=_unchanged, prefetch_factor=2 if workers else None, persistent_workers=False)
+    return _steps(iter(loader), plan.readers)
+
+
+def _steps(parts: Iterator[dict], readers: int) -> Iterator[dict]:
+    # DataLoader takes one item from each worker in turn, so one step's parts arrive together.
+    while True:
+        yield join_parts([next(parts) for _ in range(readers)])
 
 
 def eval_batches(manifest: Manifest, split: str, image_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

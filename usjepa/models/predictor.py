@@ -12,7 +12,7 @@ from torch import nn
 
 from usjepa.config import PredictorConfig
 from usjepa.models.attention import attention_layer
-from usjepa.models.vit import attention_backend, gather_tokens, sincos_pos_embed
+from usjepa.models.vit import attention_backend, gather_tokens, run_blocks, sincos_pos_embed
 
 
 class Predictor(nn.Module):
@@ -20,6 +20,7 @@ class Predictor(nn.Module):
                  num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa"):
         super().__init__()
         self.attention = attention  # sdpa | xformers | auto (resolved on first forward)
+        self.grad_checkpointing = False  # recompute block activations in the backward
         self.embed = nn.Linear(in_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed(grid, embed_dim).unsqueeze(0), persistent=False)
@@ -44,9 +45,7 @@ class Predictor(nn.Module):
         x = x.repeat(n_targets, 1, 1)
         flat_targets = target_idx.flatten(0, 1)
         masks = self.mask_token + gather_tokens(batch_pos.repeat(n_targets, 1, 1), flat_targets)
-        x = torch.cat([x, masks], dim=1)
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, torch.cat([x, masks], dim=1), self.grad_checkpointing)
         return self.proj(self.norm(x[:, -flat_targets.shape[1]:]))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
 from usjepa.config import ModelConfig
@@ -19,6 +20,14 @@ from usjepa.models.attention import attention_layer, resolve_backend
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows `idx` [B, K] of tokens `x` [B, N, D] -> [B, K, D]."""
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def run_blocks(blocks: torch.nn.ModuleList, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """`x` through `blocks`; with `recompute`, each block's activations are recomputed in the
+    backward instead of stored (activation checkpointing)."""
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if recompute and torch.is_grad_enabled() else block(x)
+    return x
 
 
 def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
@@ -72,9 +81,7 @@ class Encoder(VisionTransformer):
             if prefix_pos is not None:
                 prefix = prefix + prefix_pos
             x = torch.cat([prefix, x], dim=1)
-        x = self.norm_pre(x)
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing)
         return self.norm(x)[:, n_prefix:]
 
 

@@ -11,9 +11,10 @@ from usjepa.train.loop import train
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    print(f"{cfg.train.objective}: step {result.step}/{cfg.train.total_steps}, loss {result.loss:.4f}, "
-          f"{result.images_per_s:.0f} images/s, {result.seconds:.0f} s; run dir {result.run_dir} "
-          f"(tensorboard --logdir {result.run_dir / 'tb'})")
+    if result.rank == 0:
+        print(f"{cfg.train.objective}: step {result.step}/{cfg.train.total_steps}, loss {result.loss:.4f}, "
+              f"{result.images_per_s:.0f} images/s, {result.seconds:.0f} s; run dir {result.run_dir} "
+              f"(tensorboard --logdir {result.run_dir / 'tb'})")
     return 0
 
 

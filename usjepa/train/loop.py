@@ -1,8 +1,13 @@
-"""`usjepa train`: one loop for stage 1 (MAE teacher) and stage 2 (SALT student).
+"""`usjepa train`: one loop for stage 1 (MAE teacher) and stage 2 (SALT student), on one
+process or many (torchrun, srun).
 
-The step index is also the data position: step k consumed batches 0..k-1, and a skipped
-(non-finite) step still consumes its batch, so a resumed run draws exactly the batches,
-augmentations and masks that the uninterrupted run would have drawn.
+The step index is also the data position: step k consumed the batches of steps 0..k-1, and a
+skipped (non-finite) step still consumes its batch, so a resumed run draws exactly the
+batches, augmentations and masks that the uninterrupted run would have drawn, whatever the
+world size (see data/streams.py). Each rank computes its share of the global batch, in
+micro-batches when `data.micro_batch_size` asks for it, and the loss of every micro-batch is
+weighted by its share of the global batch's samples, so the gradient is that of the global
+mean loss on 1 rank or N.
 """
 
 from __future__ import annotations
@@ -21,15 +26,20 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from usjepa.config import Config
-from usjepa.data.pipeline import make_train_loader, validation_batches
+from usjepa.data.masks import mask_lengths
+from usjepa.data.pipeline import collate_batch, make_train_loader, validation_batches
+from usjepa.data.streams import ShardSet
 from usjepa.errors import UserError
-from usjepa.ingest.manifest import load_manifest
 from usjepa.models.predictor import Predictor, build_predictor
 from usjepa.models.teacher import TeacherInfo, load_teacher
 from usjepa.models.vit import Encoder, build_encoder
 from usjepa.train import checkpoint as ckpt
+from usjepa.train.distributed import shutdown_distributed
 from usjepa.train.health import feature_std, mask_overlay
+from usjepa.train.meter import Meter, module_gib, peak_memory_gib
 from usjepa.train.objectives import pixel_targets, regression_loss, teacher_targets
+from usjepa.train.parallel import (World, as_float, micro_batches_per_step, prepare_student, set_gradient_sync,
+                                   split_sizes)
 from usjepa.train.rundir import prepare_run_dir
 from usjepa.train.schedules import cosine, warmup_cosine
 
@@ -42,48 +52,27 @@ class Student(nn.Module):
         self.encoder = encoder
         self.predictor = predictor
 
+    def forward(self, images: torch.Tensor, context: torch.Tensor,
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context tokens [B, Kc, D] for health metrics, predictions [T*B, Kt, out_dim])."""
+        tokens = self.encoder(images, context)
+        # A detached copy, not a view: FSDP cannot hook a view output for the backward.
+        return tokens.detach().clone(), self.predictor(tokens, context, targets)
+
 
 @dataclass
 class StepOutcome:
-    loss: float
-    grad_norm: float  # NaN when the step was skipped before the backward pass
+    loss: float  # mean over the global batch
+    grad_norm: float  # NaN when nothing was applied
     lr: float
     weight_decay: float
-    tokens: torch.Tensor  # the student's context tokens, for health metrics
+    tokens: torch.Tensor  # the student's context tokens of the last micro-batch, for health metrics
+    corrupt: int  # samples of the global batch that failed to decode
+    stop: bool  # some rank received a stop signal: every rank saves after this step
 
     @property
     def finite(self) -> bool:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
-
-
-class Meter:
-    """Throughput and data-wait time since the last read."""
-
-    def __init__(self) -> None:
-        self.start = self.window_start = time.perf_counter()
-        self.images = self.steps = 0
-        self.data_seconds = 0.0
-
-    def time_data(self, batches: Iterator[dict]) -> dict:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        self.data_seconds += time.perf_counter() - t0
-        return batch
-
-    def count(self, images: int) -> None:
-        self.images += images
-        self.steps += 1
-
-    def read_and_reset(self) -> tuple[float, float, float]:
-        """(images/s, seconds per step, data-wait seconds per step) over the window."""
-        elapsed = time.perf_counter() - self.window_start
-        steps = max(self.steps, 1)
-        figures = (self.images / elapsed, elapsed / steps, self.data_seconds / steps)
-        self.window_start, self.images, self.steps, self.data_seconds = time.perf_counter(), 0, 0, 0.0
-        return figures
-
-    def total_seconds(self) -> float:
-        return time.perf_counter() - self.start
 
 
 @dataclass
@@ -93,6 +82,7 @@ class TrainResult:
     loss: float
     images_per_s: float
     seconds: float
+    rank: int = 0  # of this process; rank 0 reports
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -123,6 +113,11 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
+def _say(world: World, message: str) -> None:
+    if world.is_main:
+        print(f"usjepa: {message}", file=sys.stderr)
+
+
 class StopSignal:
     """SIGTERM / SIGUSR2 / SIGINT ask the loop to finish its step, save and exit."""
 
@@ -151,12 +146,14 @@ class StopSignal:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.run_dir, drift = prepare_run_dir(cfg)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.device = resolve_device(cfg.run.device)
-        self.manifest = load_manifest(cfg.data.shards)
-        torch.manual_seed(cfg.run.seed)
+        self.world = World.join(cfg, resolve_device(cfg.run.device))
+        self.device = self.world.device
+        self.shard_set = ShardSet.load(cfg)
+        self.micro_batches = micro_batches_per_step(cfg, self.world.size)
+        self.run_dir, drift = prepare_run_dir(cfg, write=self.world.is_main)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.teacher: Encoder | None = None
         self.teacher_info: TeacherInfo | None = None
         if cfg.train.objective == "salt":
@@ -164,23 +161,35 @@ class Trainer:
             out_dim = self.teacher_info.embed_dim
         else:
             out_dim = cfg.model.patch_size ** 2
-        self.student = build_student(cfg, out_dim, self.device).to(self.device)
+        student = build_student(cfg, out_dim, self.device).to(self.device)
+        self.parameters_m = sum(p.numel() for p in student.parameters()) / 1e6
+        self.student = prepare_student(student, cfg, self.world)
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=cfg.optim.start_lr,
                                            betas=cfg.optim.betas)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.counters = {"nonfinite_skipped": 0, "corrupt_skipped": 0}  # run totals, kept across resumes
+        torch.manual_seed(cfg.run.seed + self.world.rank)  # drop-path differs between ranks
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is not None:
-            meta = ckpt.load_checkpoint(latest, self.student, self.optimizer)
-            self._check_teacher(meta)
-            ckpt.set_rng_state(meta["rng"])
-            self.step = meta["step"]
-            self.counters.update(meta.get("counters", {}))
-            changed = f"; changed settings: {', '.join(drift)}" if drift else ""
-            print(f"usjepa: resuming {self.run_dir} from step {self.step}{changed}", file=sys.stderr)
+            self._resume(latest, drift)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.train.precision == "bf16")
+
+    def _resume(self, path: Path, drift: list[str]) -> None:
+        meta = ckpt.load_checkpoint(path, self.student, self.optimizer)
+        self._check_teacher(meta)
+        self.step = meta["step"]
+        self.counters.update(meta.get("counters", {}))
+        states = meta["rng"]
+        if len(states) == self.world.size:
+            ckpt.set_rng_state(states[self.world.rank])
+        else:  # another world size: the data is unchanged, only drop-path draws differ
+            torch.manual_seed(self.cfg.run.seed + self.world.rank + 7919 * self.step)
+        saved_world = meta.get("world_size", 1)
+        resharded = f"; resharded from {saved_world} to {self.world.size} ranks" if saved_world != self.world.size else ""
+        changed = f"; changed settings: {', '.join(drift)}" if drift else ""
+        _say(self.world, f"resuming {self.run_dir} from step {self.step}{resharded}{changed}")
 
     def _check_teacher(self, meta: dict) -> None:
         saved = meta.get("teacher")
@@ -190,21 +199,40 @@ class Trainer:
                             f"(sha256 {saved['sha256'][:12]}), not {now['source']} ({now['sha256'][:12]}); "
                             "restore teacher.checkpoint or start a new run.dir")
 
+    def describe(self) -> str:
+        """The effective batch and what runs where: printed at start, logged as text."""
+        cfg, w = self.cfg, self.world
+        share = cfg.data.batch_size // w.size
+        micro = f" in {self.micro_batches} micro-batches" if self.micro_batches > 1 else ""
+        lines = [f"global batch {cfg.data.batch_size} = {w.size} rank(s) x {share}{micro}; "
+                 f"{cfg.data.streams} data stream(s) x {cfg.data.batch_size // cfg.data.streams} samples; "
+                 f"peak lr {cfg.optim.lr:g}, {cfg.train.total_steps} steps",
+                 f"student {self.parameters_m:.2f} M parameters"
+                 f"{' (FSDP2, sharded over %d ranks)' % w.size if w.distributed else ''} on {self.device}, "
+                 f"{cfg.train.precision}, attention {self.student.encoder.blocks[0].attn.backend}"]
+        if self.teacher is not None:
+            lines.append(f"teacher {self.teacher_info.source}: {self.teacher_info.dtype}, replicated, "
+                         f"{1024 * module_gib(self.teacher):.1f} MiB per rank")
+        return "\n  ".join(lines)
+
     # -- one step -----------------------------------------------------------------------------
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and the student's context tokens for one batch."""
+    def targets(self, batch: dict) -> torch.Tensor:
+        """What the predictor must output at the target positions of `batch` (on the device)."""
         cfg = self.cfg
-        images = batch["images"].to(self.device, non_blocking=True)
-        context = batch["context"].to(self.device, non_blocking=True)
-        targets = batch["targets"].to(self.device, non_blocking=True)
-        with self.autocast:
-            tokens = self.student.encoder(images, context)
-            pred = self.student.predictor(tokens, context, targets)
+        images, targets = batch["images"], batch["targets"]
         if cfg.train.objective == "salt":
-            target = teacher_targets(self.teacher, images, targets, cfg.teacher.layernorm_targets)
-        else:
-            target = pixel_targets(images, cfg.model.patch_size, targets, cfg.train.norm_pix_targets)
-        return regression_loss(pred, target, cfg.train), tokens
+            return teacher_targets(self.teacher, images, targets, cfg.teacher.layernorm_targets)
+        return pixel_targets(images, cfg.model.patch_size, targets, cfg.train.norm_pix_targets)
+
+    def loss(self, batch: dict, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss over `batch` and the student's context tokens."""
+        with self.autocast:
+            tokens, pred = self.student(batch["images"], batch["context"], batch["targets"])
+        return regression_loss(pred, target, self.cfg.train), tokens
+
+    def _on_device(self, batch: dict, sl: slice = slice(None)) -> dict:
+        return {k: batch[k][sl].to(self.device, non_blocking=True) for k in ("images", "context")} | \
+            {"targets": batch["targets"][:, sl].to(self.device, non_blocking=True)}
 
     def _set_schedules(self) -> tuple[float, float]:
         o, total = self.cfg.optim, self.cfg.train.total_steps
@@ -220,22 +248,66 @@ class Trainer:
         """Clip and step; returns the pre-clip grad norm (non-finite means nothing was applied)."""
         params = [p for p in self.student.parameters() if p.requires_grad]
         max_norm = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        norm = as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if math.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def train_step(self, batch: dict, meter: Meter | None = None, stop_requested: bool = False) -> StepOutcome:
+        """Schedules, forward and backward of this rank's micro-batches, update. `batch` is
+        this rank's share of the step (masks per sample); a non-finite loss or gradient
+        updates nothing. `stop_requested` (this rank got a signal) is shared with all ranks."""
+        meter = meter or Meter(self.device)
+        lr, wd = self._set_schedules()
+        # Mask lengths and sample counts of the whole global batch, so every rank cuts its
+        # masks alike and weights its loss by its true share (corrupt samples make shares unequal).
+        lengths = mask_lengths(batch["masks"]) if batch["ids"] else (sys.maxsize, sys.maxsize)
+        counts = self.world.gather_ints([*lengths, len(batch["ids"]), batch["corrupt"]])
+        kc, kt = min(c[0] for c in counts), min(c[1] for c in counts)
+        total = sum(c[2] for c in counts)
+        if total == 0:
+            collate_batch(batch)  # raises the all-corrupt error
+        batch = collate_batch(batch, (kc, kt)) if batch["ids"] else batch
+        sizes = split_sizes(len(batch["ids"]), self.micro_batches)
+        if batch["ids"] and min(sizes) == 0:
+            raise UserError(f"step {self.step}: {len(batch['ids'])} readable samples cannot fill "
+                            f"{self.micro_batches} micro-batches; raise data.micro_batch_size")
+        loss_sum, tokens, start = torch.zeros((), device=self.device), None, 0
+        for i, size in enumerate(sizes):
+            set_gradient_sync(self.student, i == len(sizes) - 1)
+            part = self._on_device(batch, slice(start, start + size))
+            start += size
+            with meter.phase("teacher"):
+                target = self.targets(part)
+            with meter.phase("student"):
+                loss, tokens = self.loss(part, target)
+                # FSDP averages gradients over ranks, hence the world size in the weight.
+                (loss * (size * self.world.size / total)).backward()
+                loss_sum += loss.detach() * size
+        global_loss, stops = self.world.sum_floats([loss_sum.item(), float(stop_requested)])
+        outcome = StepOutcome(loss=global_loss / total, grad_norm=math.nan, lr=lr, weight_decay=wd,
+                              tokens=tokens, corrupt=sum(c[3] for c in counts), stop=stops > 0)
+        with meter.phase("optimizer"):
+            if math.isfinite(outcome.loss):
+                outcome.grad_norm = self._update()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return outcome
+
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean loss over the validation split, or None when there is none to measure."""
+        """Mean loss over the validation split, or None when there is none to measure.
+        Every rank measures the same batches (FSDP needs every rank in every forward)."""
         cfg = self.cfg
-        if not cfg.train.validate or "val" not in self.manifest.splits or not self.manifest.count("val"):
+        if not cfg.train.validate or not any(m.count("val") for m in self.shard_set.manifests if "val" in m.splits):
             return None
         self.student.eval()
         total = count = 0.0
-        for batch in validation_batches(cfg, self.manifest, max_batches=cfg.train.val_batches):
-            loss, _ = self.forward(batch)
+        for batch in validation_batches(cfg, self.shard_set.manifests, max_batches=cfg.train.val_batches):
+            part = self._on_device(batch)
+            loss, _ = self.loss(part, self.targets(part))
             total += loss.item() * batch["images"].shape[0]
             count += batch["images"].shape[0]
         self.student.train()
@@ -243,88 +315,100 @@ class Trainer:
 
     def save(self, val_loss: float | None) -> Path:
         meta = {"samples_seen": self.step * self.cfg.data.batch_size, "data_position": self.step,
-                "val_loss": val_loss, "counters": dict(self.counters), "rng": ckpt.rng_state(),
+                "val_loss": val_loss, "counters": dict(self.counters), "world_size": self.world.size,
+                "rng": self.world.gather_objects(ckpt.rng_state()),
                 "teacher": self.teacher_info.as_dict() if self.teacher_info else None, "time": time.time()}
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.optimizer, meta,
                                     self.cfg.checkpoint.keep_last)
 
     # -- the loop -----------------------------------------------------------------------------
-    def train_step(self, batch: dict) -> StepOutcome:
-        """Schedules, forward, backward, update; a non-finite loss or gradient updates nothing."""
-        lr, wd = self._set_schedules()
-        loss, tokens = self.forward(batch)
-        outcome = StepOutcome(loss=loss.item(), grad_norm=math.nan, lr=lr, weight_decay=wd, tokens=tokens)
-        if math.isfinite(outcome.loss):
-            loss.backward()
-            outcome.grad_norm = self._update()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return outcome
-
-    def _count_nonfinite(self, outcome: StepOutcome, writer: SummaryWriter) -> None:
+    def _count_nonfinite(self, outcome: StepOutcome, writer: SummaryWriter | None) -> None:
         if outcome.finite:
             self.nonfinite_in_a_row = 0
             return
         self.nonfinite_in_a_row += 1
         self.counters["nonfinite_skipped"] += 1
-        writer.add_scalar("train/nonfinite_skipped", self.counters["nonfinite_skipped"], self.step)
+        if writer:
+            writer.add_scalar("train/nonfinite_skipped", self.counters["nonfinite_skipped"], self.step)
         if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
             raise UserError(f"step {self.step}: loss or gradient not finite for {self.nonfinite_in_a_row} steps "
                             f"in a row (loss={outcome.loss}, grad norm={outcome.grad_norm}); the last checkpoint "
                             "is intact: lower optim.lr or check the data, then rerun")
 
     def _log(self, writer: SummaryWriter, outcome: StepOutcome, meter: Meter) -> None:
-        images_per_s, step_time, data_wait = meter.read_and_reset()
+        perf = meter.read_and_reset()
         scalars = {"train/loss": outcome.loss, "train/lr": outcome.lr, "train/weight_decay": outcome.weight_decay,
-                   "train/grad_norm": outcome.grad_norm, "perf/images_per_s": images_per_s,
-                   "perf/step_time_s": step_time, "perf/data_wait_s": data_wait,
+                   "train/grad_norm": outcome.grad_norm, "train/global_batch": self.cfg.data.batch_size,
+                   **{f"perf/{k}": v for k, v in perf.items()},
+                   "perf/peak_memory_gib": peak_memory_gib(self.device),
                    "health/feature_std": feature_std(outcome.tokens),
                    "data/corrupt_skipped": self.counters["corrupt_skipped"]}
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, self.step)
 
+    def _checkpoint(self, writer: SummaryWriter | None) -> None:
+        val_loss = self.validate()
+        if val_loss is not None and writer:
+            writer.add_scalar("val/loss", val_loss, self.step)
+        self.save(val_loss)
+
     def run(self) -> TrainResult:
-        cfg = self.cfg
+        cfg, world = self.cfg, self.world
         end = min(cfg.run.stop_at_step or cfg.train.total_steps, cfg.train.total_steps)
         if self.step >= end:
-            print(f"usjepa: {self.run_dir} is already at step {self.step}; nothing to do", file=sys.stderr)
-            return TrainResult(self.run_dir, self.step, math.nan, 0.0, 0.0)
-        batches = iter(make_train_loader(cfg, self.manifest, start_batch=self.step))
-        bar = tqdm(total=end, initial=self.step, disable=not cfg.log.progress, desc=cfg.train.objective,
-                   unit="step", dynamic_ncols=True)
+            _say(world, f"{self.run_dir} is already at step {self.step}; nothing to do")
+            return TrainResult(self.run_dir, self.step, math.nan, 0.0, 0.0, world.rank)
+        _say(world, self.describe())
+        batches = make_train_loader(cfg, self.shard_set, self.step, world.rank, world.size)
+        bar = tqdm(total=end, initial=self.step, disable=not (cfg.log.progress and world.is_main),
+                   desc=cfg.train.objective, unit="step", dynamic_ncols=True)
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None) \
+            if world.is_main else None
+        if writer and not self.step:
+            writer.add_text("run/setup", self.describe().replace("\n", "  \n"), 0)
         self.student.train()
-        first_step, meter, outcome = self.step, Meter(), None
-        with SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None) as writer, \
-                StopSignal() as stop:
-            while self.step < end:
-                batch = meter.time_data(batches)
-                self.counters["corrupt_skipped"] += batch["corrupt"]
-                outcome = self.train_step(batch)
-                meter.count(batch["images"].shape[0])
-                self._count_nonfinite(outcome, writer)
-                if self.step % cfg.log.every_steps == 0 or self.step == end:
-                    self._log(writer, outcome, meter)
-                    bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}")
-                if cfg.log.image_every_steps and (self.step == 1 or self.step % cfg.log.image_every_steps == 0):
-                    writer.add_image("masks/context_green_targets_red",
-                                     mask_overlay(batch["images"], batch["context"], batch["targets"],
-                                                  cfg.model.patch_size), self.step)
-                bar.update(1)
-                if self.step % cfg.checkpoint.every_steps == 0 or self.step == end or stop.received:
-                    val_loss = self.validate()
-                    if val_loss is not None:
-                        writer.add_scalar("val/loss", val_loss, self.step)
-                    self.save(val_loss)
-                if stop.received:
-                    print(f"usjepa: signal {stop.received} received; saved step {self.step} and stopped",
-                          file=sys.stderr)
-                    break
-        bar.close()
+        first_step, meter, outcome = self.step, Meter(self.device), None
+        try:
+            with StopSignal() as stop:
+                while self.step < end:
+                    logged = (self.step + 1) % cfg.log.every_steps == 0 or self.step + 1 == end
+                    meter.begin_step(timed=logged)
+                    with meter.phase("data"):
+                        batch = next(batches)
+                    outcome = self.train_step(batch, meter, stop_requested=stop.received is not None)
+                    self.counters["corrupt_skipped"] += outcome.corrupt
+                    meter.count(cfg.data.batch_size)
+                    self._count_nonfinite(outcome, writer)
+                    if writer and logged:
+                        self._log(writer, outcome, meter)
+                    if world.is_main and logged:
+                        bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}")
+                    if writer and cfg.log.image_every_steps and (self.step == 1 or
+                                                                 self.step % cfg.log.image_every_steps == 0):
+                        shown = collate_batch(batch)
+                        writer.add_image("masks/context_green_targets_red",
+                                         mask_overlay(shown["images"], shown["context"], shown["targets"],
+                                                      cfg.model.patch_size), self.step)
+                    bar.update(1)
+                    if self.step % cfg.checkpoint.every_steps == 0 or self.step == end or outcome.stop:
+                        self._checkpoint(writer)
+                    if outcome.stop:
+                        _say(world, f"stop signal received; saved step {self.step} and stopped")
+                        break
+        finally:
+            bar.close()
+            if writer:
+                writer.close()
         seconds = meter.total_seconds()
         images = (self.step - first_step) * cfg.data.batch_size
-        return TrainResult(self.run_dir, self.step, outcome.loss, images / seconds, seconds)
+        return TrainResult(self.run_dir, self.step, outcome.loss, images / seconds, seconds, world.rank)
 
 
 def train(cfg: Config) -> TrainResult:
-    return Trainer(cfg).run()
+    """Train (or resume) the run of `cfg`; in a distributed launch every rank calls this."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.world.distributed:
+            shutdown_distributed()
