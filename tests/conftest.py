@@ -31,6 +31,21 @@ def shards(synth_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def uneven_shards(synth_dir, tmp_path_factory) -> Path:
+    """Shards of unequal sizes (the last of a split is short)."""
+    out = tmp_path_factory.mktemp("shards") / "uneven"
+    build_shards(synth_dir, out, BuildSettings(image_size=32, shard_size=10, group_pattern=GROUP_PATTERN),
+                 progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(shards) -> list[str]:
+    """TINY as command-line overrides, with the session's shards and a random teacher."""
+    return [*TINY, f"data.shards={shards}", "teacher.checkpoint=none"]
+
+
 @pytest.fixture
 def tiny_config(shards, tmp_path):
     def make(*overrides: str):

@@ -1,7 +1,8 @@
 import numpy as np
+import torch
 
 from usjepa.config import MaskConfig
-from usjepa.data.masks import block_shape, collate_masks, sample_masks, valid_patches
+from usjepa.data.masks import block_shape, collate_masks, mask_lengths, sample_masks, valid_patches
 
 GRID = 14  # 224 px / 16, the paper's setting
 
@@ -78,13 +79,24 @@ def test_valid_patches_threshold():
 def test_collate_truncates_to_the_smallest_mask_without_new_indices():
     cfg = MaskConfig()
     masks = [sample_masks(cfg, GRID, 0, 1, i) for i in range(8)]
-    context, targets = collate_masks(masks, 0, 1)
+    context, targets = collate_masks(masks, list(range(8)), 0, 1)
     assert context.shape == (8, min(len(m.context) for m in masks))
     assert targets.shape[:2] == (4, 8)
     for i, m in enumerate(masks):
         assert set(context[i].tolist()) <= set(m.context.tolist())
         for t in range(4):
             assert set(targets[t, i].tolist()) <= set(m.targets[t].tolist())
+
+
+def test_what_a_sample_keeps_does_not_depend_on_its_batch_mates():
+    # Ranks collate their shares separately (with the global lengths): a sample's cut must not
+    # depend on which samples share its rank.
+    cfg = MaskConfig()
+    masks = [sample_masks(cfg, GRID, 0, 3, i) for i in range(8)]
+    lengths = mask_lengths(masks)
+    whole_c, whole_t = collate_masks(masks, list(range(8)), 0, 3, lengths)
+    half_c, half_t = collate_masks(masks[4:], list(range(4, 8)), 0, 3, lengths)
+    assert torch.equal(whole_c[4:], half_c) and torch.equal(whole_t[:, 4:], half_t)
 
 
 def test_tiny_region_degrades_gracefully():

@@ -1,42 +1,64 @@
-"""The training data stream: resumable at any batch, with real DataLoader workers."""
+"""The training data stream: resumable at any step, the same global batch on any world size."""
 
 import io
 import shutil
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
-from usjepa.data.pipeline import eval_batches, make_train_loader
+from usjepa.data.pipeline import collate_batch, eval_batches, make_train_loader
+from usjepa.data.streams import ShardSet, StreamPlan
 from usjepa.errors import UserError
 from usjepa.ingest.manifest import load_manifest
 
 
-def take(loader, n):
-    it = iter(loader)
-    return [next(it) for _ in range(n)]
+def take(cfg, n, start=0, rank=0, world=1):
+    """n collated batches of `rank` from step `start`."""
+    it = make_train_loader(cfg, ShardSet.load(cfg), start, rank, world)
+    return [collate_batch(next(it)) for _ in range(n)]
 
 
 def same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in ("images", "regions", "labels", "context", "targets"))
+    return a["ids"] == b["ids"] and all(torch.equal(a[k], b[k]) for k in ("images", "regions", "labels", "context", "targets"))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_loader_started_at_batch_k_yields_batches_k_onwards(tiny_config, shards, workers):
-    cfg = tiny_config(f"data.num_workers={workers}")
-    manifest = load_manifest(shards)
-    # more batches than one epoch of a stream, so epochs roll over inside the run
-    full = take(make_train_loader(cfg, manifest), 14)
-    assert [b["batch_index"] for b in full] == list(range(14))
+def test_a_loader_started_at_step_k_yields_steps_k_onwards(tiny_config, workers):
+    cfg = tiny_config(f"data.num_workers={workers}", "data.streams=2")
+    # more steps than one epoch of a stream, so epochs roll over inside the run
+    full = take(cfg, 14)
+    assert [b["step"] for b in full] == list(range(14))
     for start in (1, 5, 11):
-        resumed = take(make_train_loader(cfg, manifest, start_batch=start), 14 - start)
-        assert [b["batch_index"] for b in resumed] == list(range(start, 14))
+        resumed = take(cfg, 14 - start, start)
+        assert [b["step"] for b in resumed] == list(range(start, 14))
         assert all(same(a, b) for a, b in zip(full[start:], resumed))
 
 
-def test_batches_are_single_channel_with_region_and_masks(tiny_config, shards):
-    cfg = tiny_config()
-    batch = take(make_train_loader(cfg, load_manifest(shards)), 1)[0]
+def test_the_global_batch_is_the_same_for_any_ranks_and_workers(tiny_config):
+    one = take(tiny_config("data.streams=4", "data.num_workers=0"), 6)
+    workers = take(tiny_config("data.streams=4", "data.num_workers=2"), 6)
+    ranks = [take(tiny_config("data.streams=4", "data.num_workers=1"), 6, rank=r, world=2) for r in range(2)]
+    for step in range(6):
+        assert same(one[step], workers[step])
+        assert ranks[0][step]["ids"] == [0, 1, 2, 3] and ranks[1][step]["ids"] == [4, 5, 6, 7]
+        for key in ("images", "labels"):
+            assert torch.equal(one[step][key], torch.cat([r[step][key] for r in ranks]))
+
+
+def test_stream_plan_splits_streams_by_rank_then_worker(tiny_config):
+    plan = StreamPlan.of(tiny_config("data.streams=8", "data.num_workers=2"), rank=1, world_size=2)
+    assert plan.chunk == 1 and list(plan.rank_streams()) == [4, 5, 6, 7]
+    assert [list(plan.worker_streams(w)) for w in range(2)] == [[4, 5], [6, 7]]
+    with pytest.raises(UserError, match="cannot be split over 3 ranks"):
+        StreamPlan.of(tiny_config("data.streams=8"), rank=0, world_size=3)
+    with pytest.raises(UserError, match=r"data.num_workers=3 does not divide: use data.num_workers in \[1, 2, 4\]"):
+        StreamPlan.of(tiny_config("data.streams=8", "data.num_workers=3"), rank=0, world_size=2)
+
+
+def test_batches_are_single_channel_with_region_and_masks(tiny_config):
+    batch = take(tiny_config(), 1)[0]
     assert batch["images"].shape == (8, 1, 32, 32) and batch["images"].dtype == torch.float32
     assert batch["regions"].shape == (8, 1, 32, 32) and batch["regions"].dtype == torch.bool
     assert batch["context"].shape[0] == 8 and batch["targets"].shape[:2] == (4, 8)
@@ -45,9 +67,9 @@ def test_batches_are_single_channel_with_region_and_masks(tiny_config, shards):
     assert batch["labels"].min() >= 0
 
 
-def test_region_conditioned_masks_stay_in_the_region(tiny_config, shards):
+def test_region_conditioned_masks_stay_in_the_region(tiny_config):
     cfg = tiny_config("mask.region_conditioned=true", "data.augment.crop_scale=[0.3,0.4]")
-    for batch in take(make_train_loader(cfg, load_manifest(shards)), 3):
+    for batch in take(cfg, 3):
         valid = batch["regions"].reshape(8, 4, 8, 4, 8).any(2).any(3).reshape(8, 16)
         rows = torch.arange(8)[:, None]
         if valid.sum(1).min() >= cfg.mask.min_keep:
@@ -55,18 +77,24 @@ def test_region_conditioned_masks_stay_in_the_region(tiny_config, shards):
             assert all(valid[rows, t].all() for t in batch["targets"])
 
 
-def test_more_workers_than_shards_is_a_clear_error(tiny_config, shards):
-    cfg = tiny_config("data.num_workers=64")
-    with pytest.raises(UserError, match="64 workers need at least 64"):
-        make_train_loader(cfg, load_manifest(shards))
+def test_fewer_shards_than_streams_is_a_clear_error(tiny_config, shards):
+    n = len(load_manifest(shards).shard_paths("train"))
+    with pytest.raises(UserError, match=f"has {n} shards but data.streams=8 .* needs at least 8"):
+        ShardSet.load(tiny_config("data.streams=8"))
 
 
-def test_corrupt_samples_are_skipped_and_counted(tiny_config, shards, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(shards, broken)
-    manifest = load_manifest(broken)
-    first = manifest.shard_paths("train")[0]
-    # rewrite one shard with garbage in place of every image
+def test_uneven_shards_never_run_a_stream_dry(tiny_config, uneven_shards):
+    counts = [s.count for s in load_manifest(uneven_shards).splits["train"].shards]
+    assert len(set(counts)) > 1
+    cfg = tiny_config("data.streams=4", f"data.shards={uneven_shards}")
+    # 40 steps of 2 samples per stream: several epochs of every stream, each a different length
+    batches = [take(cfg, 40, rank=r, world=2) for r in range(2)]
+    assert all(len(b) == 40 and all(x["images"].shape[0] == 4 for x in b) for b in batches)
+
+
+def _corrupt_first_train_shard(shards, out):
+    shutil.copytree(shards, out)
+    first = load_manifest(out).shard_paths("train")[0]
     members = []
     with tarfile.open(first) as tar:
         for m in tar.getmembers():
@@ -76,9 +104,29 @@ def test_corrupt_samples_are_skipped_and_counted(tiny_config, shards, tmp_path):
         for m, data in members:
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
-    batches = take(make_train_loader(tiny_config(f"data.shards={broken}"), manifest), 12)
+    return out
+
+
+def test_corrupt_samples_are_skipped_and_counted(tiny_config, shards, tmp_path):
+    broken = _corrupt_first_train_shard(shards, tmp_path / "broken")
+    batches = take(tiny_config(f"data.shards={broken}"), 12)
     assert sum(b["corrupt"] for b in batches) > 0
     assert all(b["images"].shape[0] == 8 - b["corrupt"] for b in batches)
+
+
+def test_a_mixture_draws_each_set_by_its_weight(tiny_config, shards, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(shards, other)
+    cfg = tiny_config("data.shards=", f"data.mixture=[{{shards: {shards}, weight: 1}}, {{shards: {other}, weight: 3}}]",
+                      "data.streams=2")
+    shard_set = ShardSet.load(cfg)
+    assert shard_set.resampled and len(shard_set.paths) == 2 * len(load_manifest(shards).shard_paths("train"))
+    drawn = [i for epoch in range(400) for s in range(2) for i in shard_set.epoch_shards(0, epoch, s, 2)]
+    from_other = np.mean([shard_set.paths[i].startswith(str(other)) for i in drawn])
+    assert 0.70 < from_other < 0.80
+    assert len(take(cfg, 3)) == 3
+    with pytest.raises(UserError, match="not both"):
+        tiny_config(f"data.mixture=[{{shards: {other}}}]")
 
 
 def test_eval_batches_keep_shard_order(shards):
@@ -102,7 +150,7 @@ def test_short_side_shards_keep_their_aspect_and_feed_square_batches(synth_dir, 
     manifest = load_manifest(out)
     shapes = {decode_sample(r)[0].shape for r in wds.tarfile_to_samples()([{"url": str(p)} for p in manifest.shard_paths("train")])}
     assert all(min(s) == 32 for s in shapes) and any(s[0] != s[1] for s in shapes)  # fans are wider than tall
-    batch = take(make_train_loader(tiny_config(f"data.shards={out}"), manifest), 1)[0]
+    batch = take(tiny_config(f"data.shards={out}"), 1)[0]
     assert batch["images"].shape == (8, 1, 32, 32)
     images, _ = next(eval_batches(manifest, "test", 32, 4))
     assert images.shape == (4, 1, 32, 32)

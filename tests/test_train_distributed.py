@@ -1,0 +1,195 @@
+"""The trainer on several processes: `torchrun --nproc_per_node=2` with gloo, as a user runs it.
+
+Every run here is a real torchrun launch of `usjepa train` on the tiny model; the checks are
+the ones a user makes: the TensorBoard losses, the checkpoints on disk, the exit status.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from usjepa.config import load_config
+from usjepa.train import checkpoint as ckpt
+from usjepa.train.loop import Trainer
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12
+COMMON = [f"train.total_steps={STEPS}", "checkpoint.every_steps=4", "data.streams=2", "data.num_workers=1"]
+
+
+def command(nproc: int, overrides: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "usjepa", "train", "configs/demo.yaml", *overrides]
+
+
+def launch(nproc: int, overrides: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command(nproc, overrides), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def run(nproc: int, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = launch(nproc, overrides)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s:\n{out[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def losses(run_dir: Path, tag: str = "train/loss") -> dict[int, float]:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    pointer = run_dir / "checkpoints" / "latest"
+    while time.monotonic() < deadline:
+        if pointer.is_file() and int(pointer.read_text().strip().split("_")[1]) >= step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before checkpoint {step}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"no checkpoint {step} within {timeout} s")
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float]) -> None:
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    assert all(a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-7) for s in a), (a, b)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_overrides, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank run."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    out = run(2, [*tiny_overrides, *COMMON, f"run.dir={run_dir}"])
+    assert out.returncode == 0, out.stdout[-3000:]
+    return run_dir
+
+
+def student_state(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """The student of a finished run, loaded (resharded) into one process."""
+    trainer = Trainer(load_config("configs/demo.yaml", overrides))
+    return {k: v.clone() for k, v in trainer.student.state_dict().items()}
+
+
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(reference, tiny_overrides, tmp_path):
+    # One process, and the global batch in 4 micro-batches: the same mean loss and gradient.
+    single = tmp_path / "single"
+    out = run(1, [*tiny_overrides, *COMMON, f"run.dir={single}", "data.micro_batch_size=2"])
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert_same_losses(losses(reference), losses(single))
+    a = student_state([*tiny_overrides, *COMMON, f"run.dir={reference}"])
+    b = student_state([*tiny_overrides, *COMMON, f"run.dir={single}"])
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(reference))
+    assert meta["world_size"] == 2 and len(meta["rng"]) == 2 and meta["samples_seen"] == STEPS * 8
+
+
+def test_kill_9_then_restart_gives_the_uninterrupted_losses(reference, tiny_overrides, tmp_path):
+    run_dir = tmp_path / "killed"
+    overrides = [*tiny_overrides, *COMMON, f"run.dir={run_dir}"]
+    proc = launch(2, overrides)
+    wait_for_checkpoint(proc, run_dir, 4)
+    for pid in [*worker_ranks(proc.pid).values(), proc.pid]:  # the whole job at once, like a lost node
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["step"]
+    assert killed_at < STEPS
+    out = run(2, overrides)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert f"resuming {run_dir} from step {killed_at}" in out.stdout
+    assert_same_losses(losses(reference), losses(run_dir))
+
+
+def test_a_stop_signal_to_one_rank_saves_the_current_step_on_all(reference, tiny_overrides, tmp_path):
+    run_dir = tmp_path / "signalled"
+    overrides = [*tiny_overrides, *COMMON, f"run.dir={run_dir}", "checkpoint.every_steps=100"]
+    proc = launch(2, overrides)
+    wait_for_signal_ready = time.monotonic() + 120
+    ranks = {}
+    while len(ranks) < 2 and time.monotonic() < wait_for_signal_ready:  # the two worker processes
+        ranks = worker_ranks(proc.pid)
+        time.sleep(0.05)
+    while not (run_dir / "tb").is_dir() or not losses_so_far(run_dir):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(ranks[1], signal.SIGUSR2)  # as Slurm's --signal does; rank 0 hears nothing
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    saved = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["step"]
+    assert 0 < saved < STEPS, out[-2000:]  # stopped early, at a step that is not a checkpoint step
+    assert max(losses(run_dir)) == saved  # the last logged step is in the checkpoint: nothing lost
+    assert f"saved step {saved} and stopped" in out
+    out = run(2, [o for o in overrides if not o.startswith("checkpoint.")] + ["checkpoint.every_steps=4"])
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert_same_losses(losses(reference), losses(run_dir))
+
+
+def worker_ranks(agent_pid: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes."""
+    found = {}
+    for child in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(child)
+    return found
+
+
+def losses_so_far(run_dir: Path) -> dict[int, float]:
+    try:
+        return losses(run_dir)
+    except KeyError:  # no train/loss event yet
+        return {}
+
+
+@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
+def test_a_checkpoint_continues_on_another_world_size(reference, tiny_overrides, tmp_path, first, second):
+    run_dir = tmp_path / f"from{first}to{second}"
+    overrides = [*tiny_overrides, *COMMON, f"run.dir={run_dir}"]
+    out = run(first, [*overrides, "run.stop_at_step=4"])
+    assert out.returncode == 0, out.stdout[-3000:]
+    out = run(second, overrides)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert f"resharded from {first} to {second} ranks" in out.stdout
+    assert_same_losses(losses(reference), losses(run_dir))
+
+
+def test_uneven_shards_and_a_corrupt_sample_on_two_ranks(uneven_shards, tiny_overrides, tmp_path):
+    from test_pipeline import _corrupt_first_train_shard
+    broken = _corrupt_first_train_shard(uneven_shards, tmp_path / "broken")
+    run_dir = tmp_path / "run"
+    out = run(2, [*tiny_overrides, *COMMON, f"data.shards={broken}", "data.streams=4", f"run.dir={run_dir}"])
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert max(losses(run_dir, "data/corrupt_skipped").values()) > 0
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+
+
+def test_too_few_shards_for_the_streams_is_a_one_line_error(tiny_overrides, tmp_path):
+    out = run(2, [*tiny_overrides, *COMMON, "data.streams=16", "data.batch_size=16", f"run.dir={tmp_path / 'run'}"])
+    assert out.returncode != 0
+    assert "usjepa train: error (rank 0): " in out.stdout
+    assert "data.streams=16 (at least ranks x data.num_workers) needs at least 16" in out.stdout
+    assert "/usjepa/" not in out.stdout  # torchrun reports the failed ranks; no traceback of ours
