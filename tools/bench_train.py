@@ -1,74 +1,108 @@
-"""Training throughput of a config on this machine: images/s and where a step's time goes.
+"""Training throughput at world size 1 and 2 (or any list): images/s, where a step's time goes
+(data wait, teacher, student forward+backward, optimizer) and peak memory per rank.
 
-    python tools/bench_train.py configs/demo.yaml data.shards=demo_out/shards teacher.checkpoint=demo_out/runs/teacher
+    python tools/bench_train.py                                  # demo model, synthetic shards
+    python tools/bench_train.py configs/demo.yaml --world 1,2 data.shards=demo_out/shards \
+        teacher.checkpoint=demo_out/runs/teacher
 
-Runs `--steps` optimizer steps (after `--warmup` untimed ones) in a scratch run dir and prints
-the mean time per step of each phase. Figures, not assertions: run it on the machine you
-care about.
+Each world size is a real launch (`torchrun --standalone` for more than one rank) of the
+trainer's own step on the config, `--warmup` untimed steps then `--steps` timed ones, in a
+scratch run dir. Without `data.shards=...` a small synthetic shard set is built first.
+Figures, not assertions: run it on the machine you care about. On CUDA every phase end waits
+for the GPU, so the split is exact but the total a little slower than a real run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
-import time
+from pathlib import Path
 
-import torch
+DEFAULTS = ["data.streams=2", "teacher.checkpoint=none", "log.progress=false", "train.validate=false"]
 
-from usjepa.config import load_config
-from usjepa.data.pipeline import make_train_loader
-from usjepa.train.loop import Trainer
-from usjepa.train.objectives import pixel_targets, regression_loss, teacher_targets
+
+def _worker(args: argparse.Namespace) -> None:
+    """One rank: time the trainer's steps, rank 0 writes everyone's figures to `args.worker`."""
+    from usjepa.config import load_config
+    from usjepa.data.pipeline import make_train_loader
+    from usjepa.train.loop import Trainer
+    from usjepa.train.meter import Meter, peak_memory_gib
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    world = trainer.world
+    batches = make_train_loader(cfg, trainer.shard_set, 0, world.rank, world.size)
+    meter = Meter(trainer.device)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            meter.read_and_reset()
+        meter.begin_step(timed=True)
+        with meter.phase("data"):
+            batch = next(batches)
+        trainer.train_step(batch, meter)
+        meter.count(cfg.data.batch_size)
+    figures = {**meter.read_and_reset(), "peak_memory_gib": peak_memory_gib(trainer.device),
+               "device": str(trainer.device), "micro_batches": trainer.micro_batches}
+    everyone = world.gather_objects(figures)
+    if world.is_main:
+        Path(args.worker).write_text(json.dumps({"world": world.size, "ranks": everyone}))
+    world.barrier()
+
+
+def _launch(world: int, args: argparse.Namespace, overrides: list[str], scratch: Path) -> dict:
+    out = scratch / f"world{world}.json"
+    script = [str(Path(__file__).resolve()), "--worker", str(out), "--steps", str(args.steps),
+              "--warmup", str(args.warmup), args.config, *overrides, f"run.dir={scratch / f'run{world}'}"]
+    launcher = [sys.executable] if world == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run([*launcher, *script], env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"world size {world} failed:\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def _synthetic_shards(scratch: Path) -> Path:
+    from usjepa.data.synth import GROUP_PATTERN, write_synthetic_dataset
+    from usjepa.ingest.writer import BuildSettings, build_shards
+
+    write_synthetic_dataset(scratch / "images", n=400, size=96, seed=0)
+    build_shards(scratch / "images", scratch / "shards",
+                 BuildSettings(image_size=64, shard_size=40, group_pattern=GROUP_PATTERN), progress=False)
+    return scratch / "shards"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("config", nargs="?", default="configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("--world", default="1,2", help="world sizes to measure, e.g. 1,2 (default)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        cfg = load_config(args.config, [*args.overrides, f"run.dir={scratch}"])
-        trainer = Trainer(cfg)
-        batches = iter(make_train_loader(cfg, trainer.manifest))
-        sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-        phases = {"data": 0.0, "targets": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-        images = 0
-        for step in range(args.warmup + args.steps):
-            marks = [time.perf_counter()]
-            batch = next(batches)
-            marks.append(time.perf_counter())
-            images_dev = batch["images"].to(trainer.device)
-            context, tgt_idx = batch["context"].to(trainer.device), batch["targets"].to(trainer.device)
-            if cfg.train.objective == "salt":
-                target = teacher_targets(trainer.teacher, images_dev, tgt_idx, cfg.teacher.layernorm_targets)
-            else:
-                target = pixel_targets(images_dev, cfg.model.patch_size, tgt_idx, cfg.train.norm_pix_targets)
-            sync()
-            marks.append(time.perf_counter())
-            with trainer.autocast:
-                pred = trainer.student.predictor(trainer.student.encoder(images_dev, context), context, tgt_idx)
-            loss = regression_loss(pred, target, cfg.train)
-            sync()
-            marks.append(time.perf_counter())
-            loss.backward()
-            sync()
-            marks.append(time.perf_counter())
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
-            sync()
-            marks.append(time.perf_counter())
-            if step >= args.warmup:
-                images += batch["images"].shape[0]
-                for name, a, b in zip(phases, marks, marks[1:]):
-                    phases[name] += b - a
-        total = sum(phases.values())
-        print(f"{cfg.train.objective} on {trainer.device}, batch {cfg.data.batch_size}, "
-              f"{cfg.data.image_size} px, {args.steps} steps, {torch.get_num_threads()} threads")
-        for name, seconds in phases.items():
-            print(f"  {name:<10} {1000 * seconds / args.steps:8.1f} ms/step  ({100 * seconds / total:4.1f}%)")
-        print(f"  {'total':<10} {1000 * total / args.steps:8.1f} ms/step   {images / total:.0f} images/s")
+    if args.worker:
+        return _worker(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        overrides = [*DEFAULTS, *args.overrides]
+        if not any(o.startswith("data.shards=") for o in args.overrides):
+            overrides.append(f"data.shards={_synthetic_shards(scratch)}")
+        results = [_launch(int(w), args, overrides, scratch) for w in args.world.split(",")]
+    print(f"{args.config} {' '.join(args.overrides)}: {args.steps} timed steps after {args.warmup}, "
+          f"{results[0]['ranks'][0]['device']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}")
+    print(f"{'ranks':>5} {'images/s':>9} {'step ms':>8} {'data':>6} {'teacher':>8} {'student':>8} {'optim':>6}"
+          f" {'peak GiB/rank':>14}")
+    for r in results:
+        rank0 = r["ranks"][0]
+        ms = {k: 1000 * rank0[f"{k}_s"] for k in ("step_time", "data", "teacher", "student", "optimizer")}
+        peak = max(x["peak_memory_gib"] for x in r["ranks"])
+        print(f"{r['world']:>5} {rank0['images_per_s']:>9.0f} {ms['step_time']:>8.1f} {ms['data']:>6.1f} "
+              f"{ms['teacher']:>8.1f} {ms['student']:>8.1f} {ms['optimizer']:>6.1f} {peak:>14.2f}")
 
 
 if __name__ == "__main__":

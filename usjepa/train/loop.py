@@ -56,8 +56,7 @@ class Student(nn.Module):
                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(context tokens [B, Kc, D] for health metrics, predictions [T*B, Kt, out_dim])."""
         tokens = self.encoder(images, context)
-        # A detached copy, not a view: FSDP cannot hook a view output for the backward.
-        return tokens.detach().clone(), self.predictor(tokens, context, targets)
+        return tokens.detach(), self.predictor(tokens, context, targets)
 
 
 @dataclass

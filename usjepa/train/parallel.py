@@ -8,6 +8,7 @@ code path serves 1 and N ranks.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,9 @@ def prepare_student(model: nn.Module, cfg: Config, world: World) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # The predictor's output is a view (nn.Linear on 3-D input), which FSDP warns about because an
+    # in-place op on it would skip a hook; nothing modifies the student's outputs in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(world.device.type, (world.size,))
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.train.precision],
                                   reduce_dtype=DTYPES[cfg.distributed.reduce_dtype])
