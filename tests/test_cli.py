@@ -16,10 +16,10 @@ def run(*args, timeout=600):
 def test_help_lists_every_stage(capsys):
     out = run("--help")
     assert out.returncode == 0
-    for command in ("demo", "synth", "shards", "train", "probe"):
+    for command in ("demo", "synth", "shards", "train", "probe", "export"):
         assert command in out.stdout
     from usjepa.cli import main
-    for command in (["demo"], ["synth"], ["train"], ["probe"], ["shards", "build"], ["shards", "verify"]):
+    for command in (["demo"], ["synth"], ["train"], ["probe"], ["export"], ["shards", "build"], ["shards", "verify"]):
         with pytest.raises(SystemExit) as exit_:
             main([*command, "--help"])
         assert exit_.value.code == 0

@@ -1,4 +1,4 @@
-"""`usjepa probe`: linear-probe a run's student, teacher or a random-init encoder."""
+"""`usjepa probe`: linear-probe a run's student, teacher, a random-init encoder or an export."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from usjepa.config import parse_override
 from usjepa.data.pipeline import eval_batches
-from usjepa.eval.backbones import BACKBONES, CHECKPOINTS, load_backbone
+from usjepa.eval.backbones import BACKBONES, CHECKPOINTS, backbone_name, is_backbone, load_backbone
 from usjepa.eval.features import extract_features
 from usjepa.eval.probe import ProbeSplit, run_probe
 from usjepa.eval.report import format_table, write_probe_report
@@ -23,8 +23,9 @@ SPLITS = ("train", "val", "test")
 def probe_backbone(run_dir: Path, kind: str, shards: str | None = None, out_dir: Path | None = None,
                    overrides: Sequence[str] = (), device: str = "auto", progress: bool = True,
                    checkpoint: str = "latest") -> dict:
-    """Extract features of every split with backbone `kind` of `run_dir`, train the probes,
-    write `<out_dir>/<kind>.json` and its confusion-matrix plot; return the result.
+    """Extract features of every split with backbone `kind` of `run_dir` (or export folder
+    `kind`), train the probes, write `<out_dir>/<name>.json` and its confusion-matrix plot
+    (name: `kind`, or the export folder's name); return the result.
 
     `overrides` (probe.* only) change the run's probe settings for this call."""
     for text in overrides:
@@ -44,17 +45,20 @@ def probe_backbone(run_dir: Path, kind: str, shards: str | None = None, out_dir:
                                 desc=f"{kind} {split}")
         splits[split] = ProbeSplit(x, y)
     result = run_probe(splits, manifest.classes, probe, dev)
-    result.update(backbone=kind, run_dir=str(run_dir), shards=str(manifest.root),
-                  checkpoint=checkpoint if kind == "student" else None)
-    write_probe_report(result, out_dir or Path(run_dir) / "probe", kind)
+    name = backbone_name(kind)
+    result.update(backbone=name, run_dir=str(run_dir), shards=str(manifest.root),
+                  checkpoint=checkpoint if kind == "student" else None,
+                  export=None if kind in BACKBONES else str(Path(kind).resolve()))
+    write_probe_report(result, out_dir or Path(run_dir) / "probe", name)
     return result
 
 
 def _backbone_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BACKBONES]
+    unknown = [n for n in names if not is_backbone(n)]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"'{text}': choose from {', '.join(BACKBONES)}, comma-separated")
+        raise argparse.ArgumentTypeError(f"'{text}': choose from {', '.join(BACKBONES)} or export folders "
+                                         "(usjepa export), comma-separated")
     return names
 
 
@@ -62,9 +66,10 @@ def _run(args: argparse.Namespace) -> int:
     results = {}
     for kind in args.backbone:
         start = time.perf_counter()
-        results[kind] = probe_backbone(Path(args.run), kind, args.shards, args.out and Path(args.out),
-                                       args.overrides, args.device, checkpoint=args.checkpoint)
-        print(f"{kind}: macro-F1 {100 * results[kind]['macro_f1_mean']:.1f} "
+        result = probe_backbone(Path(args.run), kind, args.shards, args.out and Path(args.out),
+                                args.overrides, args.device, checkpoint=args.checkpoint)
+        results[result["backbone"]] = result
+        print(f"{result['backbone']}: macro-F1 {100 * result['macro_f1_mean']:.1f} "
               f"({time.perf_counter() - start:.0f} s)")
     print(format_table(results))
     print(f"reports: {Path(args.out) if args.out else Path(args.run) / 'probe'}")
@@ -78,7 +83,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                     "as in PAPER.md section 4. Writes <out>/<backbone>.json and a confusion-matrix PNG.")
     p.add_argument("run", help="run dir of a `usjepa train` run (its config gives the architecture and image size)")
     p.add_argument("--backbone", type=_backbone_list, default=["student"], metavar="NAME[,NAME...]",
-                   help=f"which encoder(s) to probe, comma-separated, from {', '.join(BACKBONES)} (default: student)")
+                   help=f"which encoder(s) to probe, comma-separated, from {', '.join(BACKBONES)} or folders "
+                        "written by `usjepa export` (default: student)")
     p.add_argument("--shards", help="labelled shard set to probe on (default: the run's data.shards)")
     p.add_argument("--out", help="where to write the reports (default: RUN/probe)")
     p.add_argument("--checkpoint", choices=CHECKPOINTS, default="latest",

@@ -1,0 +1,170 @@
+"""`usjepa export RUN_DIR OUT`: a run's encoder as timm weights anyone can load.
+
+OUT holds two files:
+    encoder.safetensors  the encoder's state dict (fp32, timm parameter names)
+    config.json          timm's hub layout (architecture, model_args, pretrained_cfg with the
+                         input size and normalisation) plus a `usjepa` section: step, run,
+                         checkpoint, teacher fingerprint, version
+
+so `timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])` +
+`load_state_dict` rebuilds it (recent timm also takes `create_model("local-dir:OUT",
+pretrained=True)`), `usjepa probe RUN --backbone OUT` probes it and
+`teacher.checkpoint=OUT/encoder.safetensors` trains a student against it.
+The checkpoint is read with DCP into a plain module, so a run saved sharded by several
+ranks exports on one CPU process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save
+
+from usjepa import __version__
+from usjepa.config import ModelConfig, load_config
+from usjepa.data.augment import PIXEL_MEAN, PIXEL_STD
+from usjepa.errors import UserError
+from usjepa.fileio import atomic_write, atomic_write_text
+from usjepa.models.vit import Encoder, build_encoder
+from usjepa.train import checkpoint as ckpt
+from usjepa.train.rundir import RESOLVED_CONFIG
+
+WEIGHTS = "encoder.safetensors"
+CONFIG = "config.json"
+# Any timm ViT entry point rebuilds the encoder: model_args set every architecture field.
+ARCHITECTURE = "vit_base_patch16_224"
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+def _find_checkpoint(run_dir: Path, name: str) -> Path:
+    existing = ckpt.list_checkpoints(run_dir)
+    if not existing:
+        raise UserError(f"{run_dir}: no checkpoint yet; train it first (usjepa train CONFIG run.dir={run_dir}) "
+                        "or wait for its first checkpoint (every checkpoint.every_steps steps)")
+    if name == "latest":
+        return ckpt.latest_checkpoint(run_dir) or existing[-1]
+    if name == "best":
+        best = ckpt.best_checkpoint(run_dir)
+        if best is None:
+            raise UserError(f"{run_dir}: no best checkpoint (no validation loss recorded; train with "
+                            "train.validate=true and a val split); use --checkpoint latest")
+        return best
+    match = _STEP.match(name)
+    for path in existing:
+        if match and int(path.name.removeprefix("step_")) == int(match.group(1)):
+            return path
+    raise UserError(f"{run_dir}: no checkpoint '{name}'; choose latest, best or one of "
+                    f"{', '.join(p.name for p in existing)}")
+
+
+def timm_config(model: ModelConfig, image_size: int) -> dict[str, Any]:
+    """timm's hub config.json fields for encoder `model`: enough to rebuild it and feed it."""
+    model_args = dict(img_size=image_size, patch_size=model.patch_size, in_chans=1, embed_dim=model.embed_dim,
+                      depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
+                      class_token=False, global_pool="", num_classes=0)
+    # What the probe's eval path does: grayscale [0, 1], shorter side resized, centre square,
+    # then (x - mean) / std (usjepa.data.augment.to_model_input).
+    pretrained_cfg = dict(input_size=[1, image_size, image_size], interpolation="bilinear", crop_pct=1.0,
+                          crop_mode="center", mean=[PIXEL_MEAN], std=[PIXEL_STD], num_classes=0,
+                          fixed_input_size=True)
+    return dict(architecture=ARCHITECTURE, num_classes=0, num_features=model.embed_dim, global_pool="",
+                model_args=model_args, pretrained_cfg=pretrained_cfg)
+
+
+def _is_ours(name: str) -> bool:
+    """An entry a previous (possibly interrupted) export left in OUT."""
+    return name in (WEIGHTS, CONFIG) or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; pass a folder for the export")
+    foreign = sorted(p.name for p in out.iterdir() if not _is_ours(p.name)) if out.is_dir() else []
+    if foreign and not force:
+        raise UserError(f"{out} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
+                        "and is not an earlier export; choose an empty folder or pass --force")
+
+
+def export_encoder(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str = "latest",
+                   force: bool = False) -> Path:
+    """Write checkpoint `checkpoint` (latest, best or step_N) of `run_dir`'s encoder to `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / RESOLVED_CONFIG).is_file():
+        raise UserError(f"{run_dir}: not a run dir (no {RESOLVED_CONFIG}); pass the run.dir of a `usjepa train` run")
+    cfg = load_config(run_dir / RESOLVED_CONFIG)
+    path = _find_checkpoint(run_dir, checkpoint)
+    _check_out(out, force)
+    meta = ckpt.read_meta(path)
+    encoder = build_encoder(cfg.model, cfg.data.image_size, attention="sdpa")
+    ckpt.load_module_weights(path, encoder, prefix="encoder.")
+    # The file promises fp32 whatever the module is built in; safetensors needs contiguous tensors.
+    weights = {k: v.float().contiguous() for k, v in encoder.state_dict().items()}
+    description = timm_config(cfg.model, cfg.data.image_size)
+    source = dict(version=__version__, run_dir=str(run_dir.resolve()), checkpoint=path.name, step=meta["step"],
+                  objective=cfg.train.objective, teacher=meta.get("teacher"), weights=WEIGHTS,
+                  features="forward_features(x) -> [B, N, D] final-normed patch tokens, no class token; "
+                           "the probe mean-pools them")
+    metadata = {"format": "pt", "step": str(meta["step"]), "run_dir": source["run_dir"],
+                "checkpoint": path.name, "usjepa_version": __version__,
+                "model_args": json.dumps(description["model_args"])}
+    blob = save(weights, metadata=metadata)
+    out.mkdir(parents=True, exist_ok=True)
+    # config.json marks a complete export: drop the old one first so that an interrupted
+    # rewrite never pairs new weights with the old description.
+    (out / CONFIG).unlink(missing_ok=True)
+    atomic_write(out / WEIGHTS, lambda f: f.write(blob))
+    atomic_write_text(out / CONFIG, json.dumps({**description, "usjepa": source}, indent=2) + "\n")
+    return out
+
+
+def is_export(path: Path) -> bool:
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def load_export(path: str | os.PathLike) -> tuple[Encoder, dict[str, Any]]:
+    """The project's Encoder with the weights of export folder `path`, and its config.json."""
+    path = Path(path)
+    if not is_export(path):
+        raise UserError(f"{path}: not an export folder (needs {CONFIG} and {WEIGHTS}); write one with usjepa export")
+    config = json.loads((path / CONFIG).read_text())
+    args = config["model_args"]
+    encoder = Encoder(img_size=args["img_size"], patch_size=args["patch_size"], embed_dim=args["embed_dim"],
+                      depth=args["depth"], num_heads=args["num_heads"], mlp_ratio=args["mlp_ratio"])
+    encoder.load_state_dict(load_file(str(path / WEIGHTS)))
+    return encoder, config
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = export_encoder(args.run, args.out, args.checkpoint, args.force)
+    source = json.loads((out / CONFIG).read_text())
+    info, model_args = source["usjepa"], source["model_args"]
+    size_mb = (out / WEIGHTS).stat().st_size / 1e6
+    print(f"exported {info['checkpoint']} (step {info['step']}, {info['objective']}) of {args.run}")
+    print(f"  {out / WEIGHTS}  ({size_mb:.1f} MB, fp32, timm names)")
+    print(f"  {out / CONFIG}  (timm model_args, input [1, {model_args['img_size']}, {model_args['img_size']}] "
+          f"gray pixels in [0, 1] -> (x - {PIXEL_MEAN}) / {PIXEL_STD})")
+    print("load it with timm (features: model.forward_features(x)):")
+    print(f"  import json, safetensors.torch, timm; cfg = json.load(open({json.dumps(str(out / CONFIG))}))")
+    print("  model = timm.create_model(cfg['architecture'], pretrained=False, **cfg['model_args']); "
+          f"model.load_state_dict(safetensors.torch.load_file({json.dumps(str(out / WEIGHTS))}))")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", description="Write a run's encoder as a timm state dict: OUT/encoder.safetensors (fp32) and "
+                              "OUT/config.json (timm create_model arguments, input normalisation, step, "
+                              "teacher fingerprint). Load it with timm, probe it with "
+                              "`usjepa probe RUN --backbone OUT`, or train against it with "
+                              "teacher.checkpoint=OUT/encoder.safetensors.")
+    p.add_argument("run", help="run dir of a `usjepa train` run (stage 1 or stage 2)")
+    p.add_argument("out", help="folder to write (created; an earlier export there is replaced)")
+    p.add_argument("--checkpoint", default="latest", metavar="latest|best|step_N",
+                   help="which checkpoint: latest, best (lowest validation loss) or step_N; default latest")
+    p.add_argument("--force", action="store_true", help="write into OUT even if it holds other files")
+    p.set_defaults(func=_run)
