@@ -112,3 +112,20 @@ def test_validation_loss_at_checkpoints_and_best_is_kept(tiny_config, tmp_path):
     from usjepa.train.loop import Trainer
     trainer = Trainer(tiny_config("train.total_steps=8"))
     assert trainer.validate() == trainer.validate() == pytest.approx(val[8])
+
+
+def test_activation_checkpointing_keeps_the_losses(tiny_config, tmp_path):
+    plain = train(tiny_config("train.total_steps=3", f"run.dir={tmp_path / 'plain'}"))
+    recomputed = train(tiny_config("train.total_steps=3", "train.activation_checkpointing=true",
+                                   f"run.dir={tmp_path / 'ac'}"))
+    a, b = scalars(tmp_path / "plain", "train/loss"), scalars(tmp_path / "ac", "train/loss")
+    assert plain.step == recomputed.step == 3 and a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_keep_the_losses(tiny_config, tmp_path):
+    # torch.compile on the CPU builds C++ kernels: minutes here, so one short run.
+    train(tiny_config("train.total_steps=2", f"run.dir={tmp_path / 'plain'}"))
+    train(tiny_config("train.total_steps=2", "train.compile=true", f"run.dir={tmp_path / 'compiled'}"))
+    a, b = scalars(tmp_path / "plain", "train/loss"), scalars(tmp_path / "compiled", "train/loss")
+    assert sorted(a) == sorted(b) == [1, 2] and a == pytest.approx(b, rel=1e-4)
