@@ -80,6 +80,8 @@ def reference(tiny_overrides, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     out = run(2, [*tiny_overrides, *COMMON, f"run.dir={run_dir}"])
     assert out.returncode == 0, out.stdout[-3000:]
+    assert "global batch 8 = 2 rank(s) x 4" in out.stdout and "(FSDP2, sharded over 2 ranks)" in out.stdout
+    assert "teacher none: bfloat16, replicated" in out.stdout
     return run_dir
 
 
@@ -100,6 +102,8 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(reference, 
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    for tag in ("perf/data_s", "perf/teacher_s", "perf/student_s", "perf/optimizer_s", "perf/peak_memory_gib"):
+        assert len(losses(reference, tag)) == STEPS, tag
     meta = ckpt.read_meta(ckpt.latest_checkpoint(reference))
     assert meta["world_size"] == 2 and len(meta["rng"]) == 2 and meta["samples_seen"] == STEPS * 8
 

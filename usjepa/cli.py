@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from usjepa import __version__
@@ -49,6 +50,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _rank_tag() -> str:
+    """` (rank N)` inside a distributed launch (torchrun's variables, also set under Slurm)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""
+
+
 def _command_of(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"usjepa {args.command}: error: {e}", file=sys.stderr)
+        # One write per line: the ranks of a distributed run share a terminal.
+        sys.stderr.write(f"usjepa {args.command}: error{_rank_tag()}: {e}\n")
         return 2
     except KeyboardInterrupt:
         print(f"usjepa {args.command}: interrupted", file=sys.stderr)
