@@ -141,9 +141,10 @@ def test_probe_and_teacher_load_the_export(run, tmp_path, capsys):
     student = json.loads((reports / "student.json").read_text())
     assert report["macro_f1_mean"] == student["macro_f1_mean"]  # same weights, same probe
 
-    # The teacher loader reads timm state dicts; heads are not in the weights, so name them.
+    # The teacher loader reads timm state dicts; the head count (not in the weights, and not
+    # timm's 64 per head here) comes from the export's metadata.
     cfg = load_config(run / "resolved_config.yaml", [f"teacher.checkpoint={out / 'encoder.safetensors'}",
-                                                     "teacher.dtype=fp32", "teacher.num_heads=2"])
+                                                     "teacher.dtype=fp32"])
     teacher, info = load_teacher(cfg, CPU)
     assert info.source == str((out / "encoder.safetensors").resolve()) and len(info.sha256) == 64
     with torch.no_grad():

@@ -10,6 +10,7 @@ Sources (`teacher.checkpoint`):
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,15 +74,28 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def recorded_heads(path: Path) -> int:
+    """The head count a `usjepa export` (or any safetensors file with timm `model_args`
+    metadata) recorded, else 0."""
+    if path.suffix != ".safetensors":
+        return 0
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        args = (f.metadata() or {}).get("model_args")
+    return int(json.loads(args).get("num_heads", 0)) if args else 0
+
+
 def encoder_from_state_dict(sd: dict[str, torch.Tensor], cfg: TeacherConfig, image_size: int,
-                            patch_size: int, source: str, attention: str = "sdpa") -> Encoder:
+                            patch_size: int, source: str, attention: str = "sdpa",
+                            recorded_heads: int = 0) -> Encoder:
     """Build a single-channel Encoder that matches a timm ViT state dict and load it."""
     width, in_chans, p, _ = sd["patch_embed.proj.weight"].shape
     if p != patch_size:
         raise UserError(f"{source}: teacher patch size {p} != model.patch_size {patch_size}; "
                         "the student must use the teacher's patch size so token positions align")
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    heads = cfg.num_heads or max(1, width // 64)
+    # Heads are not in the weights: the setting, else what an export recorded, else timm's 64 per head.
+    heads = cfg.num_heads or recorded_heads or max(1, width // 64)
     reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd else 0
     class_token = "cls_token" in sd
     n_prefix = int(class_token) + reg_tokens
@@ -149,7 +163,8 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[Encoder, TeacherInf
             encoder, digest = _from_run_dir(path, image_size, patch_size, attention)
         elif path.is_file() and path.suffix in STATE_DICT_SUFFIXES:
             sd = _read_state_dict(path)
-            encoder = encoder_from_state_dict(sd, t, image_size, patch_size, str(path), attention)
+            encoder = encoder_from_state_dict(sd, t, image_size, patch_size, str(path), attention,
+                                              recorded_heads(path))
             digest = _sha256([path])
         else:
             raise UserError(f"teacher.checkpoint={source}: not a stage-1 run dir (with resolved_config.yaml) "
