@@ -23,27 +23,34 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def shards(synth_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "demo"
-    build_shards(synth_dir, out, BuildSettings(image_size=32, shard_size=12, group_pattern=GROUP_PATTERN),
+def _build(synth_dir: Path, out: Path, shard_size: int) -> Path:
+    build_shards(synth_dir, out, BuildSettings(image_size=32, shard_size=shard_size, group_pattern=GROUP_PATTERN),
                  progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def shards(synth_dir, tmp_path_factory) -> Path:
+    return _build(synth_dir, tmp_path_factory.mktemp("shards") / "demo", shard_size=12)
 
 
 @pytest.fixture(scope="session")
 def uneven_shards(synth_dir, tmp_path_factory) -> Path:
     """Shards of unequal sizes (the last of a split is short)."""
-    out = tmp_path_factory.mktemp("shards") / "uneven"
-    build_shards(synth_dir, out, BuildSettings(image_size=32, shard_size=10, group_pattern=GROUP_PATTERN),
-                 progress=False)
-    return out
+    return _build(synth_dir, tmp_path_factory.mktemp("shards") / "uneven", shard_size=10)
 
 
 @pytest.fixture(scope="session")
 def tiny_overrides(shards) -> list[str]:
     """TINY as command-line overrides, with the session's shards and a random teacher."""
     return [*TINY, f"data.shards={shards}", "teacher.checkpoint=none"]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local two-node Slurm cluster (launch/dev_cluster.sh), up for the session."""
+    from slurm_util import cluster_session
+    yield from cluster_session()
 
 
 @pytest.fixture

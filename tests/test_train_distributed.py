@@ -142,7 +142,7 @@ def test_a_stop_signal_to_one_rank_saves_the_current_step_on_all(reference, tiny
     saved = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["step"]
     assert 0 < saved < STEPS, out[-2000:]  # stopped early, at a step that is not a checkpoint step
     assert max(losses(run_dir)) == saved  # the last logged step is in the checkpoint: nothing lost
-    assert f"saved step {saved} and stopped" in out
+    assert f"SIGUSR2 received; saved step {saved} and stopped" in out
     out = run(2, [o for o in overrides if not o.startswith("checkpoint.")] + ["checkpoint.every_steps=4"])
     assert out.returncode == 0, out.stdout[-3000:]
     assert_same_losses(losses(reference), losses(run_dir))

@@ -17,6 +17,7 @@ Masks are cut to equal lengths only once the lengths of the whole global batch a
 from __future__ import annotations
 
 import random
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -170,6 +171,14 @@ def validation_batches(cfg: Config, manifests: tuple[Manifest, ...], split: str 
         n += 1
 
 
+def _ignore_stop_signals(worker: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR2/SIGINT to the training process, which saves and then
+    shuts them down; Slurm and terminals signal every process of a job, workers included."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR2", None), signal.SIGINT):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def _unchanged(part: dict) -> dict:
     return part  # DataLoader's default conversion would turn the per-sample masks into tensors
 
@@ -181,7 +190,8 @@ def make_train_loader(cfg: Config, shard_set: ShardSet, start_step: int = 0, ran
     plan = StreamPlan.of(cfg, rank, world_size)
     workers = cfg.data.num_workers
     loader = DataLoader(TrainParts(cfg, shard_set, plan, start_step), batch_size=None, num_workers=workers,
-                        collate_fn=_unchanged, prefetch_factor=2 if workers else None, persistent_workers=False)
+                        collate_fn=_unchanged, worker_init_fn=_ignore_stop_signals,
+                        prefetch_factor=2 if workers else None, persistent_workers=False)
     return _steps(iter(loader), plan.readers)
 
 

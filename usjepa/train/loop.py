@@ -16,7 +16,6 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from usjepa.train.meter import Meter, module_gib, peak_memory_gib
 from usjepa.train.objectives import pixel_targets, regression_loss, teacher_targets
 from usjepa.train.parallel import (World, as_float, micro_batches_per_step, prepare_student, set_gradient_sync,
                                    split_sizes)
+from usjepa.train.provenance import record_start
 from usjepa.train.rundir import prepare_run_dir
 from usjepa.train.schedules import cosine, warmup_cosine
 
@@ -67,7 +67,7 @@ class StepOutcome:
     weight_decay: float
     tokens: torch.Tensor  # the student's context tokens of the last micro-batch, for health metrics
     corrupt: int  # samples of the global batch that failed to decode
-    stop: bool  # some rank received a stop signal: every rank saves after this step
+    stop: int | None  # a stop signal some rank received: every rank saves after this step
 
     @property
     def finite(self) -> bool:
@@ -82,6 +82,7 @@ class TrainResult:
     images_per_s: float
     seconds: float
     rank: int = 0  # of this process; rank 0 reports
+    stop_signal: int | None = None  # the signal that ended the run early (after saving), if any
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -118,9 +119,10 @@ def _say(world: World, message: str) -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR2 / SIGINT ask the loop to finish its step, save and exit."""
+    """SIGUSR2 / SIGTERM / SIGINT ask the loop to finish its step, save and exit. When ranks
+    got different ones, the first in SIGNALS wins: USR2 is Slurm's "requeue me" warning."""
 
-    SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR2", None), signal.SIGINT) if s)
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR2", None), signal.SIGTERM, signal.SIGINT) if s)
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -253,18 +255,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def train_step(self, batch: dict, meter: Meter | None = None, stop_requested: bool = False) -> StepOutcome:
+    def train_step(self, batch: dict, meter: Meter | None = None, stop_requested: int | None = None) -> StepOutcome:
         """Schedules, forward and backward of this rank's micro-batches, update. `batch` is
         this rank's share of the step (masks per sample); a non-finite loss or gradient
-        updates nothing. `stop_requested` (this rank got a signal) is shared with all ranks."""
+        updates nothing. `stop_requested` (a signal this rank got) is shared with all ranks."""
         meter = meter or Meter(self.device)
         lr, wd = self._set_schedules()
         # Mask lengths and sample counts of the whole global batch, so every rank cuts its
         # masks alike and weights its loss by its true share (corrupt samples make shares unequal).
         lengths = mask_lengths(batch["masks"]) if batch["ids"] else (sys.maxsize, sys.maxsize)
-        counts = self.world.gather_ints([*lengths, len(batch["ids"]), batch["corrupt"]])
-        kc, kt = min(c[0] for c in counts), min(c[1] for c in counts)
-        total = sum(c[2] for c in counts)
+        counts = self.world.gather([*lengths, len(batch["ids"]), batch["corrupt"]])
+        kc, kt = int(min(c[0] for c in counts)), int(min(c[1] for c in counts))
+        total = int(sum(c[2] for c in counts))
         if total == 0:
             collate_batch(batch)  # raises the all-corrupt error
         batch = collate_batch(batch, (kc, kt)) if batch["ids"] else batch
@@ -284,9 +286,11 @@ class Trainer:
                 # FSDP averages gradients over ranks, hence the world size in the weight.
                 (loss * (size * self.world.size / total)).backward()
                 loss_sum += loss.detach() * size
-        global_loss, stops = self.world.sum_floats([loss_sum.item(), float(stop_requested)])
-        outcome = StepOutcome(loss=global_loss / total, grad_norm=math.nan, lr=lr, weight_decay=wd,
-                              tokens=tokens, corrupt=sum(c[3] for c in counts), stop=stops > 0)
+        shared = self.world.gather([loss_sum.item(), stop_requested or 0])
+        received = {int(s) for _, s in shared if s}
+        outcome = StepOutcome(loss=sum(x for x, _ in shared) / total, grad_norm=math.nan, lr=lr, weight_decay=wd,
+                              tokens=tokens, corrupt=int(sum(c[3] for c in counts)),
+                              stop=next((s for s in StopSignal.SIGNALS if s in received), None))
         with meter.phase("optimizer"):
             if math.isfinite(outcome.loss):
                 outcome.grad_norm = self._update()
@@ -358,7 +362,8 @@ class Trainer:
             _say(world, f"{self.run_dir} is already at step {self.step}; nothing to do")
             return TrainResult(self.run_dir, self.step, math.nan, 0.0, 0.0, world.rank)
         _say(world, self.describe())
-        batches = make_train_loader(cfg, self.shard_set, self.step, world.rank, world.size)
+        if world.is_main:
+            record_start(self.run_dir, self.step, world.size, world.launcher)
         bar = tqdm(total=end, initial=self.step, disable=not (cfg.log.progress and world.is_main),
                    desc=cfg.train.objective, unit="step", dynamic_ncols=True)
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None) \
@@ -366,15 +371,17 @@ class Trainer:
         if writer and not self.step:
             writer.add_text("run/setup", self.describe().replace("\n", "  \n"), 0)
         self.student.train()
-        first_step, meter, outcome = self.step, Meter(self.device), None
+        first_step, meter, outcome, stop_signal = self.step, Meter(self.device), None, None
         try:
             with StopSignal() as stop:
+                # Loader workers start inside: none may run a launcher's handler (submitit's requeues).
+                batches = make_train_loader(cfg, self.shard_set, self.step, world.rank, world.size)
                 while self.step < end:
                     logged = (self.step + 1) % cfg.log.every_steps == 0 or self.step + 1 == end
                     meter.begin_step(timed=logged)
                     with meter.phase("data"):
                         batch = next(batches)
-                    outcome = self.train_step(batch, meter, stop_requested=stop.received is not None)
+                    outcome = self.train_step(batch, meter, stop_requested=stop.received)
                     self.counters["corrupt_skipped"] += outcome.corrupt
                     meter.count(cfg.data.batch_size)
                     self._count_nonfinite(outcome, writer)
@@ -392,7 +399,8 @@ class Trainer:
                     if self.step % cfg.checkpoint.every_steps == 0 or self.step == end or outcome.stop:
                         self._checkpoint(writer)
                     if outcome.stop:
-                        _say(world, f"stop signal received; saved step {self.step} and stopped")
+                        _say(world, f"{signal.Signals(outcome.stop).name} received; saved step {self.step} and stopped")
+                        stop_signal = outcome.stop
                         break
         finally:
             bar.close()
@@ -400,7 +408,7 @@ class Trainer:
                 writer.close()
         seconds = meter.total_seconds()
         images = (self.step - first_step) * cfg.data.batch_size
-        return TrainResult(self.run_dir, self.step, outcome.loss, images / seconds, seconds, world.rank)
+        return TrainResult(self.run_dir, self.step, outcome.loss, images / seconds, seconds, world.rank, stop_signal)
 
 
 def train(cfg: Config) -> TrainResult:

@@ -26,6 +26,7 @@ class World:
     rank: int
     size: int
     device: torch.device
+    launcher: str = "single"  # torchrun | slurm | single
 
     @property
     def is_main(self) -> bool:
@@ -42,24 +43,17 @@ class World:
         env = init_distributed(device, env, timeout_s=cfg.distributed.timeout_s)
         if device.type == "cuda" and env.is_distributed:
             device = torch.device("cuda", env.local_rank)
-        return World(env.rank, env.world_size, device)
+        return World(env.rank, env.world_size, device, env.source)
 
     # -- collectives (identity in one process) ------------------------------------------------
-    def gather_ints(self, values: list[int]) -> list[list[int]]:
-        """Every rank's `values`, in rank order."""
+    def gather(self, values: list[float]) -> list[list[float]]:
+        """Every rank's `values` (a few numbers; integers stay exact), in rank order."""
         if not self.distributed:
             return [list(values)]
-        mine = torch.tensor(values, dtype=torch.int64, device=self.device)
-        out = torch.empty(self.size * len(values), dtype=torch.int64, device=self.device)
+        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
+        out = torch.empty(self.size * len(values), dtype=torch.float64, device=self.device)
         dist.all_gather_single(out, mine)
         return out.view(self.size, len(values)).tolist()
-
-    def sum_floats(self, values: list[float]) -> list[float]:
-        if not self.distributed:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
 
     def gather_objects(self, obj: object) -> list[object]:
         if not self.distributed:
