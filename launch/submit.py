@@ -15,6 +15,7 @@ RUN/slurm/<job id>_<task>_log.{out,err}; RUN/launch/ records the submission and 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,14 +83,17 @@ def slurm_parameters(args: argparse.Namespace, cfg: Config) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
+_EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception)): (.+)$")
+
+
 def job_outcome(job) -> tuple[object, str]:
-    """(task 0's result, "") or (None, the last line of a failed task's traceback: our
-    one-line UserError, or the exception)."""
+    """(task 0's result, "") or (None, the error of a failed task: the message of the last
+    exception in its traceback, which for a user mistake is usjepa's one-line error)."""
     try:
         return job.results()[0], ""
-    except Exception as e:  # submitit raises FailedJobError / UncompletedJobError with the job's traceback
-        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-        return None, lines[-1] if lines else type(e).__name__
+    except Exception as e:  # submitit's FailedJobError / UncompletedJobError carry the job's traceback
+        found = [m for line in str(e).splitlines() if (m := _EXCEPTION_LINE.match(line.strip()))]
+        return None, found[-1].group(2) if found else str(e).strip().splitlines()[0]
 
 
 def wait(job, run_dir: Path) -> int:
@@ -97,7 +101,7 @@ def wait(job, run_dir: Path) -> int:
         time.sleep(2)
     result, error = job_outcome(job)
     if error:
-        print(f"job {job.job_id} failed: {error.removeprefix('usjepa.errors.UserError: ')} "
+        print(f"job {job.job_id} failed: {error} "
               f"(log: {run_dir}/slurm/{job.job_id}_0_log.err)", file=sys.stderr)
         return 1
     print(f"job {job.job_id} finished: {result}")

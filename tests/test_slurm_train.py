@@ -47,9 +47,11 @@ def latest_step(run_dir: Path) -> int:
 
 
 def logged_steps(run_dir: Path) -> int:
+    if not (run_dir / "tb").is_dir():
+        return 0
     try:
         return max(losses(run_dir), default=0)
-    except KeyError:
+    except KeyError:  # no train/loss yet
         return 0
 
 
