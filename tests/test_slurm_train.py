@@ -156,3 +156,14 @@ def test_a_failing_job_reports_its_error_to_the_submitter(slurm_cluster, tiny_ov
     error = out.stderr.strip().splitlines()[-1]
     assert error.startswith("job ") and " failed: " in error and "/nowhere/shards" in error, error
     assert time.monotonic() - t0 < SUBMIT_TIMEOUT_S
+
+
+def test_the_srun_template_without_submitit(slurm_cluster, reference, tiny_overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = run(["sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=1", "-t", "10",
+                  f"--export=ALL,PYTHON={sys.executable}",
+                  f"--output={tmp_path / 'slurm-%j.out'}", "launch/multinode.sbatch", "configs/demo.yaml",
+                  *tiny_overrides, *COMMON, f"run.dir={run_dir}"], timeout=SUBMIT_TIMEOUT_S).stdout.strip()
+    assert_same_losses(reference, run_dir)
+    [start] = read_records(run_dir, "starts.jsonl")
+    assert start["slurm_job_id"] == job_id.split(";")[0] and start["world_size"] == 2

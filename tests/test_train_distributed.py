@@ -197,3 +197,13 @@ def test_too_few_shards_for_the_streams_is_a_one_line_error(tiny_overrides, tmp_
     assert "usjepa train: error (rank 0): " in out.stdout
     assert "data.streams=16 (at least ranks x data.num_workers) needs at least 16" in out.stdout
     assert "/usjepa/" not in out.stdout  # torchrun reports the failed ranks; no traceback of ours
+
+
+def test_the_one_node_launcher_script(reference, tiny_overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run([str(REPO / "launch" / "torchrun.sh"), "configs/demo.yaml", *tiny_overrides, *COMMON,
+                          f"run.dir={run_dir}"], cwd=REPO, env={**os.environ, "NPROC": "2", "PYTHON": sys.executable},
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "global batch 8 = 2 rank(s) x 4" in out.stderr
+    assert_same_losses(losses(reference), losses(run_dir))
