@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # KEY=VALUE overrides before or after the options
     if args.worker:
         return _worker(args)
     with tempfile.TemporaryDirectory() as tmp:
