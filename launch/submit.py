@@ -3,8 +3,8 @@
 preemption, resumed from the run dir's latest checkpoint.
 
     python launch/submit.py configs/salt_vitb16.yaml data.shards=shards/corpus \
-        teacher.checkpoint=runs/teacher_mae_vitb16 --nodes 4 --tasks-per-node 8 \
-        --gpus-per-node 8 --cpus-per-task 10 --mem 480G --partition gpu --time 2880
+        teacher.checkpoint=runs/teacher_mae_vitb16 --nodes 2 --tasks-per-node 4 \
+        --gpus-per-node 4 --cpus-per-task 9 --mem 240G --partition gpu --time 2880
 
 The config (and its data, teacher and stream layout for the requested world size) is checked
 before anything is submitted; `--dry-run` prints the job parameters and the resolved config
@@ -57,6 +57,9 @@ def absolute_paths(cfg: Config) -> list[str]:
     fixed = [f"run.dir={Path(cfg.run.dir).resolve()}"]
     if cfg.data.shards:
         fixed.append(f"data.shards={Path(cfg.data.shards).resolve()}")
+    if cfg.data.mixture:
+        entries = ", ".join(f"{{shards: '{Path(e.shards).resolve()}', weight: {e.weight}}}" for e in cfg.data.mixture)
+        fixed.append(f"data.mixture=[{entries}]")
     if cfg.teacher.checkpoint.lower() != "none" and Path(cfg.teacher.checkpoint).exists():
         fixed.append(f"teacher.checkpoint={Path(cfg.teacher.checkpoint).resolve()}")
     return fixed
@@ -80,6 +83,9 @@ def slurm_parameters(args: argparse.Namespace, cfg: Config) -> dict:
               "job_name": args.job_name or Path(cfg.run.dir).name, "signal_delay_s": args.signal_delay,
               "cpus_per_task": args.cpus_per_task, "mem": args.mem, "partition": args.partition,
               "account": args.account, "qos": args.qos, "gpus_per_node": args.gpus_per_node or None}
+    # One rank that dies (out of memory, a crash) must end the step, not leave the others
+    # waiting in a collective until the timeout.
+    params["srun_args"] = ["--kill-on-bad-exit=1"]
     return {k: v for k, v in params.items() if v is not None}
 
 

@@ -114,19 +114,25 @@ def test_corrupt_samples_are_skipped_and_counted(tiny_config, shards, tmp_path):
     assert all(b["images"].shape[0] == 8 - b["corrupt"] for b in batches)
 
 
-def test_a_mixture_draws_each_set_by_its_weight(tiny_config, shards, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(shards, other)
-    cfg = tiny_config("data.shards=", f"data.mixture=[{{shards: {shards}, weight: 1}}, {{shards: {other}, weight: 3}}]",
-                      "data.streams=2")
+def test_a_mixture_gives_each_set_its_weight_in_samples(tiny_config, shards, uneven_shards):
+    # Sets with shards of different sizes: the shares are of samples, not of shard draws.
+    cfg = tiny_config("data.shards=", f"data.mixture=[{{shards: {shards}, weight: 1}}, "
+                      f"{{shards: {uneven_shards}, weight: 3}}]", "data.streams=2")
     shard_set = ShardSet.load(cfg)
-    assert shard_set.resampled and len(shard_set.paths) == 2 * len(load_manifest(shards).shard_paths("train"))
-    drawn = [i for epoch in range(400) for s in range(2) for i in shard_set.epoch_shards(0, epoch, s, 2)]
-    from_other = np.mean([shard_set.paths[i].startswith(str(other)) for i in drawn])
-    assert 0.70 < from_other < 0.80
+    assert shard_set.resampled
+    drawn = [i for epoch in range(1000) for s in range(2) for i in shard_set.epoch_shards(0, epoch, s, 2)]
+    samples = np.array([shard_set.counts[i] for i in drawn])
+    from_uneven = np.array([shard_set.paths[i].startswith(str(uneven_shards)) for i in drawn])
+    assert 0.72 < samples[from_uneven].sum() / samples.sum() < 0.78
     assert len(take(cfg, 3)) == 3
+    # no weight: each set's manifest sampling_weight (its train size here) sets its share
+    default = ShardSet.load(tiny_config("data.shards=", f"data.mixture=[{{shards: {shards}}}, {{shards: {uneven_shards}}}]"))
+    expected = [sum(p * c for p, c, path in zip(default.probs, default.counts, default.paths)
+                    if path.startswith(str(root))) for root in (shards, uneven_shards)]
+    weights = [load_manifest(root).sampling_weight for root in (shards, uneven_shards)]
+    assert expected[0] / expected[1] == pytest.approx(weights[0] / weights[1])
     with pytest.raises(UserError, match="not both"):
-        tiny_config(f"data.mixture=[{{shards: {other}}}]")
+        tiny_config(f"data.mixture=[{{shards: {uneven_shards}}}]")
 
 
 def test_eval_batches_keep_shard_order(shards):

@@ -158,12 +158,11 @@ def test_a_failing_job_reports_its_error_to_the_submitter(slurm_cluster, tiny_ov
     assert time.monotonic() - t0 < SUBMIT_TIMEOUT_S
 
 
-def test_the_srun_template_without_submitit(slurm_cluster, reference, tiny_overrides, tmp_path):
+def test_the_srun_template_without_submitit_requeues_itself(slurm_cluster, reference, tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
-    job_id = run(["sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=1", "-t", "10",
-                  f"--export=ALL,PYTHON={sys.executable}",
-                  f"--output={tmp_path / 'slurm-%j.out'}", "launch/multinode.sbatch", "configs/demo.yaml",
-                  *tiny_overrides, *COMMON, f"run.dir={run_dir}"], timeout=SUBMIT_TIMEOUT_S).stdout.strip()
-    assert_same_losses(reference, run_dir)
-    [start] = read_records(run_dir, "starts.jsonl")
-    assert start["slurm_job_id"] == job_id.split(";")[0] and start["world_size"] == 2
+    job_id = run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "-t", "10",
+                  f"--export=ALL,PYTHON={sys.executable}", f"--output={tmp_path / 'slurm-%j.out'}",
+                  "launch/multinode.sbatch", "configs/demo.yaml", *tiny_overrides, *COMMON,
+                  f"run.dir={run_dir}"]).stdout.strip().split(";")[0]
+    # USR2 to the tasks (what --signal=USR2@90 does): they save, exit 75, the script requeues.
+    _interrupt_then_finish(reference, run_dir, job_id, lambda: run(["scancel", "--signal=USR2", job_id]))

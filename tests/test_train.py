@@ -129,3 +129,17 @@ def test_compiled_blocks_keep_the_losses(tiny_config, tmp_path):
     train(tiny_config("train.total_steps=2", "train.compile=true", f"run.dir={tmp_path / 'compiled'}"))
     a, b = scalars(tmp_path / "plain", "train/loss"), scalars(tmp_path / "compiled", "train/loss")
     assert sorted(a) == sorted(b) == [1, 2] and a == pytest.approx(b, rel=1e-4)
+
+
+def test_passes_left_without_samples_keep_every_rank_in_step(tiny_config, shards, tmp_path):
+    # One sample per pass: a corrupt sample leaves a pass empty, which must still run (FSDP
+    # ranks meet in every pass) and must not move the weights or the logged loss.
+    from test_pipeline import _corrupt_first_train_shard
+    broken = _corrupt_first_train_shard(shards, tmp_path / "broken")
+    result = train(tiny_config(f"data.shards={broken}", "data.micro_batch_size=1", "train.total_steps=12"))
+    assert result.step == 12 and result.loss == result.loss
+    assert max(scalars(tmp_path / "run", "data/corrupt_skipped").values()) > 0
+    whole = tmp_path / "whole"
+    train(tiny_config(f"data.shards={broken}", "train.total_steps=12", f"run.dir={whole}"))
+    a, b = scalars(tmp_path / "run", "train/loss"), scalars(whole, "train/loss")
+    assert a == pytest.approx(b, rel=1e-4)

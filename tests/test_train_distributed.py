@@ -175,7 +175,8 @@ def test_a_checkpoint_continues_on_another_world_size(reference, tiny_overrides,
     overrides = [*tiny_overrides, *COMMON, f"run.dir={run_dir}"]
     out = run(first, [*overrides, "run.stop_at_step=4"])
     assert out.returncode == 0, out.stdout[-3000:]
-    out = run(second, overrides)
+    # The second leg recomputes activations (under FSDP2 in 1 -> 2): the same losses still.
+    out = run(second, [*overrides, "train.activation_checkpointing=true"])
     assert out.returncode == 0, out.stdout[-3000:]
     assert f"resharded from {first} to {second} ranks" in out.stdout
     assert_same_losses(losses(reference), losses(run_dir))

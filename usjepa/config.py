@@ -52,7 +52,9 @@ class AugmentConfig:
 @dataclass
 class MixtureEntry:
     shards: str  # a folder written by `usjepa shards build`
-    weight: float = 1.0  # relative share of the samples drawn from this set
+    # Relative share of the samples drawn from this set; 0 = the manifest's sampling_weight,
+    # min(train samples, 50,000) as in the paper.
+    weight: float = 0.0
 
 
 @dataclass
@@ -263,7 +265,7 @@ def validate(cfg: Config) -> Config:
     _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
     _check(not (d.shards and d.mixture), "data.shards",
            "name one shard set (data.shards=PATH) or several in data.mixture, not both")
-    _check(all(e.weight > 0 for e in d.mixture), "data.mixture", "every weight must be > 0")
+    _check(all(e.weight >= 0 for e in d.mixture), "data.mixture", "weights must be >= 0 (0: the manifest's sampling_weight)")
     _check(d.streams >= 1 and d.batch_size % d.streams == 0, "data.streams",
            f"{d.streams} must be >= 1 and divide data.batch_size={d.batch_size} (each stream gives "
            "an equal chunk of the batch)")

@@ -101,7 +101,9 @@ class ShardSet:
             shard_counts = [s.count for s in manifest.splits[split].shards]
             paths += [str(p) for p in manifest.shard_paths(split)]
             counts += shard_counts
-            probs += [weight / total_weight * c / sum(shard_counts) for c in shard_counts]
+            # Every shard of a set equally likely, scaled so that the set's expected share of the
+            # samples (draws x shard sizes) is its weight: p = weight / samples in the set.
+            probs += [weight / total_weight / sum(shard_counts)] * len(shard_counts)
         resampled = bool(cfg.data.mixture)
         shard_set = ShardSet(tuple(manifests), tuple(paths), tuple(counts),
                              np.asarray(probs) / sum(probs) if resampled else None)

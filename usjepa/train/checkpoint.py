@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from usjepa.errors import UserError
 from usjepa.fileio import atomic_write_text
+from usjepa.train.distributed import barrier, in_process_group, is_main
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 META = "meta.json"
@@ -42,19 +42,6 @@ def _single_process_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _is_main() -> bool:
-    return not _distributed() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
 
 
 def rng_state() -> dict[str, str]:
@@ -118,14 +105,14 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
-    if _is_main():
+    if is_main():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _single_process_quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not _distributed())
-    if _is_main():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not in_process_group())
+    if is_main():
         (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -138,7 +125,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old != best:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -147,7 +134,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+        dcp.load(state, checkpoint_id=path, no_dist=not in_process_group())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return read_meta(path)
 

@@ -271,11 +271,7 @@ def init_distributed(device: torch.device, env: DistEnv | None = None, timeout_s
                 log.warning("replacing inherited %s=%s with %s (from the %s environment)", name, old, value, env.source)
             os.environ[name] = value
     if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if env.local_rank >= count:
-            raise UserError(f"local rank {env.local_rank} has no GPU: this node shows {count}; "
-                            "start at most one task per GPU (e.g. srun --ntasks-per-node / torchrun --nproc_per_node)")
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(cuda_index(env.local_rank))
         backend = "nccl"
     else:
         backend = "gloo"
@@ -286,20 +282,34 @@ def init_distributed(device: torch.device, env: DistEnv | None = None, timeout_s
     return env
 
 
+def cuda_index(local_rank: int) -> int:
+    """The GPU of a local rank: its own index, or 0 where each task sees only its own GPU
+    (Slurm's --gpus-per-task / CUDA_VISIBLE_DEVICES per task)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        raise UserError(f"local rank {local_rank} has no GPU: this node shows {count}; "
+                        "start at most one task per GPU (e.g. srun --ntasks-per-node / torchrun --nproc_per_node)")
+    return local_rank
+
+
 def shutdown_distributed() -> None:
     """Destroy the process group if there is one."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.destroy_process_group()
+
+
+def in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_main() -> bool:
     """True on rank 0, and in a process without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return True
+    return not in_process_group() or dist.get_rank() == 0
 
 
 def barrier() -> None:
     """Wait for all ranks; a no-op without a process group."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.barrier()

@@ -65,7 +65,7 @@ class StepOutcome:
     grad_norm: float  # NaN when nothing was applied
     lr: float
     weight_decay: float
-    tokens: torch.Tensor  # the student's context tokens of the last micro-batch, for health metrics
+    tokens: torch.Tensor | None  # the student's context tokens on this rank, for health metrics
     corrupt: int  # samples of the global batch that failed to decode
     stop: int | None  # a stop signal some rank received: every rank saves after this step
 
@@ -235,6 +235,13 @@ class Trainer:
         return {k: batch[k][sl].to(self.device, non_blocking=True) for k in ("images", "context")} | \
             {"targets": batch["targets"][:, sl].to(self.device, non_blocking=True)}
 
+    def _placeholder(self, kc: int, kt: int) -> dict:
+        """One blank sample with masks of the step's lengths, for a pass without samples."""
+        size, n_targets = self.cfg.data.image_size, self.cfg.mask.num_targets
+        return {"images": torch.zeros(1, 1, size, size, device=self.device),
+                "context": torch.arange(kc, device=self.device)[None],
+                "targets": torch.arange(kt, device=self.device).expand(n_targets, 1, kt)}
+
     def _set_schedules(self) -> tuple[float, float]:
         o, total = self.cfg.optim, self.cfg.train.total_steps
         lr = warmup_cosine(self.step, total, o.warmup_steps, o.start_lr, o.lr, o.final_lr)
@@ -268,28 +275,28 @@ class Trainer:
         kc, kt = int(min(c[0] for c in counts)), int(min(c[1] for c in counts))
         total = int(sum(c[2] for c in counts))
         if total == 0:
-            collate_batch(batch)  # raises the all-corrupt error
+            collate_batch(batch)  # raises the all-corrupt error (on every rank alike)
         batch = collate_batch(batch, (kc, kt)) if batch["ids"] else batch
-        sizes = split_sizes(len(batch["ids"]), self.micro_batches)
-        if batch["ids"] and min(sizes) == 0:
-            raise UserError(f"step {self.step}: {len(batch['ids'])} readable samples cannot fill "
-                            f"{self.micro_batches} micro-batches; raise data.micro_batch_size")
-        loss_sum, tokens, start = torch.zeros((), device=self.device), None, 0
-        for i, size in enumerate(sizes):
-            set_gradient_sync(self.student, i == len(sizes) - 1)
-            part = self._on_device(batch, slice(start, start + size))
+        loss_sum, tokens, start = torch.zeros((), device=self.device), [], 0
+        # Every rank runs the same number of passes (FSDP gathers parameters in each one); a
+        # pass left without samples (corrupt ones skipped) runs a placeholder with weight 0.
+        for i, size in enumerate(split_sizes(len(batch["ids"]), self.micro_batches)):
+            set_gradient_sync(self.student, i == self.micro_batches - 1)
+            part = self._on_device(batch, slice(start, start + size)) if size else self._placeholder(kc, kt)
             start += size
             with meter.phase("teacher"):
                 target = self.targets(part)
             with meter.phase("student"):
-                loss, tokens = self.loss(part, target)
+                loss, part_tokens = self.loss(part, target)
                 # FSDP averages gradients over ranks, hence the world size in the weight.
                 (loss * (size * self.world.size / total)).backward()
-                loss_sum += loss.detach() * size
+                if size:
+                    loss_sum += loss.detach() * size
+                    tokens.append(part_tokens)
         shared = self.world.gather([loss_sum.item(), stop_requested or 0])
         received = {int(s) for _, s in shared if s}
         outcome = StepOutcome(loss=sum(x for x, _ in shared) / total, grad_norm=math.nan, lr=lr, weight_decay=wd,
-                              tokens=tokens, corrupt=int(sum(c[3] for c in counts)),
+                              tokens=torch.cat(tokens) if tokens else None, corrupt=int(sum(c[3] for c in counts)),
                               stop=next((s for s in StopSignal.SIGNALS if s in received), None))
         with meter.phase("optimizer"):
             if math.isfinite(outcome.loss):
@@ -309,10 +316,14 @@ class Trainer:
         self.student.eval()
         total = count = 0.0
         for batch in validation_batches(cfg, self.shard_set.manifests, max_batches=cfg.train.val_batches):
-            part = self._on_device(batch)
-            loss, _ = self.loss(part, self.targets(part))
-            total += loss.item() * batch["images"].shape[0]
-            count += batch["images"].shape[0]
+            start, n = 0, batch["images"].shape[0]
+            passes = min(n, math.ceil(n / cfg.data.micro_batch_size)) if cfg.data.micro_batch_size else 1
+            for size in split_sizes(n, passes):  # the memory limit of training holds here too
+                part = self._on_device(batch, slice(start, start + size))
+                start += size
+                loss, _ = self.loss(part, self.targets(part))
+                total += loss.item() * size
+                count += size
         self.student.train()
         return total / count
 
@@ -344,13 +355,14 @@ class Trainer:
                    "train/grad_norm": outcome.grad_norm, "train/global_batch": self.cfg.data.batch_size,
                    **{f"perf/{k}": v for k, v in perf.items()},
                    "perf/peak_memory_gib": peak_memory_gib(self.device),
-                   "health/feature_std": feature_std(outcome.tokens),
                    "data/corrupt_skipped": self.counters["corrupt_skipped"]}
+        if outcome.tokens is not None:  # None: every sample of this rank's share was corrupt
+            scalars["health/feature_std"] = feature_std(outcome.tokens)
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, self.step)
 
-    def _checkpoint(self, writer: SummaryWriter | None) -> None:
-        val_loss = self.validate()
+    def _checkpoint(self, writer: SummaryWriter | None, validate: bool = True) -> None:
+        val_loss = self.validate() if validate else None
         if val_loss is not None and writer:
             writer.add_scalar("val/loss", val_loss, self.step)
         self.save(val_loss)
@@ -389,7 +401,7 @@ class Trainer:
                         self._log(writer, outcome, meter)
                     if world.is_main and logged:
                         bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}")
-                    if writer and cfg.log.image_every_steps and (self.step == 1 or
+                    if writer and batch["ids"] and cfg.log.image_every_steps and (self.step == 1 or
                                                                  self.step % cfg.log.image_every_steps == 0):
                         shown = collate_batch(batch)
                         writer.add_image("masks/context_green_targets_red",
@@ -397,7 +409,8 @@ class Trainer:
                                                       cfg.model.patch_size), self.step)
                     bar.update(1)
                     if self.step % cfg.checkpoint.every_steps == 0 or self.step == end or outcome.stop:
-                        self._checkpoint(writer)
+                        # A stop must save within the launcher's grace time: no validation then.
+                        self._checkpoint(writer, validate=not outcome.stop)
                     if outcome.stop:
                         _say(world, f"{signal.Signals(outcome.stop).name} received; saved step {self.step} and stopped")
                         stop_signal = outcome.stop

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from usjepa.config import Config
-from usjepa.train.distributed import DistEnv, init_distributed
+from usjepa.train.distributed import DistEnv, cuda_index, init_distributed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -42,7 +42,7 @@ class World:
         takes the GPU of its local rank."""
         env = init_distributed(device, env, timeout_s=cfg.distributed.timeout_s)
         if device.type == "cuda" and env.is_distributed:
-            device = torch.device("cuda", env.local_rank)
+            device = torch.device("cuda", cuda_index(env.local_rank))
         return World(env.rank, env.world_size, device, env.source)
 
     # -- collectives (identity in one process) ------------------------------------------------
