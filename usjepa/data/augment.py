@@ -1,7 +1,7 @@
 """The paper's augmentations (PAPER.md section 2), driven by an explicit generator.
 
 Every random choice comes from the numpy Generator passed in, never from global RNG state,
-so a sample's augmentation is a pure function of (seed, rank, step, sample) and a resumed
+so a sample's augmentation is a pure function of (seed, stream, step, sample) and a resumed
 run sees exactly the views the uninterrupted run would have seen.
 """
 
