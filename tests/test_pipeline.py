@@ -160,3 +160,18 @@ def test_short_side_shards_keep_their_aspect_and_feed_square_batches(synth_dir, 
     assert batch["images"].shape == (8, 1, 32, 32)
     images, _ = next(eval_batches(manifest, "test", 32, 4))
     assert images.shape == (4, 1, 32, 32)
+
+
+def test_a_shard_with_fewer_records_than_its_manifest_says_is_reported(tiny_config, shards, tmp_path, capfd):
+    short = tmp_path / "short"
+    shutil.copytree(shards, short)
+    first = load_manifest(short).shard_paths("train")[0]
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    dropped = members[0][0].name.split(".")[0]  # one sample: all files of its key
+    with tarfile.open(first, "w") as tar:
+        for m, data in members:
+            if m.name.split(".")[0] != dropped:
+                tar.addfile(m, io.BytesIO(data))
+    take(tiny_config(f"data.shards={short}"), 12)  # more than one epoch of the single stream
+    assert "a resumed run will not see exactly the same data" in capfd.readouterr().err

@@ -97,6 +97,9 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(reference, 
     out = run(1, [*tiny_overrides, *COMMON, f"run.dir={single}", "data.micro_batch_size=2"])
     assert out.returncode == 0, out.stdout[-3000:]
     assert_same_losses(losses(reference), losses(single))
+    # validation, split by batches over the 2 ranks (one pads with placeholder passes): the same
+    assert losses(reference, "val/loss") == pytest.approx(losses(single, "val/loss"), rel=1e-5)
+    assert sorted(losses(reference, "val/loss")) == [4, 8, 12]
     a = student_state([*tiny_overrides, *COMMON, f"run.dir={reference}"])
     b = student_state([*tiny_overrides, *COMMON, f"run.dir={single}"])
     assert a.keys() == b.keys()

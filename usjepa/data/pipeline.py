@@ -20,6 +20,7 @@ import random
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,12 +66,28 @@ class TrainParts(IterableDataset):
             rng = random.Random(f"{seed}-{stream}-{epoch}")
             buffered = wds.shuffle(self.cfg.data.shuffle_buffer, initial=self.cfg.data.shuffle_buffer,
                                    rng=rng)(records)
+            read = 0
             for record in buffered:
+                read += 1
                 if skip:
                     skip -= 1
                     continue
                 yield record
+            self._check_epoch(stream, epoch, mine, read, in_epoch)
             epoch += 1
+
+    def _check_epoch(self, stream: int, epoch: int, shards: list[int], read: int, expected: int) -> None:
+        """Unreadable tar records are dropped by the reader, which the resume arithmetic (the
+        manifest's counts) cannot know: say so, and stop a stream that reads nothing at all."""
+        if read == expected:
+            return
+        names = ", ".join(Path(self.shard_set.paths[i]).name for i in shards)
+        if not read:
+            raise UserError(f"data stream {stream}: no readable record in its shards ({names}); "
+                            "run `usjepa shards verify` on the shard set")
+        print(f"usjepa: data stream {stream}, epoch {epoch}: read {read} records of the {expected} the manifest "
+              f"lists for {names}; a resumed run will not see exactly the same data: run `usjepa shards verify`",
+              file=sys.stderr)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -156,19 +173,28 @@ def _records(manifest: Manifest, split: str) -> Iterator[dict]:
     return wds.tarfile_to_samples()([{"url": str(p)} for p in manifest.shard_paths(split)])
 
 
-def validation_batches(cfg: Config, manifests: tuple[Manifest, ...], split: str = "val",
-                       max_batches: int = 0) -> Iterator[dict]:
-    """Un-augmented batches of a held-out split (of every shard set that has one) with masks
-    fixed for the whole run, so the validation losses of two steps are measured on identical
-    inputs and targets. Every rank gets the same batches."""
+def validation_batches(cfg: Config, manifests: tuple[Manifest, ...], split: str = "val", max_batches: int = 0,
+                       rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, dict]]:
+    """(index, batch) of the un-augmented batches of a held-out split (of every shard set that
+    has one), with masks fixed for the whole run, so the validation losses of two steps are
+    measured on identical inputs and targets. Batch n belongs to rank n % world_size; the
+    others' records are passed over without decoding."""
     records = (r for m in manifests if split in m.splits for r in _records(m, split))
     n = 0
     while not max_batches or n < max_batches:
         chunk = [r for _, r in zip(range(cfg.data.batch_size), records)]
         if not chunk:
             return
-        yield make_batch(cfg, chunk, step=n, augmented=False, mask_seed=cfg.run.seed + VALIDATION_SEED)
+        if n % world_size == rank:
+            yield n, make_batch(cfg, chunk, step=n, augmented=False, mask_seed=cfg.run.seed + VALIDATION_SEED)
         n += 1
+
+
+def validation_batch_count(cfg: Config, manifests: tuple[Manifest, ...], split: str = "val",
+                           max_batches: int = 0) -> int:
+    samples = sum(m.count(split) for m in manifests if split in m.splits)
+    batches = -(-samples // cfg.data.batch_size)
+    return min(batches, max_batches) if max_batches else batches
 
 
 def _ignore_stop_signals(worker: int) -> None:

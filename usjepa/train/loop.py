@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from usjepa.config import Config
 from usjepa.data.masks import mask_lengths
-from usjepa.data.pipeline import collate_batch, make_train_loader, validation_batches
+from usjepa.data.pipeline import collate_batch, make_train_loader, validation_batch_count, validation_batches
 from usjepa.data.streams import ShardSet
 from usjepa.errors import UserError
 from usjepa.models.predictor import Predictor, build_predictor
@@ -308,23 +308,30 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean loss over the validation split, or None when there is none to measure.
-        Every rank measures the same batches (FSDP needs every rank in every forward)."""
-        cfg = self.cfg
-        if not cfg.train.validate or not any(m.count("val") for m in self.shard_set.manifests if "val" in m.splits):
+        """Mean loss over the validation split, or None when there is none to measure. Ranks
+        take turns with the batches; every rank runs the same number of passes (FSDP gathers
+        parameters in each), padding with weight-0 placeholders."""
+        cfg, world = self.cfg, self.world
+        manifests, limit = self.shard_set.manifests, cfg.train.val_batches
+        n_batches = validation_batch_count(cfg, manifests, max_batches=limit)
+        if not cfg.train.validate or not n_batches:
             return None
+        passes = math.ceil(cfg.data.batch_size / cfg.data.micro_batch_size) if cfg.data.micro_batch_size else 1
+        mine = validation_batches(cfg, manifests, max_batches=limit, rank=world.rank, world_size=world.size)
         self.student.eval()
         total = count = 0.0
-        for batch in validation_batches(cfg, self.shard_set.manifests, max_batches=cfg.train.val_batches):
-            start, n = 0, batch["images"].shape[0]
-            passes = min(n, math.ceil(n / cfg.data.micro_batch_size)) if cfg.data.micro_batch_size else 1
-            for size in split_sizes(n, passes):  # the memory limit of training holds here too
-                part = self._on_device(batch, slice(start, start + size))
+        for _ in range(math.ceil(n_batches / world.size)):
+            batch = next(mine, (None, None))[1]  # None: this rank has no batch left in this round
+            sizes = split_sizes(batch["images"].shape[0], passes) if batch else [0] * passes
+            start = 0
+            for size in sizes:  # the memory limit of training holds here too
+                part = self._on_device(batch, slice(start, start + size)) if size else self._placeholder(1, 1)
                 start += size
                 loss, _ = self.loss(part, self.targets(part))
                 total += loss.item() * size
                 count += size
         self.student.train()
+        total, count = (sum(x) for x in zip(*world.gather([total, count])))
         return total / count
 
     def save(self, val_loss: float | None) -> Path:
