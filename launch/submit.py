@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Submit `usjepa train` to Slurm with submitit: one task per GPU, requeued on time limits and
+r"""Submit `usjepa train` to Slurm with submitit: one task per GPU, requeued on time limits and
 preemption, resumed from the run dir's latest checkpoint.
 
     python launch/submit.py configs/salt_vitb16.yaml data.shards=shards/corpus \
@@ -49,7 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="skip checking data.shards here (for paths only the compute nodes see)")
     p.add_argument("--dry-run", action="store_true", help="print the job parameters and resolved config; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job (requeues included) and report how it ended")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # KEY=VALUE overrides before or after the options
 
 
 def absolute_paths(cfg: Config) -> list[str]:

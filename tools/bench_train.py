@@ -1,4 +1,4 @@
-"""Training throughput at world size 1 and 2 (or any list): images/s, where a step's time goes
+r"""Training throughput at world size 1 and 2 (or any list): images/s, where a step's time goes
 (data wait, teacher, student forward+backward, optimizer) and peak memory per rank.
 
     python tools/bench_train.py                                  # demo model, synthetic shards
