@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from usjepa.config import load_config
 from usjepa.train.loop import train
+from usjepa.train.slurm import requeue_this_job
 
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     if result.stop_signal is not None:
-        return args.exit_code_on_stop
+        if args.requeue_on_stop and result.rank == 0:
+            print(f"usjepa: {requeue_this_job(args.requeue_on_stop)}", file=sys.stderr)
+        return 0
     if result.rank == 0:
         print(f"{cfg.train.objective}: step {result.step}/{cfg.train.total_steps}, loss {result.loss:.4f}, "
               f"{result.images_per_s:.0f} images/s, {result.seconds:.0f} s; run dir {result.run_dir} "
@@ -28,8 +32,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                     "SIGTERM/SIGUSR2/Ctrl-C finish the step, save and exit. "
                     "Works under `torchrun -m usjepa train`.")
     p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
-    p.add_argument("--exit-code-on-stop", type=int, default=0, metavar="N",
-                   help="exit status after a signal stopped the run and it was saved (default 0); a batch "
-                        "script can requeue itself on it (launch/multinode.sbatch uses 75)")
+    p.add_argument("--requeue-on-stop", type=int, default=0, metavar="MAX",
+                   help="in a Slurm job: after a signal stopped the run and every rank saved, rank 0 requeues "
+                        "the job (scontrol requeue) unless it has been requeued MAX times already "
+                        "(launch/multinode.sbatch uses it; submitit jobs requeue through submitit)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of config settings")
     p.set_defaults(func=_run)

@@ -13,7 +13,9 @@ why the trainer takes the signals while it trains.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -49,3 +51,18 @@ class TrainJob:
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """submitit's requeue hook: the same job again; it resumes from the run dir."""
         return submitit.helpers.DelayedSubmission(TrainJob(self.config))
+
+
+def requeue_this_job(max_requeues: int) -> str:
+    """`scontrol requeue` the Slurm job this process runs in (for batch scripts without
+    submitit), unless it was requeued `max_requeues` times; returns what happened."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not in a Slurm job: nothing to requeue"
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restarts >= max_requeues:
+        return f"job {job} not requeued: it has been requeued {restarts} times (the limit)"
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        return f"job {job} not requeued: scontrol: {done.stderr.strip()}"
+    return f"requeued job {job} (restart {restarts + 1} of at most {max_requeues})"
