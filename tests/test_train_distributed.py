@@ -127,7 +127,8 @@ def test_kill_9_then_restart_gives_the_uninterrupted_losses(reference, tiny_over
     assert_same_losses(losses(reference), losses(run_dir))
 
 
-def test_a_stop_signal_to_one_rank_saves_the_current_step_on_all(reference, tiny_overrides, tmp_path):
+@pytest.mark.parametrize("target", ["usr2-to-rank-1", "term-to-torchrun"])
+def test_a_stop_signal_saves_the_current_step_on_every_rank(reference, tiny_overrides, tmp_path, target):
     run_dir = tmp_path / "signalled"
     overrides = [*tiny_overrides, *COMMON, f"run.dir={run_dir}", "checkpoint.every_steps=100"]
     proc = launch(2, overrides)
@@ -139,13 +140,18 @@ def test_a_stop_signal_to_one_rank_saves_the_current_step_on_all(reference, tiny
     while not (run_dir / "tb").is_dir() or not losses_so_far(run_dir):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.05)
-    os.kill(ranks[1], signal.SIGUSR2)  # as Slurm's --signal does; rank 0 hears nothing
+    if target == "usr2-to-rank-1":
+        os.kill(ranks[1], signal.SIGUSR2)  # as Slurm's --signal does to one task; rank 0 hears nothing
+    else:
+        os.kill(proc.pid, signal.SIGTERM)  # torchrun passes it to its workers, then waits 30 s
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
+    name = "SIGUSR2" if target == "usr2-to-rank-1" else "SIGTERM"
+    if target == "usr2-to-rank-1":
+        assert proc.returncode == 0, out[-3000:]  # torchrun itself reports its SIGTERM as a failure
     saved = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["step"]
     assert 0 < saved < STEPS, out[-2000:]  # stopped early, at a step that is not a checkpoint step
     assert max(losses(run_dir)) == saved  # the last logged step is in the checkpoint: nothing lost
-    assert f"SIGUSR2 received; saved step {saved} and stopped" in out
+    assert f"{name} received; saved step {saved} and stopped" in out
     out = run(2, [o for o in overrides if not o.startswith("checkpoint.")] + ["checkpoint.every_steps=4"])
     assert out.returncode == 0, out.stdout[-3000:]
     assert_same_losses(losses(reference), losses(run_dir))
