@@ -27,6 +27,9 @@ class World:
     size: int
     device: torch.device
     launcher: str = "single"  # torchrun | slurm | single
+    # A gloo group for the step's few metadata numbers, so that gathering them on a CUDA run
+    # does not wait for the GPU (None: the default group, already on the CPU).
+    cpu_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -41,18 +44,21 @@ class World:
         """Join the process group of this launch (torchrun, srun, or none); on CUDA each rank
         takes the GPU of its local rank."""
         env = init_distributed(device, env, timeout_s=cfg.distributed.timeout_s)
+        cpu_group = None
         if device.type == "cuda" and env.is_distributed:
             device = torch.device("cuda", cuda_index(env.local_rank))
-        return World(env.rank, env.world_size, device, env.source)
+            cpu_group = dist.new_group(backend="gloo")
+        return World(env.rank, env.world_size, device, env.source, cpu_group)
 
     # -- collectives (identity in one process) ------------------------------------------------
     def gather(self, values: list[float]) -> list[list[float]]:
         """Every rank's `values` (a few numbers; integers stay exact), in rank order."""
         if not self.distributed:
             return [list(values)]
-        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
-        out = torch.empty(self.size * len(values), dtype=torch.float64, device=self.device)
-        dist.all_gather_single(out, mine)
+        device = "cpu" if self.cpu_group is not None else self.device
+        mine = torch.tensor(values, dtype=torch.float64, device=device)
+        out = torch.empty(self.size * len(values), dtype=torch.float64, device=device)
+        dist.all_gather_single(out, mine, group=self.cpu_group)
         return out.view(self.size, len(values)).tolist()
 
     def gather_objects(self, obj: object) -> list[object]:
