@@ -136,7 +136,7 @@ def test_preemption_by_a_high_priority_job_requeues_and_finishes(slurm_cluster, 
         # All CPUs of both nodes in the high partition: the training job must make room.
         cpus = run(["sinfo", "-h", "-N", "-o", "%c"]).stdout.split()[0]
         run(["sbatch", "--parsable", "-p", "high", "-N2", f"--ntasks-per-node={cpus}", "-t", "1",
-             "--wrap", "sleep 3"])
+             f"--output={tmp_path / 'high-%j.out'}", "--wrap", "sleep 3"])
 
     _interrupt_then_finish(reference, run_dir, job_id, preempt)
 
