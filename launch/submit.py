@@ -52,17 +52,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # KEY=VALUE overrides before or after the options
 
 
-def absolute_paths(cfg: Config) -> list[str]:
-    """Overrides that make the run dir and local data paths absolute: jobs may start elsewhere."""
-    fixed = [f"run.dir={Path(cfg.run.dir).resolve()}"]
+def make_paths_absolute(cfg: Config) -> None:
+    """The run dir and local data paths, absolute: jobs may start in another directory."""
+    cfg.run.dir = str(Path(cfg.run.dir).resolve())
     if cfg.data.shards:
-        fixed.append(f"data.shards={Path(cfg.data.shards).resolve()}")
-    if cfg.data.mixture:
-        entries = ", ".join(f"{{shards: '{Path(e.shards).resolve()}', weight: {e.weight}}}" for e in cfg.data.mixture)
-        fixed.append(f"data.mixture=[{entries}]")
+        cfg.data.shards = str(Path(cfg.data.shards).resolve())
+    for entry in cfg.data.mixture:
+        entry.shards = str(Path(entry.shards).resolve())
     if cfg.teacher.checkpoint.lower() != "none" and Path(cfg.teacher.checkpoint).exists():
-        fixed.append(f"teacher.checkpoint={Path(cfg.teacher.checkpoint).resolve()}")
-    return fixed
+        cfg.teacher.checkpoint = str(Path(cfg.teacher.checkpoint).resolve())
 
 
 def check(cfg: Config, world_size: int, data: bool) -> None:
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        cfg = load_config(args.config, [*args.overrides, *absolute_paths(cfg)])
+        make_paths_absolute(cfg)
         check(cfg, args.nodes * args.tasks_per_node, data=not args.no_data_check)
     except UserError as e:
         print(f"launch/submit.py: error: {e}", file=sys.stderr)

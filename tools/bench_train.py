@@ -29,6 +29,7 @@ def _worker(args: argparse.Namespace) -> None:
     """One rank: time the trainer's steps, rank 0 writes everyone's figures to `args.worker`."""
     from usjepa.config import load_config
     from usjepa.data.pipeline import make_train_loader
+    from usjepa.train.distributed import shutdown_distributed
     from usjepa.train.loop import Trainer
     from usjepa.train.meter import Meter, peak_memory_gib
 
@@ -50,7 +51,7 @@ def _worker(args: argparse.Namespace) -> None:
     everyone = world.gather_objects(figures)
     if world.is_main:
         Path(args.worker).write_text(json.dumps({"world": world.size, "ranks": everyone}))
-    world.barrier()
+    shutdown_distributed()
 
 
 def _launch(world: int, args: argparse.Namespace, overrides: list[str], scratch: Path) -> dict:
@@ -64,16 +65,6 @@ def _launch(world: int, args: argparse.Namespace, overrides: list[str], scratch:
     if done.returncode:
         sys.exit(f"world size {world} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
-
-
-def _synthetic_shards(scratch: Path) -> Path:
-    from usjepa.data.synth import GROUP_PATTERN, write_synthetic_dataset
-    from usjepa.ingest.writer import BuildSettings, build_shards
-
-    write_synthetic_dataset(scratch / "images", n=400, size=96, seed=0)
-    build_shards(scratch / "images", scratch / "shards",
-                 BuildSettings(image_size=64, shard_size=40, group_pattern=GROUP_PATTERN), progress=False)
-    return scratch / "shards"
 
 
 def main() -> None:
@@ -91,7 +82,8 @@ def main() -> None:
         scratch = Path(tmp)
         overrides = [*DEFAULTS, *args.overrides]
         if not any(o.startswith("data.shards=") for o in args.overrides):
-            overrides.append(f"data.shards={_synthetic_shards(scratch)}")
+            from usjepa.demo import demo_shards
+            overrides.append(f"data.shards={demo_shards(scratch, images=400, progress=False)}")
         results = [_launch(int(w), args, overrides, scratch) for w in args.world.split(",")]
     print(f"{args.config} {' '.join(args.overrides)}: {args.steps} timed steps after {args.warmup}, "
           f"{results[0]['ranks'][0]['device']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}")

@@ -34,23 +34,31 @@ def _config(name: str):
     return path
 
 
+def demo_shards(out: Path, images: int = 2000, progress: bool = True, say=lambda message: None) -> Path:
+    """Stages 1-2: synthetic images in OUT/data, 64 px shards in OUT/shards (each skipped when
+    done). Also the data of tools/bench_train.py."""
+    data, shards = Path(out) / "data", Path(out) / "shards"
+    say(f"[1/5] synthetic B-mode images -> {data}")
+    if not data.is_dir():  # written aside and renamed, so an interrupted run never leaves half a set
+        partial = Path(out) / "data.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_synthetic_dataset(partial, n=images, size=128, seed=0)
+        partial.rename(data)
+    say(f"[2/5] shards -> {shards}")
+    if not (shards / "manifest.json").is_file():
+        build_shards(data, shards, BuildSettings(image_size=64, shard_size=100, group_pattern=GROUP_PATTERN),
+                     progress=progress)
+    return shards
+
+
 def run_demo(out: Path, images: int = 2000, steps: int | None = None, seeds: int | None = None,
              progress: bool = True) -> dict:
     start = time.perf_counter()
     out = Path(out)
-    data, shards = out / "data", out / "shards"
+    shards = out / "shards"
     teacher_dir, student_dir = out / "runs" / "teacher", out / "runs" / "student"
 
-    print(f"[1/5] synthetic B-mode images -> {data}")
-    if not data.is_dir():  # written aside and renamed, so an interrupted run never leaves half a set
-        partial = out / "data.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        write_synthetic_dataset(partial, n=images, size=128, seed=0)
-        partial.rename(data)
-    print(f"[2/5] shards -> {shards}")
-    if not (shards / "manifest.json").is_file():
-        build_shards(data, shards, BuildSettings(image_size=64, shard_size=100, group_pattern=GROUP_PATTERN),
-                     progress=progress)
+    demo_shards(out, images, progress, say=print)
     common = [f"data.shards={shards}", f"log.progress={str(progress).lower()}"]
     if steps:
         common += [f"train.total_steps={steps}", f"optim.warmup_steps={max(steps // 10, 1)}",

@@ -34,6 +34,7 @@ from usjepa.data.streams import ShardSet, StreamPlan
 from usjepa.errors import UserError
 from usjepa.ingest.manifest import Manifest
 from usjepa.ingest.sample_format import decode_sample
+from usjepa.signals import STOP_SIGNALS
 
 
 VALIDATION_SEED = 1_000_003  # validation masks come from a seed no training batch uses
@@ -200,9 +201,8 @@ def validation_batch_count(cfg: Config, manifests: tuple[Manifest, ...], split: 
 def _ignore_stop_signals(worker: int) -> None:
     """Loader workers leave SIGTERM/SIGUSR2/SIGINT to the training process, which saves and then
     shuts them down; Slurm and terminals signal every process of a job, workers included."""
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR2", None), signal.SIGINT):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _unchanged(part: dict) -> dict:

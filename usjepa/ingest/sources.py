@@ -195,8 +195,11 @@ def group_from_pattern(rx: re.Pattern | None, pattern: str | None, rel: str, pat
     return match.group(1)
 
 
-def pattern_grouping(pattern: str) -> dict:
-    """The manifest's account of groups taken from file names by a regex."""
+def pattern_grouping(pattern: str | None, unit: str, note: str) -> dict:
+    """The manifest's account of groups taken from file names by a regex, or, without a
+    pattern, of one group per `unit` (image, video, file) with `note` saying what that risks."""
+    if pattern is None:
+        return {"mode": f"per_{unit}", "pattern": None, "note": note}
     return {"mode": "pattern", "pattern": pattern, "applied_to": "file stem, first capture group"}
 
 
@@ -328,14 +331,8 @@ class ImageFolderSource(Source):
         return items, stats, class_names
 
     def grouping(self) -> dict:
-        if self._group_rx is None:
-            return {
-                "mode": "per_image",
-                "pattern": None,
-                "note": "no group_pattern given: each image is its own group, so images of one "
-                "patient or video can fall on both sides of a split",
-            }
-        return pattern_grouping(self.group_pattern)
+        return pattern_grouping(self.group_pattern, "image", "no group_pattern given: each image is its own group, "
+                                "so images of one patient or video can fall on both sides of a split")
 
 
 def _is_image(name: str) -> bool:

@@ -428,14 +428,8 @@ class CsvSource(Source):
         col = self.columns["group"]
         if col is not None:
             return {"mode": "column", "column": self._stats["columns"]["group"], "csv": str(self.csv_path)}
-        if self._group_rx is not None:
-            return pattern_grouping(self.group_pattern)
-        return {
-            "mode": "per_image",
-            "pattern": None,
-            "note": "no group column or group_pattern: each listed file is its own group, so images of one "
-            "patient or video can fall on both sides of a split",
-        }
+        return pattern_grouping(self.group_pattern, "image", "no group column or group_pattern: each listed file "
+                                "is its own group, so images of one patient or video can fall on both sides of a split")
 
 
 # ---------------------------------------------------------------------------- filenames
@@ -542,10 +536,8 @@ class FilenameSource(Source):
         return items, stats, classes
 
     def grouping(self) -> dict:
-        if self._group_rx is not None:
-            return pattern_grouping(self.group_pattern)
-        return {"mode": "per_file", "pattern": None,
-                "note": "each image and each video is its own group (a video's frames stay together)"}
+        return pattern_grouping(self.group_pattern, "file",
+                                "each image and each video is its own group (a video's frames stay together)")
 
 
 __all__ = [

@@ -568,14 +568,9 @@ class VideoSource(Source):
         return videos > 0 and videos * 2 > videos + others
 
     def grouping(self) -> dict:
-        if self._group_rx is None:
-            return {
-                "mode": "per_video",
-                "pattern": None,
-                "note": "no group_pattern given: each video is its own group (its frames stay in one split), "
-                "but videos of one patient can fall on both sides of a split",
-            }
-        return pattern_grouping(self.group_pattern)
+        return pattern_grouping(self.group_pattern, "video", "no group_pattern given: each video is its own group "
+                                "(its frames stay in one split), but videos of one patient can fall on both "
+                                "sides of a split")
 
 
 def _settings_dict(settings: VideoSettings) -> dict:

@@ -32,6 +32,7 @@ from usjepa.errors import UserError
 from usjepa.models.predictor import Predictor, build_predictor
 from usjepa.models.teacher import TeacherInfo, load_teacher
 from usjepa.models.vit import Encoder, build_encoder
+from usjepa.signals import STOP_SIGNALS
 from usjepa.train import checkpoint as ckpt
 from usjepa.train.distributed import shutdown_distributed
 from usjepa.train.health import feature_std, mask_overlay
@@ -119,10 +120,9 @@ def _say(world: World, message: str) -> None:
 
 
 class StopSignal:
-    """SIGUSR2 / SIGTERM / SIGINT ask the loop to finish its step, save and exit. When ranks
-    got different ones, the first in SIGNALS wins: USR2 is Slurm's "requeue me" warning."""
+    """The STOP_SIGNALS ask the loop to finish its step, save and exit."""
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR2", None), signal.SIGTERM, signal.SIGINT) if s)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -316,7 +316,7 @@ class Trainer:
         n_batches = validation_batch_count(cfg, manifests, max_batches=limit)
         if not cfg.train.validate or not n_batches:
             return None
-        passes = math.ceil(cfg.data.batch_size / cfg.data.micro_batch_size) if cfg.data.micro_batch_size else 1
+        passes = micro_batches_per_step(cfg, world_size=1)  # a validation batch is a whole global batch
         mine = validation_batches(cfg, manifests, max_batches=limit, rank=world.rank, world_size=world.size)
         self.student.eval()
         total = count = 0.0
@@ -380,7 +380,8 @@ class Trainer:
         if self.step >= end:
             _say(world, f"{self.run_dir} is already at step {self.step}; nothing to do")
             return TrainResult(self.run_dir, self.step, math.nan, 0.0, 0.0, world.rank)
-        _say(world, self.describe())
+        setup = self.describe()
+        _say(world, setup)
         if world.is_main:
             record_start(self.run_dir, self.step, world.size, world.launcher)
         bar = tqdm(total=end, initial=self.step, disable=not (cfg.log.progress and world.is_main),
@@ -388,7 +389,7 @@ class Trainer:
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None) \
             if world.is_main else None
         if writer and not self.step:
-            writer.add_text("run/setup", self.describe().replace("\n", "  \n"), 0)
+            writer.add_text("run/setup", setup.replace("\n", "  \n"), 0)
         self.student.train()
         first_step, meter, outcome, stop_signal = self.step, Meter(self.device), None, None
         try:

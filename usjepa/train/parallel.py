@@ -68,10 +68,6 @@ class World:
         dist.all_gather_object(out, obj)
         return out
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
 
 def as_float(value: torch.Tensor) -> float:
     """A scalar that may be a DTensor (a norm over sharded parameters) as a Python float."""

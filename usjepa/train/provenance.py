@@ -3,11 +3,12 @@ dirty tree), every submission, and every start (host, world size, Slurm job id, 
 
     RUN/launch/submissions.jsonl   one line per `launch/submit.py` (command, job id, code)
     RUN/launch/starts.jsonl        one line per start of training (resumes and requeues too)
-    RUN/launch/code-<rev>.diff     uncommitted changes at the time, when the tree was dirty
+    RUN/launch/code-<rev>-<hash>.diff  uncommitted changes, when the tree was dirty (one file per diff)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import usjepa
+from usjepa.fileio import atomic_write_text
 
 LAUNCH_DIR = "launch"
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST", "SLURM_JOB_PARTITION")
@@ -43,10 +45,12 @@ def code_state(run_dir: Path) -> dict:
     untracked = (_git(repo, "ls-files", "--others", "--exclude-standard") or "").split()
     state["dirty"] = bool(diff or untracked)
     if state["dirty"]:
-        name = f"code-{state['git_rev'][:12]}-{int(time.time())}.diff"
+        # Named by content: every start of an unchanged dirty tree refers to one file.
+        name = f"code-{state['git_rev'][:12]}-{hashlib.sha256(diff.encode()).hexdigest()[:12]}.diff"
         path = Path(run_dir) / LAUNCH_DIR / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(diff)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, diff)
         state["diff"] = name
         state["untracked"] = untracked
     return state
