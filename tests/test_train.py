@@ -111,7 +111,7 @@ def test_validation_loss_at_checkpoints_and_best_is_kept(tiny_config, tmp_path):
     # the same masks and inputs every time: validating twice gives the same number
     from usjepa.train.loop import Trainer
     trainer = Trainer(tiny_config("train.total_steps=8"))
-    assert trainer.validate() == trainer.validate() == pytest.approx(val[8])
+    assert trainer.validate()["loss"] == trainer.validate()["loss"] == pytest.approx(val[8])
 
 
 def test_activation_checkpointing_keeps_the_losses(tiny_config, tmp_path):

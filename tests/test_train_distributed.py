@@ -5,6 +5,7 @@ the ones a user makes: the TensorBoard losses, the checkpoints on disk, the exit
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from usjepa.config import load_config
 from usjepa.train import checkpoint as ckpt
 from usjepa.train.loop import Trainer
+from usjepa.train.meter import module_gib
 
 pytestmark = pytest.mark.slow
 
@@ -74,14 +76,31 @@ def assert_same_losses(a: dict[int, float], b: dict[int, float]) -> None:
     assert all(a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-7) for s in a), (a, b)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_overrides, tmp_path_factory) -> Path:
-    """An uninterrupted 2-rank run."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    out = run(2, [*tiny_overrides, *COMMON, f"run.dir={run_dir}"])
+def reference_run(tmp_path_factory, tiny_overrides, objective: str) -> tuple[Path, str]:
+    """An uninterrupted 2-rank run and what it printed."""
+    run_dir = tmp_path_factory.mktemp(f"reference_{objective}") / "run"
+    out = run(2, [*tiny_overrides, *COMMON, f"train.objective={objective}", f"run.dir={run_dir}"])
     assert out.returncode == 0, out.stdout[-3000:]
     assert "global batch 8 = 2 rank(s) x 4" in out.stdout and "(FSDP2, sharded over 2 ranks)" in out.stdout
-    assert "teacher none: bfloat16, replicated" in out.stdout
+    return run_dir, out.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_overrides, tmp_path_factory) -> Path:
+    run_dir, out = reference_run(tmp_path_factory, tiny_overrides, "salt")
+    assert "teacher none: bfloat16, replicated" in out
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def ema_reference(tiny_overrides, tmp_path_factory) -> Path:
+    run_dir, out = reference_run(tmp_path_factory, tiny_overrides, "ema")
+    # The EMA target is sharded like the student: each rank holds about half of it.
+    single = Trainer(load_config("configs/demo.yaml", [*tiny_overrides, *COMMON, "train.objective=ema",
+                                                        f"run.dir={run_dir.parent / 'probe_size'}"]))
+    whole = 1024 * module_gib(single.ema_target)
+    per_rank = float(re.search(r"EMA target .*sharded like the student, ([\d.e-]+) MiB per rank", out).group(1))
+    assert per_rank == pytest.approx(whole / 2, rel=0.1), (per_rank, whole)
     return run_dir
 
 
@@ -111,9 +130,11 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(reference, 
     assert meta["world_size"] == 2 and len(meta["rng"]) == 2 and meta["samples_seen"] == STEPS * 8
 
 
-def test_kill_9_then_restart_gives_the_uninterrupted_losses(reference, tiny_overrides, tmp_path):
+@pytest.mark.parametrize("objective", ["salt", "ema"])
+def test_kill_9_then_restart_gives_the_uninterrupted_losses(request, tiny_overrides, tmp_path, objective):
+    reference = request.getfixturevalue("reference" if objective == "salt" else "ema_reference")
     run_dir = tmp_path / "killed"
-    overrides = [*tiny_overrides, *COMMON, f"run.dir={run_dir}"]
+    overrides = [*tiny_overrides, *COMMON, f"train.objective={objective}", f"run.dir={run_dir}"]
     proc = launch(2, overrides)
     wait_for_checkpoint(proc, run_dir, 4)
     for pid in [*worker_ranks(proc.pid).values(), proc.pid]:  # the whole job at once, like a lost node
@@ -178,10 +199,12 @@ def losses_so_far(run_dir: Path) -> dict[int, float]:
         return {}
 
 
-@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
-def test_a_checkpoint_continues_on_another_world_size(reference, tiny_overrides, tmp_path, first, second):
+@pytest.mark.parametrize("first, second, objective", [(2, 1, "salt"), (1, 2, "salt"), (2, 1, "ema")])
+def test_a_checkpoint_continues_on_another_world_size(request, tiny_overrides, tmp_path, first, second, objective):
+    # For the EMA baseline the target encoder's shards are resharded too.
+    reference = request.getfixturevalue("reference" if objective == "salt" else "ema_reference")
     run_dir = tmp_path / f"from{first}to{second}"
-    overrides = [*tiny_overrides, *COMMON, f"run.dir={run_dir}"]
+    overrides = [*tiny_overrides, *COMMON, f"train.objective={objective}", f"run.dir={run_dir}"]
     out = run(first, [*overrides, "run.stop_at_step=4"])
     assert out.returncode == 0, out.stdout[-3000:]
     # The second leg recomputes activations (under FSDP2 in 1 -> 2): the same losses still.

@@ -44,8 +44,8 @@ def _worker(args: argparse.Namespace) -> None:
         meter.begin_step(timed=True)
         with meter.phase("data"):
             batch = next(batches)
-        trainer.train_step(batch, meter)
-        meter.count(cfg.data.batch_size)
+        outcome = trainer.train_step(batch, meter)
+        meter.count(cfg.data.batch_size, outcome.flops)
     figures = {**meter.read_and_reset(), "peak_memory_gib": peak_memory_gib(trainer.device),
                "device": str(trainer.device), "micro_batches": trainer.micro_batches}
     everyone = world.gather_objects(figures)
@@ -87,13 +87,14 @@ def main() -> None:
         results = [_launch(int(w), args, overrides, scratch) for w in args.world.split(",")]
     print(f"{args.config} {' '.join(args.overrides)}: {args.steps} timed steps after {args.warmup}, "
           f"{results[0]['ranks'][0]['device']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}")
-    print(f"{'ranks':>5} {'images/s':>9} {'step ms':>8} {'data':>6} {'teacher':>8} {'student':>8} {'optim':>6}"
-          f" {'peak GiB/rank':>14}")
+    print(f"{'ranks':>5} {'images/s':>9} {'TFLOP/s':>8} {'step ms':>8} {'data':>6} {'teacher':>8} {'student':>8}"
+          f" {'optim':>6} {'peak GiB/rank':>14}")
     for r in results:
         rank0 = r["ranks"][0]
         ms = {k: 1000 * rank0[f"{k}_s"] for k in ("step_time", "data", "teacher", "student", "optimizer")}
         peak = max(x["peak_memory_gib"] for x in r["ranks"])
-        print(f"{r['world']:>5} {rank0['images_per_s']:>9.0f} {ms['step_time']:>8.1f} {ms['data']:>6.1f} "
+        print(f"{r['world']:>5} {rank0['images_per_s']:>9.0f} {rank0['tflop_per_s']:>8.3f} {ms['step_time']:>8.1f} "
+              f"{ms['data']:>6.1f} "
               f"{ms['teacher']:>8.1f} {ms['student']:>8.1f} {ms['optimizer']:>6.1f} {peak:>14.2f}")
 
 

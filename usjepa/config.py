@@ -138,12 +138,19 @@ class TeacherConfig:
     depth: int = 0
     num_heads: int = 0
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device supports it
-    layernorm_targets: bool = True  # I-JEPA normalises teacher latents; PAPER.md section 1
+    # LayerNorm (no affine) over the feature dim of the target latents, the frozen teacher's
+    # and the EMA target's alike, as I-JEPA's code does (the SALT papers do not say).
+    layernorm_targets: bool = True
 
 
 @dataclass
 class TrainConfig:
-    objective: Literal["mae", "salt"] = "salt"
+    # mae: stage 1, pixels of the target blocks; salt: stage 2, latents of the frozen teacher;
+    # ema: the I-JEPA baseline, latents of an exponential moving average of the student encoder.
+    objective: Literal["mae", "salt", "ema"] = "salt"
+    # ema: momentum of the target encoder, linear from the first to the second value over
+    # train.total_steps (I-JEPA: 0.996 -> 1.0).
+    ema_momentum: tuple[float, float] = (0.996, 1.0)
     total_steps: int = 1000
     loss: Literal["smooth_l1", "l1", "mse"] = "smooth_l1"
     smooth_l1_beta: float = 1.0
@@ -198,7 +205,7 @@ class LogConfig:
 
 @dataclass
 class ProbeConfig:
-    """Linear probe, PAPER.md section 4."""
+    """Linear probe (PAPER.md section 4), kNN probe and the non-learned baselines."""
 
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -206,8 +213,13 @@ class ProbeConfig:
     max_epochs: int = 150
     patience: int = 15  # early stopping on validation loss
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    standardize: bool = True  # z-score features with train statistics before the linear layer
+    standardize: bool = True  # z-score features with train statistics (linear and kNN probe)
     extract_batch_size: int = 64
+    # kNN probe as in DINO: the k most cosine-similar train rows vote with weight exp(sim / T).
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    pixels_size: int = 16  # backbone `pixels`: the image area-averaged to pixels_size^2 values
+    histogram_bins: int = 32  # backbone `histogram`: in-region intensity histogram over [0, 1]
 
 
 @dataclass
@@ -272,6 +284,8 @@ def validate(cfg: Config) -> Config:
     _check(d.micro_batch_size >= 0, "data.micro_batch_size", "must be >= 0 (0 = no gradient accumulation)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.train.total_steps >= 1, "train.total_steps", "must be at least 1")
+    _check(all(0 <= m <= 1 for m in cfg.train.ema_momentum), "train.ema_momentum",
+           f"momenta must be in [0, 1], got {cfg.train.ema_momentum}")
     _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
     _check(cfg.log.every_steps >= 1, "log.every_steps", "must be at least 1")
@@ -281,7 +295,12 @@ def validate(cfg: Config) -> Config:
     _check(min(o.lr, o.start_lr, o.final_lr) >= 0, "optim.lr", "learning rates must be >= 0")
     _check(cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda"),
            "run.device", f"'{cfg.run.device}' is not one of auto, cpu, cuda, cuda:N")
-    _check(len(cfg.probe.seeds) >= 1, "probe.seeds", "needs at least one seed")
+    p = cfg.probe
+    _check(len(p.seeds) >= 1, "probe.seeds", "needs at least one seed")
+    _check(p.knn_k >= 1, "probe.knn_k", f"must be at least 1, got {p.knn_k}")
+    _check(p.knn_temperature > 0, "probe.knn_temperature", f"must be > 0, got {p.knn_temperature}")
+    _check(p.pixels_size >= 1, "probe.pixels_size", f"must be at least 1, got {p.pixels_size}")
+    _check(p.histogram_bins >= 1, "probe.histogram_bins", f"must be at least 1, got {p.histogram_bins}")
     return cfg
 
 

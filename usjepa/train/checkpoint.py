@@ -1,7 +1,8 @@
 """Training checkpoints: torch.distributed.checkpoint (DCP) + a small JSON of loop state.
 
 Layout inside a run dir:
-    checkpoints/step_000120/   DCP files of {"model", "optim"} (sharded when distributed)
+    checkpoints/step_000120/   DCP files of {"model", "optim"} and, for the EMA baseline,
+                               "target" (the EMA encoder); sharded when distributed
     checkpoints/step_000120/meta.json   step, samples seen, data position, RNG, teacher
     checkpoints/latest         the name of the newest complete checkpoint
     checkpoints/best           the one with the lowest validation loss (never pruned)
@@ -26,7 +27,8 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from usjepa.errors import UserError
 from usjepa.fileio import atomic_write_text
@@ -99,9 +101,18 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / META).is_file() else None
 
 
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, target: torch.nn.Module | None) -> dict:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if target is not None:
+        state["target"] = get_model_state_dict(target)
+    return state
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step` of model + optimizer + meta; prune to the newest `keep_last`."""
+                    meta: dict[str, Any], keep_last: int, target: torch.nn.Module | None = None) -> Path:
+    """Write checkpoint `step` of model + optimizer (+ the EMA `target`) + meta; prune to the
+    newest `keep_last`."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
@@ -109,9 +120,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
     with _single_process_quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not in_process_group())
+        dcp.save(_state(model, optimizer, target), checkpoint_id=tmp, no_dist=not in_process_group())
     if is_main():
         (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -129,22 +139,25 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model + optimizer in place from `path`; return its meta."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    target: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restore model + optimizer (+ the EMA `target`) in place from `path`; return its meta."""
+    state = _state(model, optimizer, target)
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=path, no_dist=not in_process_group())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if target is not None:
+        set_model_state_dict(target, state["target"])
     return read_meta(path)
 
 
-def load_module_weights(path: Path, module: torch.nn.Module, prefix: str) -> None:
-    """Load the parameters saved under `model.<prefix>` into `module` (e.g. a stage-1 encoder)."""
-    target = {f"{prefix}{k}": v for k, v in module.state_dict().items()}
+def load_module_weights(path: Path, module: torch.nn.Module, prefix: str, key: str = "model") -> None:
+    """Load the parameters saved under `<key>.<prefix>` into `module`: the student's encoder
+    (`model.encoder.`), or the EMA target (`target.`, prefix "")."""
+    wanted = {f"{prefix}{k}": v for k, v in module.state_dict().items()}
     with _single_process_quiet():
-        dcp.load({"model": target}, checkpoint_id=path, no_dist=True)
-    module.load_state_dict({k[len(prefix):]: v for k, v in target.items()})
+        dcp.load({key: wanted}, checkpoint_id=path, no_dist=True)
+    module.load_state_dict({k[len(prefix):]: v for k, v in wanted.items()})
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""`usjepa train`: one loop for stage 1 (MAE teacher) and stage 2 (SALT student), on one
-process or many (torchrun, srun).
+"""`usjepa train`: one loop for stage 1 (MAE teacher), stage 2 (SALT student) and the
+I-JEPA baseline (EMA target), on one process or many (torchrun, srun).
 
 The step index is also the data position: step k consumed the batches of steps 0..k-1, and a
 skipped (non-finite) step still consumes its batch, so a resumed run draws exactly the
@@ -35,14 +35,16 @@ from usjepa.models.vit import Encoder, build_encoder
 from usjepa.signals import STOP_SIGNALS
 from usjepa.train import checkpoint as ckpt
 from usjepa.train.distributed import shutdown_distributed
-from usjepa.train.health import feature_std, mask_overlay
+from usjepa.train.ema import ema_update, make_target
+from usjepa.train.flops import step_flops
+from usjepa.train.health import feature_std, mask_overlay, rankme
 from usjepa.train.meter import Meter, module_gib, peak_memory_gib
-from usjepa.train.objectives import pixel_targets, regression_loss, teacher_targets
-from usjepa.train.parallel import (World, as_float, micro_batches_per_step, prepare_student, set_gradient_sync,
-                                   split_sizes)
+from usjepa.train.objectives import latent_targets, pixel_targets, regression_loss
+from usjepa.train.parallel import (World, as_float, micro_batches_per_step, prepare_student, prepare_target,
+                                   reshard_target, set_gradient_sync, split_sizes)
 from usjepa.train.provenance import record_start
 from usjepa.train.rundir import prepare_run_dir
-from usjepa.train.schedules import cosine, warmup_cosine
+from usjepa.train.schedules import cosine, ema_momentum, warmup_cosine
 
 
 class Student(nn.Module):
@@ -53,10 +55,13 @@ class Student(nn.Module):
         self.encoder = encoder
         self.predictor = predictor
 
-    def forward(self, images: torch.Tensor, context: torch.Tensor,
-                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context tokens [B, Kc, D] for health metrics, predictions [T*B, Kt, out_dim])."""
+    def forward(self, images: torch.Tensor, context: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context tokens [B, Kc, D] for health metrics, predictions [T*B, Kt, out_dim]);
+        without masks, (tokens of every patch, None): the features a probe sees."""
         tokens = self.encoder(images, context)
+        if targets is None:
+            return tokens.detach(), None
         return tokens.detach(), self.predictor(tokens, context, targets)
 
 
@@ -68,6 +73,7 @@ class StepOutcome:
     weight_decay: float
     tokens: torch.Tensor | None  # the student's context tokens on this rank, for health metrics
     corrupt: int  # samples of the global batch that failed to decode
+    flops: float  # of the tokens the step processed, over all ranks (train/flops.py)
     stop: int | None  # a stop signal some rank received: every rank saves after this step
 
     @property
@@ -155,21 +161,26 @@ class Trainer:
         self.micro_batches = micro_batches_per_step(cfg, self.world.size)
         self.run_dir, drift = prepare_run_dir(cfg, write=self.world.is_main)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.teacher: Encoder | None = None
+        self.teacher: Encoder | None = None  # salt: the frozen teacher
         self.teacher_info: TeacherInfo | None = None
-        if cfg.train.objective == "salt":
+        self.ema_target: Encoder | None = None  # ema: the moving average of the student's encoder
+        objective = cfg.train.objective
+        if objective == "salt":
             self.teacher, self.teacher_info = load_teacher(cfg, self.device)
             out_dim = self.teacher_info.embed_dim
         else:
-            out_dim = cfg.model.patch_size ** 2
+            out_dim = cfg.model.embed_dim if objective == "ema" else cfg.model.patch_size ** 2
         student = build_student(cfg, out_dim, self.device).to(self.device)
         self.parameters_m = sum(p.numel() for p in student.parameters()) / 1e6
+        if objective == "ema":
+            self.ema_target = prepare_target(make_target(student.encoder), cfg, self.world)
         self.student = prepare_student(student, cfg, self.world)
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=cfg.optim.start_lr,
                                            betas=cfg.optim.betas)
         self.step = 0
         self.nonfinite_in_a_row = 0
-        self.counters = {"nonfinite_skipped": 0, "corrupt_skipped": 0}  # run totals, kept across resumes
+        # Run totals, kept across resumes (flops: model FLOPs of every step so far, train/flops.py).
+        self.counters = {"nonfinite_skipped": 0, "corrupt_skipped": 0, "flops": 0.0}
         torch.manual_seed(cfg.run.seed + self.world.rank)  # drop-path differs between ranks
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is not None:
@@ -178,7 +189,7 @@ class Trainer:
                                        enabled=cfg.train.precision == "bf16")
 
     def _resume(self, path: Path, drift: list[str]) -> None:
-        meta = ckpt.load_checkpoint(path, self.student, self.optimizer)
+        meta = ckpt.load_checkpoint(path, self.student, self.optimizer, self.ema_target)
         self._check_teacher(meta)
         self.step = meta["step"]
         self.counters.update(meta.get("counters", {}))
@@ -214,16 +225,39 @@ class Trainer:
         if self.teacher is not None:
             lines.append(f"teacher {self.teacher_info.source}: {self.teacher_info.dtype}, replicated, "
                          f"{1024 * module_gib(self.teacher):.1f} MiB per rank")
+        if self.ema_target is not None:
+            start, end = cfg.train.ema_momentum
+            lines.append(f"EMA target of the student's encoder: momentum {start:g} -> {end:g}, "
+                         f"{'sharded like the student' if w.distributed else 'fp32'}, "
+                         f"{1024 * module_gib(self.ema_target):.3g} MiB per rank")
         return "\n  ".join(lines)
 
     # -- one step -----------------------------------------------------------------------------
-    def targets(self, batch: dict) -> torch.Tensor:
-        """What the predictor must output at the target positions of `batch` (on the device)."""
+    @property
+    def target_encoder(self) -> Encoder | None:
+        """The encoder whose latents are the targets: the frozen teacher, the EMA target, or
+        None (pixel targets)."""
+        return self.teacher if self.teacher is not None else self.ema_target
+
+    @torch.no_grad()
+    def target_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """The target encoder's latents of every patch of `images` [B, N, D], without gradient."""
+        if self.teacher is not None:
+            return self.teacher(images.to(next(self.teacher.parameters()).dtype))
+        with self.autocast:
+            latents = self.ema_target(images)
+        reshard_target(self.ema_target)
+        return latents
+
+    def targets(self, batch: dict, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """What the predictor must output at the target positions of `batch` (on the device);
+        `latents` of the target encoder when already computed."""
         cfg = self.cfg
         images, targets = batch["images"], batch["targets"]
-        if cfg.train.objective == "salt":
-            return teacher_targets(self.teacher, images, targets, cfg.teacher.layernorm_targets)
-        return pixel_targets(images, cfg.model.patch_size, targets, cfg.train.norm_pix_targets)
+        if self.target_encoder is None:
+            return pixel_targets(images, cfg.model.patch_size, targets, cfg.train.norm_pix_targets)
+        latents = self.target_latents(images) if latents is None else latents
+        return latent_targets(latents, targets, cfg.teacher.layernorm_targets)
 
     def loss(self, batch: dict, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss over `batch` and the student's context tokens."""
@@ -259,6 +293,10 @@ class Trainer:
         norm = as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if math.isfinite(norm):
             self.optimizer.step()
+            if self.ema_target is not None:
+                start, end = self.cfg.train.ema_momentum
+                ema_update(self.ema_target, self.student.encoder,
+                           ema_momentum(self.step, self.cfg.train.total_steps, start, end))
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -297,6 +335,8 @@ class Trainer:
         received = {int(s) for _, s in shared if s}
         outcome = StepOutcome(loss=sum(x for x, _ in shared) / total, grad_norm=math.nan, lr=lr, weight_decay=wd,
                               tokens=torch.cat(tokens) if tokens else None, corrupt=int(sum(c[3] for c in counts)),
+                              flops=step_flops(self.student, self.target_encoder, total, kc, kt,
+                                               self.cfg.mask.num_targets),
                               stop=next((s for s in StopSignal.SIGNALS if s in received), None))
         with meter.phase("optimizer"):
             if math.isfinite(outcome.loss):
@@ -307,10 +347,12 @@ class Trainer:
         return outcome
 
     @torch.no_grad()
-    def validate(self) -> float | None:
-        """Mean loss over the validation split, or None when there is none to measure. Ranks
-        take turns with the batches; every rank runs the same number of passes (FSDP gathers
-        parameters in each), padding with weight-0 placeholders."""
+    def validate(self) -> dict[str, float] | None:
+        """On the validation split: the mean loss (`loss`), and RankMe and feature std of the
+        mean-pooled features a probe would see, of the student's encoder and of the target
+        encoder (`student_rankme`, `target_feature_std`, ...); None when there is no split to
+        measure. Ranks take turns with the batches; every rank runs the same number of passes
+        (FSDP gathers parameters in each), padding with weight-0 placeholders."""
         cfg, world = self.cfg, self.world
         manifests, limit = self.shard_set.manifests, cfg.train.val_batches
         n_batches = validation_batch_count(cfg, manifests, max_batches=limit)
@@ -320,6 +362,7 @@ class Trainer:
         mine = validation_batches(cfg, manifests, max_batches=limit, rank=world.rank, world_size=world.size)
         self.student.eval()
         total = count = 0.0
+        pooled: dict[str, list[torch.Tensor]] = {"student": [], "target": []}
         for _ in range(math.ceil(n_batches / world.size)):
             batch = next(mine, (None, None))[1]  # None: this rank has no batch left in this round
             sizes = split_sizes(batch["images"].shape[0], passes) if batch else [0] * passes
@@ -327,12 +370,26 @@ class Trainer:
             for size in sizes:  # the memory limit of training holds here too
                 part = self._on_device(batch, slice(start, start + size)) if size else self._placeholder(1, 1)
                 start += size
-                loss, _ = self.loss(part, self.targets(part))
+                latents = self.target_latents(part["images"]) if self.target_encoder is not None else None
+                loss, _ = self.loss(part, self.targets(part, latents))
+                with self.autocast:
+                    features, _ = self.student(part["images"])
                 total += loss.item() * size
                 count += size
+                if size:
+                    pooled["student"].append(features.float().mean(1).cpu())
+                    if latents is not None:
+                        pooled["target"].append(latents.float().mean(1).cpu())
         self.student.train()
         total, count = (sum(x) for x in zip(*world.gather([total, count])))
-        return total / count
+        metrics = {"loss": total / count}
+        for name, parts in pooled.items():
+            every_rank = [t for rank_parts in world.gather_objects(parts) for t in rank_parts]
+            if every_rank:
+                features = torch.cat(every_rank)
+                metrics[f"{name}_rankme"] = rankme(features)
+                metrics[f"{name}_feature_std"] = feature_std(features)
+        return metrics
 
     def save(self, val_loss: float | None) -> Path:
         meta = {"samples_seen": self.step * self.cfg.data.batch_size, "data_position": self.step,
@@ -340,7 +397,7 @@ class Trainer:
                 "rng": self.world.gather_objects(ckpt.rng_state()),
                 "teacher": self.teacher_info.as_dict() if self.teacher_info else None, "time": time.time()}
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.optimizer, meta,
-                                    self.cfg.checkpoint.keep_last)
+                                    self.cfg.checkpoint.keep_last, target=self.ema_target)
 
     # -- the loop -----------------------------------------------------------------------------
     def _count_nonfinite(self, outcome: StepOutcome, writer: SummaryWriter | None) -> None:
@@ -361,18 +418,20 @@ class Trainer:
         scalars = {"train/loss": outcome.loss, "train/lr": outcome.lr, "train/weight_decay": outcome.weight_decay,
                    "train/grad_norm": outcome.grad_norm, "train/global_batch": self.cfg.data.batch_size,
                    **{f"perf/{k}": v for k, v in perf.items()},
+                   "perf/tflops": outcome.flops / 1e12, "perf/total_pflops": self.counters["flops"] / 1e15,
                    "perf/peak_memory_gib": peak_memory_gib(self.device),
                    "data/corrupt_skipped": self.counters["corrupt_skipped"]}
         if outcome.tokens is not None:  # None: every sample of this rank's share was corrupt
-            scalars["health/feature_std"] = feature_std(outcome.tokens)
+            scalars["health/feature_std"] = feature_std(outcome.tokens.mean(1))
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, self.step)
 
     def _checkpoint(self, writer: SummaryWriter | None, validate: bool = True) -> None:
-        val_loss = self.validate() if validate else None
-        if val_loss is not None and writer:
-            writer.add_scalar("val/loss", val_loss, self.step)
-        self.save(val_loss)
+        metrics = self.validate() if validate else None
+        if metrics is not None and writer:
+            for name, value in metrics.items():
+                writer.add_scalar(f"val/{name}", value, self.step)
+        self.save(metrics["loss"] if metrics else None)
 
     def run(self) -> TrainResult:
         cfg, world = self.cfg, self.world
@@ -403,7 +462,8 @@ class Trainer:
                         batch = next(batches)
                     outcome = self.train_step(batch, meter, stop_requested=stop.received)
                     self.counters["corrupt_skipped"] += outcome.corrupt
-                    meter.count(cfg.data.batch_size)
+                    self.counters["flops"] += outcome.flops
+                    meter.count(cfg.data.batch_size, outcome.flops)
                     self._count_nonfinite(outcome, writer)
                     if writer and logged:
                         self._log(writer, outcome, meter)

@@ -26,6 +26,7 @@ class Meter:
     def _reset(self) -> None:
         self.window_start = time.perf_counter()
         self.images = self.steps = self.timed_steps = 0
+        self.flops = 0.0
         self.phases = dict.fromkeys(PHASES, 0.0)
 
     def begin_step(self, timed: bool) -> None:
@@ -41,15 +42,18 @@ class Meter:
                 torch.cuda.synchronize()
             self.phases[name] += time.perf_counter() - t0
 
-    def count(self, images: int) -> None:
+    def count(self, images: int, flops: float) -> None:
         self.images += images
+        self.flops += flops
         self.steps += 1
 
     def read_and_reset(self) -> dict[str, float]:
-        """perf/* figures over the window: images/s, step time, and seconds per step of each phase."""
+        """perf/* figures over the window: images/s, achieved TFLOP/s (model FLOPs, all ranks),
+        step time, and seconds per step of each phase."""
         elapsed = time.perf_counter() - self.window_start
         timed = max(self.timed_steps, 1)
-        figures = {"images_per_s": self.images / elapsed, "step_time_s": elapsed / max(self.steps, 1),
+        figures = {"images_per_s": self.images / elapsed, "tflop_per_s": self.flops / elapsed / 1e12,
+                   "step_time_s": elapsed / max(self.steps, 1),
                    **{f"{name}_s": seconds / timed for name, seconds in self.phases.items()}}
         self._reset()
         return figures
@@ -66,6 +70,6 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def module_gib(module: torch.nn.Module) -> float:
-    """Memory held by a module's parameters and buffers."""
-    tensors = [*module.parameters(), *module.buffers()]
+    """Memory this rank holds for a module's parameters and buffers (its shards, under FSDP)."""
+    tensors = [getattr(t, "to_local", lambda t=t: t)() for t in (*module.parameters(), *module.buffers())]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**30

@@ -1,8 +1,10 @@
-"""The two training objectives, as functions of (models, batch) -> loss.
+"""The training objectives, as functions of (batch, targets) -> loss.
 
 Stage 1 (`mae`): the predictor decodes the pixels of the target blocks from the context,
 against per-patch normalised targets. Stage 2 (`salt`): the predictor regresses the frozen
-teacher's (optionally LayerNorm'd) last-layer latents at the target positions.
+teacher's (optionally LayerNorm'd) last-layer latents at the target positions. The I-JEPA
+baseline (`ema`) regresses the latents of an exponential moving average of the student's
+encoder in the same way.
 """
 
 from __future__ import annotations
@@ -42,14 +44,10 @@ def pixel_targets(images: torch.Tensor, patch: int, target_idx: torch.Tensor, no
     return gather_tokens(patches.repeat(target_idx.shape[0], 1, 1), target_idx.flatten(0, 1))
 
 
-def teacher_targets(teacher: torch.nn.Module, images: torch.Tensor, target_idx: torch.Tensor,
-                    layernorm: bool) -> torch.Tensor:
-    """The frozen teacher's latents at the target positions [T*B, Kt, D_teacher], float32."""
-    with torch.inference_mode():
-        param = next(teacher.parameters())
-        latents = teacher(images.to(param.dtype)).float()
-        if layernorm:
-            latents = F.layer_norm(latents, latents.shape[-1:])
-    # Cloned outside inference mode: the loss saves its target for backward.
-    latents = latents.clone()
+def latent_targets(latents: torch.Tensor, target_idx: torch.Tensor, layernorm: bool) -> torch.Tensor:
+    """A target encoder's latents [B, N, D] (frozen teacher or EMA target, computed without
+    gradient) at the target positions [T*B, Kt, D], float32, LayerNorm'd over D when asked."""
+    latents = latents.float()
+    if layernorm:
+        latents = F.layer_norm(latents, latents.shape[-1:])
     return gather_tokens(latents.repeat(target_idx.shape[0], 1, 1), target_idx.flatten(0, 1))

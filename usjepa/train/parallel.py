@@ -89,21 +89,43 @@ def prepare_student(model: nn.Module, cfg: Config, world: World) -> nn.Module:
     if cfg.train.compile:
         for block in transformer_blocks(model):
             block.compile()
-    if not world.distributed:
-        return model
+    if world.distributed:
+        # The predictor's output is a view (nn.Linear on 3-D input), which FSDP warns about because an
+        # in-place op on it would skip a hook; nothing modifies the student's outputs in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        _shard(model, transformer_blocks(model), cfg, world, cfg.distributed.reshard_after_forward)
+    return model
+
+
+def prepare_target(target: nn.Module, cfg: Config, world: World) -> nn.Module:
+    """The EMA target encoder, sharded like the student's encoder when distributed. Its
+    gathered parameters are always freed after its forward (`reshard_target`): it has no
+    backward that would free them, and the EMA update changes the shards in between."""
+    if cfg.train.compile:
+        for block in target.blocks:
+            block.compile()
+    if world.distributed:
+        _shard(target, list(target.blocks), cfg, world, reshard_after_forward=True)
+    return target
+
+
+def reshard_target(target: nn.Module) -> None:
+    """Free the target's gathered root parameters (FSDP2 keeps a root's after its forward)."""
+    reshard = getattr(target, "reshard", None)
+    if reshard is not None:
+        reshard()
+
+
+def _shard(model: nn.Module, blocks: list[nn.Module], cfg: Config, world: World, reshard_after_forward: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # The predictor's output is a view (nn.Linear on 3-D input), which FSDP warns about because an
-    # in-place op on it would skip a hook; nothing modifies the student's outputs in place.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(world.device.type, (world.size,))
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.train.precision],
                                   reduce_dtype=DTYPES[cfg.distributed.reduce_dtype])
-    for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.distributed.reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.distributed.reshard_after_forward)
-    return model
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

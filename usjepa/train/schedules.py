@@ -1,4 +1,4 @@
-"""Learning-rate and weight-decay schedules as pure functions of the step.
+"""Learning-rate, weight-decay and EMA-momentum schedules as pure functions of the step.
 
 A resumed run calls them with the restored step: nothing to fast-forward, nothing to save.
 """
@@ -12,6 +12,18 @@ def cosine(progress: float, start: float, end: float) -> float:
     """Half-cosine from `start` (progress 0) to `end` (progress 1)."""
     progress = min(max(progress, 0.0), 1.0)
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+
+
+def linear(progress: float, start: float, end: float) -> float:
+    """Straight line from `start` (progress 0) to `end` (progress 1)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return start + (end - start) * progress
+
+
+def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
+    """Momentum of the EMA target for the update after step `step` (0-based): linear from
+    `start` to `end` over the run, as in I-JEPA."""
+    return linear(step / total_steps, start, end)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, start: float, peak: float,
