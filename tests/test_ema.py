@@ -100,3 +100,18 @@ def test_every_objective_logs_the_flops_of_its_steps(tiny_config, tmp_path):
         total = scalars(run, "perf/total_pflops")
         assert total[2] == pytest.approx((tflops[1] + tflops[2]) / 1000, rel=1e-6)
         assert ckpt.read_meta(ckpt.latest_checkpoint(run))["counters"]["flops"] == pytest.approx(1e12 * total[2] * 1e3)
+
+
+def test_probe_backbones_of_an_ema_run(tiny_config, tmp_path):
+    from usjepa.errors import UserError
+    from usjepa.eval.backbones import load_backbone
+    train(tiny_config("train.objective=ema", "train.total_steps=2", "optim.warmup_steps=1"))
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config("train.objective=ema", "train.total_steps=2"))
+    target, _ = load_backbone("target", run, torch.device("cpu"))
+    student, _ = load_backbone("student", run, torch.device("cpu"))
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in trainer.ema_target.state_dict().items())
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in trainer.student.encoder.state_dict().items())
+    assert not all(torch.equal(target.state_dict()[k], v) for k, v in student.state_dict().items())
+    with pytest.raises(UserError, match="without a frozen teacher: .* --backbone target"):
+        load_backbone("teacher", run, torch.device("cpu"))

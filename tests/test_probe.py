@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from usjepa.config import ProbeConfig
 from usjepa.errors import UserError
 from usjepa.eval.features import extract_features
-from usjepa.eval.probe import ProbeSplit, run_probe, train_probe
+from usjepa.eval.knn import knn_probe
+from usjepa.eval.probe import ProbeSplit, predict, run_probe, train_probe
 from usjepa.eval.report import format_table, write_probe_report
 
 CLASSES = ["benign", "malignant", "normal"]
@@ -58,6 +60,21 @@ def test_separable_blobs_reach_high_macro_f1():
     assert r["counts"] == {"train": 300, "val": 60, "test": 150}
     assert r["settings"] == {**dataclasses.asdict(cfg), "seeds": [0, 1, 2]}
     json.dumps(r, allow_nan=False)  # JSON-ready as returned
+
+
+def test_val_scores_are_those_of_the_returned_seeds_probes():
+    splits = blobs({"train": 90, "val": 45, "test": 45}, spread=4.0)
+    cfg = ProbeConfig(seeds=(0, 1), max_epochs=10)
+    r = run_probe(splits, CLASSES, cfg)
+    val = splits["val"]
+    for row in r["per_seed"]:
+        model, _ = train_probe(splits["train"], val, 3, row["seed"], cfg)  # the same probe again
+        pred = predict(model, val.features)
+        assert row["val_macro_f1"] == f1_score(val.labels, pred, average="macro", labels=[0, 1, 2], zero_division=0)
+        assert row["val_balanced_accuracy"] == balanced_accuracy_score(val.labels, pred)
+    val_f1s = [row["val_macro_f1"] for row in r["per_seed"]]
+    assert (r["val_macro_f1_mean"], r["val_macro_f1_std"]) == (np.mean(val_f1s), np.std(val_f1s))
+    assert r["knn"] == knn_probe(splits, 3, cfg)  # every caller of run_probe gets the kNN probe too
 
 
 def test_random_labels_stay_near_chance():
@@ -194,6 +211,17 @@ def test_write_probe_report_and_table(tmp_path):
     assert lines[2].startswith("urfm") and lines[3].startswith("us-jepa")
     f1 = f"{100 * r['macro_f1_mean']:.1f} ± {100 * r['macro_f1_std']:.1f}"
     assert f1 in lines[2] and lines[2].rstrip().endswith("2")
+    assert lines[0].split("  ")[-3:] == ["val macro-F1 (%)", "kNN macro-F1 (%)", "seeds"]
+    val_f1 = f"{100 * r['val_macro_f1_mean']:.1f} ± {100 * r['val_macro_f1_std']:.1f}"
+    assert lines[2].split()[-5:] == [*val_f1.split(), f"{100 * r['knn']['macro_f1']:.1f}", "2"]
+
+    # results without the val and kNN scores (reports written before them) keep the old table
+    old = {k: v for k, v in r.items() if k not in ("knn", "val_macro_f1_mean", "val_macro_f1_std")}
+    lines = format_table({"urfm": old}).splitlines()
+    assert lines[0].split() == ["backbone", "macro-F1", "(%)", "bal.", "acc", "(%)", "seeds"]
+    # in a mix, a result without a column shows '-'
+    lines = format_table({"urfm": r, "old": old}).splitlines()
+    assert lines[3].split()[-5:] == ["±", f"{100 * r['balanced_accuracy_std']:.1f}", "-", "-", "2"]
 
     with pytest.raises(UserError):
         write_probe_report(r, out, "../escape")

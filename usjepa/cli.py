@@ -20,7 +20,7 @@ COMMANDS = {  # name: (module with register_cli, one-line summary)
     "synth": ("usjepa.data.synth", "generate a synthetic B-mode ultrasound image folder (the demo's data)"),
     "shards": ("usjepa.ingest.cli", "build, verify or inspect WebDataset shards of ultrasound corpora"),
     "train": ("usjepa.train.cli", "stage 1 (MAE teacher) or stage 2 (SALT student) training; resumes by itself"),
-    "probe": ("usjepa.eval.cli", "linear-probe macro-F1 of a run's student, teacher, a random encoder or an export"),
+    "probe": ("usjepa.eval.cli", "linear and kNN probe macro-F1 of a run's encoders, an export or pixel baselines"),
     "export": ("usjepa.export", "a run's encoder as timm weights (safetensors + config.json) for timm, probe or teacher"),
 }
 

@@ -1,5 +1,5 @@
-"""Frozen encoders to probe: a run's student, its teacher, a random-init encoder, or an
-encoder written by `usjepa export` (given as its folder)."""
+"""Frozen encoders to probe: a run's student, its teacher, a random-init encoder, an encoder
+written by `usjepa export` (given as its folder), or a non-learned baseline (baselines.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import torch
 
 from usjepa.config import Config, load_config
 from usjepa.errors import UserError
+from usjepa.eval.baselines import BASELINES, build_baseline
 from usjepa.export import is_export, load_export
 from usjepa.models.teacher import load_teacher
-from usjepa.models.vit import Encoder, build_encoder
+from usjepa.models.vit import build_encoder
 from usjepa.train import checkpoint as ckpt
 from usjepa.train.rundir import RESOLVED_CONFIG
 
-BACKBONES = ("student", "teacher", "random")
+BACKBONES = ("student", "teacher", "target", "random", *BASELINES)
 CHECKPOINTS = ("latest", "best")
 
 
@@ -38,17 +39,25 @@ def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Sequence[str] = (),
-                  checkpoint: str = "latest") -> tuple[Encoder, Config]:
+                  checkpoint: str = "latest") -> tuple[torch.nn.Module, Config]:
     """The encoder `kind` of run `run_dir` (frozen, eval mode) and that run's config.
 
     - student: the run's encoder at its `latest` checkpoint or at its `best` (lowest validation
       loss); a stage-1 run's encoder is its teacher;
     - teacher: the frozen teacher a SALT run trained against;
+    - target: the EMA target encoder of an EMA (I-JEPA) run, at the same checkpoint as `student`
+      (I-JEPA evaluates this one);
     - random: the run's encoder architecture with seeded random weights;
+    - pixels, histogram: the non-learned baselines of baselines.py; the run only supplies
+      data.image_size and the probe settings;
     - an export folder: its weights; the run only supplies the probe settings and data.
     """
     cfg = run_config(run_dir, overrides)
-    if kind == "student":
+    objective = cfg.train.objective
+    if kind in ("student", "target"):
+        if kind == "target" and objective != "ema":
+            raise UserError(f"{run_dir} is a {objective} run: only an EMA run (train.objective=ema) has a "
+                            "target encoder; probe --backbone student" + (" or teacher" if objective == "salt" else ""))
         if checkpoint not in CHECKPOINTS:
             raise UserError(f"unknown checkpoint '{checkpoint}'; choose one of {', '.join(CHECKPOINTS)}")
         find = ckpt.latest_checkpoint if checkpoint == "latest" else ckpt.best_checkpoint
@@ -57,16 +66,22 @@ def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Seq
             raise UserError(f"{run_dir}: no {checkpoint} checkpoint yet; train the run first"
                             + (" with train.validate=true and a val split" if checkpoint == "best" else ""))
         encoder = build_encoder(cfg.model, cfg.data.image_size)
-        ckpt.load_module_weights(path, encoder, prefix="encoder.")
+        if kind == "student":
+            ckpt.load_module_weights(path, encoder, prefix="encoder.")
+        else:
+            ckpt.load_module_weights(path, encoder, prefix="", key="target")
     elif kind == "teacher":
-        if cfg.train.objective != "salt":
-            raise UserError(f"{run_dir} is a stage-1 ({cfg.train.objective}) run: its encoder is the "
-                            "teacher; probe it with --backbone student")
+        if objective != "salt":
+            hint = ("its encoder is the teacher; probe it with --backbone student" if objective == "mae" else
+                    "its targets come from the EMA of its own encoder; probe it with --backbone target")
+            raise UserError(f"{run_dir} is a {objective} run without a frozen teacher: {hint}")
         encoder, _ = load_teacher(cfg, device)
     elif kind == "random":
         with torch.random.fork_rng():
             torch.manual_seed(cfg.run.seed)
             encoder = build_encoder(cfg.model, cfg.data.image_size)
+    elif kind in BASELINES:
+        encoder = build_baseline(kind, cfg)
     elif is_export(Path(kind)):
         encoder, config = load_export(kind)
         if config["model_args"]["img_size"] != cfg.data.image_size:

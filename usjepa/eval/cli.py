@@ -1,4 +1,5 @@
-"""`usjepa probe`: linear-probe a run's student, teacher, a random-init encoder or an export."""
+"""`usjepa probe`: linear and kNN probes of a run's student, teacher, a random-init encoder,
+an export, or a non-learned baseline (pixels, histogram)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def probe_backbone(run_dir: Path, kind: str, shards: str | None = None, out_dir:
     result = run_probe(splits, manifest.classes, probe, dev)
     name = backbone_name(kind)
     result.update(backbone=name, run_dir=str(run_dir), shards=str(manifest.root),
-                  checkpoint=checkpoint if kind == "student" else None,
+                  checkpoint=checkpoint if kind in ("student", "target") else None,
                   export=None if kind in BACKBONES else str(Path(kind).resolve()))
     write_probe_report(result, out_dir or Path(run_dir) / "probe", name)
     return result
@@ -69,8 +70,8 @@ def _run(args: argparse.Namespace) -> int:
         result = probe_backbone(Path(args.run), kind, args.shards, args.out and Path(args.out),
                                 args.overrides, args.device, checkpoint=args.checkpoint)
         results[result["backbone"]] = result
-        print(f"{result['backbone']}: macro-F1 {100 * result['macro_f1_mean']:.1f} "
-              f"({time.perf_counter() - start:.0f} s)")
+        print(f"{result['backbone']}: macro-F1 {100 * result['macro_f1_mean']:.1f}, "
+              f"kNN {100 * result['knn']['macro_f1']:.1f} ({time.perf_counter() - start:.0f} s)")
     print(format_table(results))
     print(f"reports: {Path(args.out) if args.out else Path(args.run) / 'probe'}")
     return 0
@@ -80,16 +81,21 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "probe", description="Frozen encoder -> mean-pooled last-layer tokens -> one linear layer "
                     "(AdamW 1e-3, wd 1e-4, batch 32, cosine, early stopping on val loss, 5 seeds), "
-                    "as in PAPER.md section 4. Writes <out>/<backbone>.json and a confusion-matrix PNG.")
+                    "as in PAPER.md section 4, and a weighted kNN probe (DINO; probe.knn_k, default 20, "
+                    "probe.knn_temperature, default 0.07), both scored on val and test. "
+                    "Writes <out>/<backbone>.json and a confusion-matrix PNG.")
     p.add_argument("run", help="run dir of a `usjepa train` run (its config gives the architecture and image size)")
     p.add_argument("--backbone", type=_backbone_list, default=["student"], metavar="NAME[,NAME...]",
                    help=f"which encoder(s) to probe, comma-separated, from {', '.join(BACKBONES)} or folders "
-                        "written by `usjepa export` (default: student)")
+                        "written by `usjepa export` (default: student); pixels (the image area-averaged "
+                        "to probe.pixels_size^2 values) and histogram (in-region intensities in "
+                        "probe.histogram_bins bins) are non-learned baselines")
     p.add_argument("--shards", help="labelled shard set to probe on (default: the run's data.shards)")
     p.add_argument("--out", help="where to write the reports (default: RUN/probe)")
     p.add_argument("--checkpoint", choices=CHECKPOINTS, default="latest",
-                   help="the student's checkpoint: latest, or best (lowest validation loss); default latest")
+                   help="the checkpoint of the student (or EMA target): latest, or best (lowest validation loss); "
+                        "default latest")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("overrides", nargs="*", metavar="probe.KEY=VALUE",
-                   help="probe settings, e.g. probe.seeds=[0,1,2] probe.max_epochs=50")
+                   help="probe settings, e.g. probe.seeds=[0,1,2] probe.max_epochs=50 probe.knn_k=10")
     p.set_defaults(func=_run)

@@ -1,6 +1,7 @@
-"""Frozen-encoder feature extraction for the linear probe (PAPER.md section 4).
+"""Frozen-encoder feature extraction for the probes (PAPER.md section 4), and the train-split
+standardiser the linear and kNN probes share.
 
-The probe sees one vector per image: the mean over the encoder's last-layer tokens. A JEPA
+The probes see one vector per image: the mean over the encoder's last-layer tokens. A JEPA
 ViT has no trained CLS token, so mean pooling is the default the paper leaves implicit.
 """
 
@@ -26,6 +27,20 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Train mean and population std per feature (float64); a constant feature gets std 1."""
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=0)
+    std = x64.std(axis=0)
+    std[std < 1e-12] = 1.0
+    return mean, std
+
+
+def standardized(x: np.ndarray, mean: np.ndarray | float, std: np.ndarray | float) -> np.ndarray:
+    """(x - mean) / std computed in float64, returned as float32."""
+    return ((x.astype(np.float64) - mean) / std).astype(np.float32)
 
 
 def _check_encoder_device(encoder: torch.nn.Module, device: torch.device) -> None:

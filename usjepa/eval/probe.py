@@ -2,7 +2,8 @@
 
 One linear layer trained with cross-entropy, AdamW (lr 1e-3, wd 1e-4), batch 32 and a
 per-step cosine schedule over up to 150 epochs, early-stopped on validation loss (patience
-15); 5 seeds, mean and sd of macro-F1. The settings come from `ProbeConfig`.
+15); 5 seeds, mean and sd of macro-F1. The settings come from `ProbeConfig`. `run_probe`
+also scores each seed on the val split and runs the kNN probe (knn.py) on the same splits.
 
 Features live in memory (on `device`) as one tensor per split, so a seed of a few hundred
 samples x a few hundred dims runs in well under a second.
@@ -19,10 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import confusion_matrix
 
 from usjepa.config import ProbeConfig
 from usjepa.errors import UserError
+from usjepa.eval.features import standardized, standardizer
+from usjepa.eval.knn import knn_probe
+from usjepa.eval.metrics import scores
 
 SPLITS = ("train", "val", "test")
 _EVAL_CHUNK = 8192  # rows per forward when evaluating a whole split
@@ -72,15 +76,6 @@ def _check_split(name: str, split: ProbeSplit, num_classes: int, dim: int | None
         )
     if not np.isfinite(split.features).all():
         raise UserError(f"the {name} split has NaN or infinite features")
-
-
-def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Train mean and population std per feature; a constant feature gets std 1."""
-    x64 = x.astype(np.float64)
-    mean = x64.mean(axis=0)
-    std = x64.std(axis=0)
-    std[std < 1e-12] = 1.0
-    return mean, std
 
 
 def _fold(linear: torch.nn.Linear, mean: np.ndarray, std: np.ndarray) -> torch.nn.Linear:
@@ -182,12 +177,12 @@ def _train_probe(
     _check_split("val", val, num_classes, dim)
 
     if cfg.standardize:
-        mean, std = _standardizer(train.features)
+        mean, std = standardizer(train.features)
     else:
         mean, std = np.zeros(dim), np.ones(dim)
 
     def to_device(split: ProbeSplit) -> tuple[torch.Tensor, torch.Tensor]:
-        x = ((split.features.astype(np.float64) - mean) / std).astype(np.float32)
+        x = standardized(split.features, mean, std)
         return torch.from_numpy(x).to(device), torch.from_numpy(split.labels).to(device)
 
     x_tr, y_tr = to_device(train)
@@ -266,11 +261,14 @@ def run_probe(
     device: torch.device | str = "cpu",
 ) -> dict:
     """Train one probe per seed in cfg.seeds on splits['train'] (early stopping on 'val'),
-    score it on 'test', and return a JSON-ready summary.
+    score it on 'test' and on 'val', run the kNN probe on the same splits, and return a
+    JSON-ready summary.
 
     Metrics are fractions in [0, 1]: macro-F1 over ALL classes in `class_names`
     (zero_division=0, so a class never predicted scores 0), balanced accuracy and accuracy.
-    The confusion matrix is summed over seeds, rows = true class, columns = predicted.
+    The val scores (`val_*`) are there to choose settings on; the test scores to report.
+    The confusion matrix (test) is summed over seeds, rows = true class, columns = predicted.
+    `knn` holds the kNN probe's scores (usjepa.eval.knn.knn_probe).
     """
     missing = [s for s in SPLITS if s not in splits]
     if missing:
@@ -304,31 +302,29 @@ def run_probe(
             stacklevel=2,
         )
 
-    labels = list(range(num_classes))
     cm_total = np.zeros((num_classes, num_classes), dtype=np.int64)
     per_seed = []
     for seed in cfg.seeds:
         model, hist = train_probe(train, val, num_classes, seed, cfg, device)
         pred = predict(model, test.features, device)
-        cm_total += confusion_matrix(test.labels, pred, labels=labels)
-        f1 = f1_score(test.labels, pred, average="macro", labels=labels, zero_division=0)
-        with warnings.catch_warnings():  # "y_pred contains classes not in y_true"
-            warnings.simplefilter("ignore", UserWarning)
-            bal = balanced_accuracy_score(test.labels, pred)
+        cm_total += confusion_matrix(test.labels, pred, labels=list(range(num_classes)))
+        val_scores = scores(val.labels, predict(model, val.features, device), num_classes)
         per_seed.append(
             {
                 "seed": int(seed),
-                "macro_f1": float(f1),
-                "balanced_accuracy": float(bal),
-                "accuracy": float(accuracy_score(test.labels, pred)),
+                **scores(test.labels, pred, num_classes),
+                "val_macro_f1": val_scores["macro_f1"],
+                "val_balanced_accuracy": val_scores["balanced_accuracy"],
                 "best_epoch": int(hist["best_epoch"]),
                 "epochs": int(hist["epochs"]),
                 "best_val_loss": float(hist["best_val_loss"]),
             }
         )
 
-    f1s = np.array([r["macro_f1"] for r in per_seed])
-    bals = np.array([r["balanced_accuracy"] for r in per_seed])
+    def column(key: str) -> np.ndarray:
+        return np.array([r[key] for r in per_seed])
+
+    f1s, bals, val_f1s = column("macro_f1"), column("balanced_accuracy"), column("val_macro_f1")
     return {
         "per_seed": per_seed,
         # Population standard deviation over seeds (numpy ddof=0).
@@ -336,7 +332,10 @@ def run_probe(
         "macro_f1_std": float(f1s.std(ddof=0)),
         "balanced_accuracy_mean": float(bals.mean()),
         "balanced_accuracy_std": float(bals.std(ddof=0)),
+        "val_macro_f1_mean": float(val_f1s.mean()),
+        "val_macro_f1_std": float(val_f1s.std(ddof=0)),
         "std_ddof": 0,
+        "knn": knn_probe(splits, num_classes, cfg, device),
         "confusion_matrix": cm_total.tolist(),
         "class_names": list(class_names),
         "num_features": int(dim),

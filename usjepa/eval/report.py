@@ -85,10 +85,20 @@ def write_probe_report(result: dict, out_dir: str | os.PathLike, name: str) -> t
     return json_path, png_path
 
 
+# Columns shown when any result carries them (results written before they existed do not):
+# (header, the result key, the cell).
+_OPTIONAL_COLUMNS = (
+    ("val macro-F1 (%)", "val_macro_f1_mean", lambda r: _pct(r["val_macro_f1_mean"], r["val_macro_f1_std"])),
+    ("kNN macro-F1 (%)", "knn", lambda r: f"{100 * r['knn']['macro_f1']:.1f}"),
+)
+
+
 def format_table(results: dict[str, dict]) -> str:
-    """Plain-text table, one row per backbone: macro-F1 and balanced accuracy as
-    mean ± sd in %, and the number of seeds."""
-    header = ("backbone", "macro-F1 (%)", "bal. acc (%)", "seeds")
+    """Plain-text table, one row per backbone: the linear probe's test macro-F1 and balanced
+    accuracy as mean ± sd in %, its val macro-F1 and the kNN probe's test macro-F1 (columns
+    present when a result has them; '-' for a result without), and the number of seeds."""
+    optional = [c for c in _OPTIONAL_COLUMNS if any(c[1] in r for r in results.values())]
+    header = ("backbone", "macro-F1 (%)", "bal. acc (%)", *(c[0] for c in optional), "seeds")
     rows = [header]
     for name, r in results.items():
         rows.append(
@@ -96,6 +106,7 @@ def format_table(results: dict[str, dict]) -> str:
                 str(name),
                 _pct(r["macro_f1_mean"], r["macro_f1_std"]),
                 _pct(r["balanced_accuracy_mean"], r["balanced_accuracy_std"]),
+                *(cell(r) if key in r else "-" for _, key, cell in optional),
                 str(len(r.get("per_seed", []))),
             )
         )
