@@ -339,6 +339,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_type, value_type = args
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -376,20 +381,24 @@ def _from_dict(cls: type, data: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    """Place `value` at `a.b.c` in a nested dict, checking each step against the schema."""
+def _set_dotted(tree: dict, dotted: str, value: Any, schema: type | None = None) -> None:
+    """Place `value` at `a.b.c` in a nested dict, checking each step against the schema (the
+    run Config unless given); in a mapping-typed setting each part names an entry."""
     parts = dotted.split(".")
-    cls: Any = Config
+    cls: Any = schema or Config
     node = tree
     for i, part in enumerate(parts):
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in names:
-            raise _unknown_key(cls, part, "".join(p + "." for p in parts[:i]))
+        if typing.get_origin(cls) is dict:  # an entry of a mapping, e.g. a study's arms.salt
+            cls = typing.get_args(cls)[1]
+        else:
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in names:
+                raise _unknown_key(cls, part, "".join(p + "." for p in parts[:i]))
+            cls = typing.get_type_hints(cls)[part]
         if i == len(parts) - 1:
             node[part] = value
             return
-        cls = typing.get_type_hints(cls)[part]
-        if not dataclasses.is_dataclass(cls):
+        if not (dataclasses.is_dataclass(cls) or typing.get_origin(cls) is dict):
             raise ConfigError(f"'{dotted}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
         node = node.setdefault(part, {})
 
@@ -426,11 +435,18 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    return validate(load_typed(Config, path, overrides, example="configs/demo.yaml"))
+
+
+def load_typed(schema: type, path: str | os.PathLike | None, overrides: typing.Sequence[str] = (),
+               example: str = "") -> Any:
+    """An instance of the dataclass `schema` from a YAML file (or its defaults when `path` is
+    None) with dotted overrides applied, strictly typed (no cross-field checks)."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' not found; pass a YAML file such as configs/demo.yaml")
+            raise ConfigError(f"config file '{p}' not found; pass a YAML file such as {example}")
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -441,12 +457,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
             raise ConfigError(f"{p}: the top level must be a mapping of sections (run:, data:, ...)")
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, key, value, schema)
     try:
-        cfg = _from_dict(Config, tree)
+        return _from_dict(schema, tree)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    return validate(cfg)
 
 
 def to_dict(cfg: Any) -> dict:
