@@ -9,8 +9,10 @@ from usjepa.train.health import feature_std, rankme
 
 
 def orthonormal(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-    return q  # [n, d], orthonormal columns
+    """[n, d] with orthonormal, zero-mean columns."""
+    a = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, _ = torch.linalg.qr(a - a.mean(0))
+    return q
 
 
 def test_rankme_of_r_equal_directions_is_r():
@@ -27,6 +29,11 @@ def test_rankme_of_singular_values_3_and_1():
     features = q * torch.tensor([3.0, 1.0], dtype=torch.float64)
     p = torch.tensor([0.75, 0.25])
     assert rankme(features) == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-6)  # 1.7548
+
+
+def test_rankme_ignores_the_mean_all_features_share():
+    q = orthonormal(200, 4)
+    assert rankme(q + 100.0) == pytest.approx(rankme(q), rel=1e-9) == pytest.approx(4, rel=1e-5)
 
 
 def test_rankme_of_non_finite_features_is_nan():
