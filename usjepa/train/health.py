@@ -33,3 +33,23 @@ def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
     singular = torch.linalg.svdvals(features - features.mean(0))
     p = singular / singular.sum() + eps
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def mask_overlay(images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor, patch: int,
+                 max_images: int = 8) -> torch.Tensor:
+    """RGB grid [3, H', W'] (uint8): each input with its context patches tinted green and its
+    target patches tinted red, for TensorBoard."""
+    n = min(max_images, images.shape[0])
+    gray = (images[:n].float() * PIXEL_STD + PIXEL_MEAN).clamp(0, 1)
+    grid = gray.shape[-1] // patch
+    tint = torch.zeros(n, 3, grid * grid)
+    rows = torch.arange(n)
+    tint[rows[:, None], 1, context[:n]] = 1.0
+    for block in targets[:, :n]:
+        tint[rows[:, None], 0, block] = 1.0
+    tint = tint.reshape(n, 3, grid, grid).repeat_interleave(patch, -1).repeat_interleave(patch, -2)
+    rgb = gray.expand(-1, 3, -1, -1)
+    shaded = torch.where(tint.sum(1, keepdim=True) > 0, 0.6 * rgb + 0.4 * tint, rgb)
+    zoom = max(1, 192 // shaded.shape[-1])  # small training images stay legible in TensorBoard
+    shaded = shaded.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
+    return (make_grid(shaded, nrow=min(n, 4), padding=2) * 255).to(torch.uint8)
