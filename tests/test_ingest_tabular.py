@@ -187,6 +187,25 @@ def test_covid_blues_recipe_lists_videos_by_patient():
     severity = read_recipe(REPO / "shards" / "covid_blues.yaml",
                            {"COVID_BLUES": str(COVID_BLUES), "COVID_BLUES_LABEL": "Severity Score"}, environ={})
     assert open_source("csv", severity["source"], **severity["options"]).classes == ["0", "1", "2", "3"]
+    zone = read_recipe(REPO / "shards" / "covid_blues_zone.yaml", {"COVID_BLUES": str(COVID_BLUES)}, environ={})
+    zone_items = list(open_source("csv", zone["source"], **zone["options"]))
+    assert [sum(it.class_name == c for it in zone_items) for c in ("1", "2", "3")] == [129, 118, 115]
+    assert {it.group for it in zone_items} == {it.group for it in items}
+
+
+def test_csv_labels_from_a_file_name_pattern(tmp_path):
+    for name in ("p1_R1", "p1_L3", "p2_R3"):
+        Image.new("L", (8, 8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "list.csv").write_text("file\np1_R1.png\np1_L3.png\np2_R3.png\n")
+    src = CsvSource(tmp_path / "list.csv", label_pattern=r"_[LR](\d)", group_pattern=r"^(p\d)_")
+    assert src.classes == ["1", "3"] and [it.class_name for it in src] == ["1", "3", "3"]
+    assert [it.label for it in src] == [0, 1, 1] and [it.group for it in src] == ["p1", "p1", "p2"]
+    (tmp_path / "list.csv").write_text("file\np1_R1.png\np1_X.png\n")
+    Image.new("L", (8, 8)).save(tmp_path / "p1_X.png")
+    with pytest.raises(UserError, match=r"line 3: 'p1_X.png' .* does not match the label pattern"):
+        CsvSource(tmp_path / "list.csv", label_pattern=r"_[LR](\d)")
+    with pytest.raises(UserError, match="label_column 'file' and label_pattern .* both give labels"):
+        CsvSource(tmp_path / "list.csv", label_column="file", label_pattern=r"_[LR](\d)")
 
 
 # ---------------------------------------------------------------------------- filenames

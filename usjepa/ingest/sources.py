@@ -181,16 +181,18 @@ class Source:
         return dict(self._stats)
 
 
-def group_from_pattern(rx: re.Pattern | None, pattern: str | None, rel: str, path: Path, what: str) -> str:
-    """The group id of file `rel`: the first capture group of `rx` in its stem, or the file
-    itself without a pattern. `what` names the file in the error ("video", "file", a CSV line)."""
+def group_from_pattern(rx: re.Pattern | None, pattern: str | None, rel: str, path: Path, what: str,
+                       kind: str = "group") -> str:
+    """The group id (or, with kind="label", the class) of file `rel`: the first capture group
+    of `rx` in its stem, or the file itself without a pattern. `what` names the file in the
+    error ("video", "file", a CSV line)."""
     if rx is None:
         return rel
     match = rx.search(path.stem)
     if match is None or match.group(1) is None:
         raise UserError(
-            f"{what} {rel!r} (stem {path.stem!r}) does not match the group pattern '{pattern}'; fix the "
-            "pattern so every file name yields a group id, or rename the file"
+            f"{what} {rel!r} (stem {path.stem!r}) does not match the {kind} pattern '{pattern}'; fix the "
+            f"pattern so every file name yields a {kind}, or rename the file"
         )
     return match.group(1)
 

@@ -20,6 +20,9 @@ Columns (each an option; None = auto-detect, False = do not use such a column):
   ".0" ("2.0" -> "2"). Auto: label, labels, class, class_name, diagnosis, category,
   target. No label column: every item is unlabelled (label -1, class_name "", no
   classes), as the video source does.
+- label_pattern: instead of a label column, the class is the first capture group of this
+  regex searched in the file stem (COVID-BLUES: '_[LR](\d)' gives the scanning point 1-3 of
+  `patient_62_R1`); a file it does not match is an error naming its line.
 - group_column: patient/study/video id that splits keep together. Auto: patient,
   patient_id, group, study, video, subject, case (and *_id). Without one, `group_pattern`
   (a regex whose first capture group, searched in the file stem, is the id) or else each
@@ -196,6 +199,7 @@ class CsvSource(Source):
         path_root: str | None = None,
         path_suffix: str | None = None,
         group_pattern: str | None = None,
+        label_pattern: str | None = None,
         exclude_pattern: str | None = None,
         delimiter: str | None = None,
         fps: float | None = None,
@@ -214,6 +218,13 @@ class CsvSource(Source):
         self.exclude_pattern = exclude_pattern
         self._group_rx = compile_pattern(group_pattern, "group pattern", need_group=True)
         self._exclude_rx = compile_pattern(exclude_pattern, "exclude pattern", need_group=False)
+        self.label_pattern = label_pattern
+        self._label_rx = compile_pattern(label_pattern, "label pattern", need_group=True)
+        if label_pattern is not None:
+            if label_column:
+                raise UserError(f"label_column {label_column!r} and label_pattern {label_pattern!r} both give labels; "
+                                "keep one")
+            label_column = False
         self._media = MediaItems(fps, max_frames)
         header, rows = self._read(delimiter)
         self.columns: dict[str, int | None] = {}
@@ -356,6 +367,9 @@ class CsvSource(Source):
                 raise UserError(f"{where} lists {raw!r} twice (lines {seen[path]} and {line}); delete one row")
             seen[path] = line
             label = cell(row, cols["label"], line)
+            if self._label_rx is not None:
+                label = group_from_pattern(self._label_rx, self.label_pattern, raw, path, f"{where} line {line}:",
+                                           kind="label")
             if label == "":
                 raise UserError(f"{where} line {line} has an empty label in column {header[cols['label']]!r}; "
                                 "fill it or delete the row")
@@ -382,7 +396,7 @@ class CsvSource(Source):
             "paths are read relative to the CSV's folder (or path_root); check path_root and path_suffix",
         )
 
-        if cols["label"] is not None:
+        if cols["label"] is not None or self._label_rx is not None:
             classes, name_of = canonical_labels([r["label"] for r in listed])
             label_of = {c: i for i, c in enumerate(classes)}
         else:
@@ -414,6 +428,7 @@ class CsvSource(Source):
             "excluded": excluded,
             "exclude_pattern": self.exclude_pattern,
             "columns": {k: (header[v] if v is not None else None) for k, v in cols.items()},
+            "label_pattern": self.label_pattern,
         }
         return items, stats, classes
 
