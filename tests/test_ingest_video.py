@@ -21,7 +21,7 @@ from usjepa.ingest.video import VideoSettings, VideoSource, benchmark, read_vide
 
 COVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-blues" / "lus_videos"
 needs_covid = pytest.mark.skipif(
-    not COVID.is_dir(), reason=f"COVID-BLUES videos not found at {COVID} (see ../shared/data/README.md)"
+    not COVID.is_dir(), reason=f"COVID-BLUES videos not found at {COVID}"
 )
 
 H, W, N, RATE = 128, 160, 40, 10  # synthetic: 40 frames at 10 fps = 4 s

@@ -1,4 +1,4 @@
-"""Linear probe (PAPER.md section 4): feature extraction, training, metrics, reports."""
+"""Linear probe (US-JEPA paper, section 4): feature extraction, training, metrics, reports."""
 
 from __future__ import annotations
 

@@ -343,7 +343,7 @@ def test_cli_build_and_verify(folder, tmp_path, capsys):
     assert args.func(args) == 0 and "ok:" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not BUSI.is_dir(), reason=f"BUSI data not found at {BUSI} (see shared/data/README.md)")
+@pytest.mark.skipif(not BUSI.is_dir(), reason=f"BUSI data not found at {BUSI}")
 def test_build_real_busi_images(tmp_path):
     src = tmp_path / "busi"
     for cls in ("benign", "malignant", "normal"):

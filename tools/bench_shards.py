@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", type=int, default=200, help="images for the per-stage timing (0: skip)")
     args = parser.parse_args(argv)
     if not args.src.is_dir():
-        print(f"bench_shards: source {args.src} not found (BUSI: see ../shared/data/README.md); pass --src", file=sys.stderr)
+        print(f"bench_shards: source {args.src} not found (the BUSI image folders); pass --src", file=sys.stderr)
         return 2
     settings = BuildSettings(image_size=args.size, shard_size=1000)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -158,7 +158,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype for student and predictor
     max_nonfinite: int = 5  # consecutive skipped steps (NaN/Inf loss or grad) before stopping
     # At every checkpoint, the loss on the `val` split (un-augmented, fixed masks) is logged as
-    # val/loss and `checkpoints/best` names the lowest (PAPER.md section 2). 0 batches = all.
+    # val/loss and `checkpoints/best` names the lowest (US-JEPA paper, section 2). 0 batches = all.
     validate: bool = True
     val_batches: int = 0
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory
@@ -205,7 +205,7 @@ class LogConfig:
 
 @dataclass
 class ProbeConfig:
-    """Linear probe (PAPER.md section 4), kNN probe and the non-learned baselines."""
+    """Linear probe (US-JEPA paper, section 4), kNN probe and the non-learned baselines."""
 
     lr: float = 1e-3
     weight_decay: float = 1e-4

@@ -81,7 +81,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "probe", description="Frozen encoder -> mean-pooled last-layer tokens -> one linear layer "
                     "(AdamW 1e-3, wd 1e-4, batch 32, cosine, early stopping on val loss, 5 seeds), "
-                    "as in PAPER.md section 4, and a weighted kNN probe (DINO; probe.knn_k, default 20, "
+                    "as in the US-JEPA paper, section 4, and a weighted kNN probe (DINO; probe.knn_k, default 20, "
                     "probe.knn_temperature, default 0.07), both scored on val and test. "
                     "Writes <out>/<backbone>.json and a confusion-matrix PNG.")
     p.add_argument("run", help="run dir of a `usjepa train` run (its config gives the architecture and image size)")

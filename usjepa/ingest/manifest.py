@@ -4,7 +4,7 @@
 `Manifest.root` is the folder that holds it (not stored: the folder may be moved); shard
 names inside are relative to it. The full list of skipped inputs, duplicates and flagged
 overlays is in `OUT/build_report.json`; the manifest holds counts and the first few.
-`sampling_weight` (min(train samples, weight_cap), PAPER.md: min(|D_i|, 50,000)) is what a
+`sampling_weight` (min(train samples, weight_cap), the US-JEPA paper: min(|D_i|, 50,000)) is what a
 multi-dataset mixture weights this set by.
 """
 

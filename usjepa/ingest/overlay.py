@@ -3,7 +3,7 @@
 Ultrasound is grayscale; colour in a frame is something drawn on top of it: Doppler colour
 boxes and flow, coloured calipers, measurement lines, text, arrows. A pixel is "coloured"
 when its channels differ by more than `tolerance` (max - min over R, G, B; 16 by default,
-above JPEG chroma noise on a gray image). Then, per image (PAPER.md section 3):
+above JPEG chroma noise on a gray image). Then, per image (US-JEPA paper, section 3):
 
 - no coloured pixel: plain luma, nothing else;
 - coloured pixels cover less than `max_fraction` of the image (5%): the coloured pixels,

@@ -82,7 +82,7 @@ class BuildSettings:
     """Keep at most this many samples: the first ones in the seeded item order (all frames
     of an item in order), after failures and duplicates are left out."""
     weight_cap: int = DEFAULT_WEIGHT_CAP
-    """Manifest `sampling_weight` = min(train samples, weight_cap) (PAPER.md: min(|D|, 50,000))."""
+    """Manifest `sampling_weight` = min(train samples, weight_cap) (the US-JEPA paper: min(|D|, 50,000))."""
     source_options: dict = field(default_factory=dict)
     """Keyword options for the source's constructor (e.g. fps=3, max_frames=30)."""
 
