@@ -8,12 +8,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from usjepa.config import ModelConfig
-from usjepa.data.masks import mask_lengths
 from usjepa.data.pipeline import make_train_loader
 from usjepa.models.vit import build_encoder
 from usjepa.train import checkpoint as ckpt
 from usjepa.train.ema import ema_update, make_target
-from usjepa.train.flops import step_flops
+from usjepa.train.flops import sample_flops
 from usjepa.train.loop import Trainer, train
 from usjepa.train.schedules import ema_momentum
 
@@ -60,8 +59,9 @@ def test_a_training_step_updates_the_target_toward_the_trained_encoder(tiny_conf
     before = {k: v.clone() for k, v in trainer.ema_target.state_dict().items()}
     outcome = trainer.train_step(batch)
     assert outcome.finite
-    kc, kt = mask_lengths(batch["masks"])
-    assert outcome.flops == step_flops(trainer.student, trainer.ema_target, 8, kc, kt, cfg.mask.num_targets)
+    expected = sum(sample_flops(trainer.student, trainer.ema_target, len(m.context), [len(t) for t in m.targets])
+                   for m in batch["masks"])
+    assert outcome.flops == expected and outcome.kept_fraction == 1.0
     student = trainer.student.encoder.state_dict()
     moved = 0
     for name, value in trainer.ema_target.state_dict().items():

@@ -76,27 +76,55 @@ def test_valid_patches_threshold():
     assert valid_patches(region, 16, 2).tolist() == [[False, False], [False, True]]
 
 
-def test_collate_truncates_to_the_smallest_mask_without_new_indices():
-    cfg = MaskConfig()
-    masks = [sample_masks(cfg, GRID, 0, 1, i) for i in range(8)]
-    context, targets = collate_masks(masks, list(range(8)), 0, 1)
-    assert context.shape == (8, min(len(m.context) for m in masks))
-    assert targets.shape[:2] == (4, 8)
+def region_masks(n: int, step: int = 1) -> list:
+    """Region-conditioned masks of `n` samples whose regions differ, so lengths differ."""
+    cfg = MaskConfig(region_conditioned=True, min_keep=4)
+    out = []
+    for i in range(n):
+        valid = np.zeros((GRID, GRID), bool)
+        valid[:, : 4 + i] = True  # a region 4 + i patch columns wide
+        out.append(sample_masks(cfg, GRID, 0, step, i, valid))
+    return out
+
+
+def test_collate_keeps_every_sampled_patch_of_every_sample():
+    masks = region_masks(6)
+    lengths = {len(m.context) for m in masks} | {len(t) for m in masks for t in m.targets}
+    assert len(lengths) > 2  # the test needs masks of different lengths
+    batch = collate_masks(masks, list(range(6)), 0, 1)
+    assert batch.context.shape == (6, max(len(m.context) for m in masks))
+    assert batch.targets.shape == (4, 6, max(len(t) for m in masks for t in m.targets))
     for i, m in enumerate(masks):
-        assert set(context[i].tolist()) <= set(m.context.tolist())
+        assert batch.context[i][batch.context_valid[i]].tolist() == m.context.tolist()
         for t in range(4):
-            assert set(targets[t, i].tolist()) <= set(m.targets[t].tolist())
+            assert batch.targets[t, i][batch.target_valid[t, i]].tolist() == m.targets[t].tolist()
+    # Drawn == kept: nothing is dropped.
+    assert int(batch.context_valid.sum()) == sum(len(m.context) for m in masks)
+    assert int(batch.target_valid.sum()) == sum(len(t) for m in masks for t in m.targets)
+
+
+def test_truncating_collation_cuts_to_the_smallest_mask_without_new_indices():
+    masks = region_masks(6)
+    batch = collate_masks(masks, list(range(6)), 0, 1, mask_lengths(masks))
+    assert batch.context.shape == (6, min(len(m.context) for m in masks))
+    assert batch.context_valid.all() and batch.target_valid.all()
+    for i, m in enumerate(masks):
+        assert set(batch.context[i].tolist()) <= set(m.context.tolist())
+        for t in range(4):
+            assert set(batch.targets[t, i].tolist()) <= set(m.targets[t].tolist())
 
 
 def test_what_a_sample_keeps_does_not_depend_on_its_batch_mates():
-    # Ranks collate their shares separately (with the global lengths): a sample's cut must not
-    # depend on which samples share its rank.
-    cfg = MaskConfig()
-    masks = [sample_masks(cfg, GRID, 0, 3, i) for i in range(8)]
+    # Ranks collate their shares separately (truncation: with the global lengths): a sample's
+    # cut must not depend on which samples share its rank.
+    masks = region_masks(8, step=3)
     lengths = mask_lengths(masks)
-    whole_c, whole_t = collate_masks(masks, list(range(8)), 0, 3, lengths)
-    half_c, half_t = collate_masks(masks[4:], list(range(4, 8)), 0, 3, lengths)
-    assert torch.equal(whole_c[4:], half_c) and torch.equal(whole_t[:, 4:], half_t)
+    whole = collate_masks(masks, list(range(8)), 0, 3, lengths)
+    half = collate_masks(masks[4:], list(range(4, 8)), 0, 3, lengths)
+    assert torch.equal(whole.context[4:], half.context) and torch.equal(whole.targets[:, 4:], half.targets)
+    whole, half = collate_masks(masks, list(range(8)), 0, 3), collate_masks(masks[4:], list(range(4, 8)), 0, 3)
+    for i in range(4):
+        assert torch.equal(whole.context[4 + i][whole.context_valid[4 + i]], half.context[i][half.context_valid[i]])
 
 
 def test_tiny_region_degrades_gracefully():

@@ -31,16 +31,54 @@ def test_encoder_weights_load_into_timm():
     assert torch.allclose(ref.eval().forward_features(x), enc.eval()(x), atol=1e-5)
 
 
-def test_predictor_output_shape_and_no_cross_block_leak():
-    pred = Predictor(in_dim=48, out_dim=7, grid=4, embed_dim=32, depth=1, num_heads=2).eval()
+def test_encoder_padding_changes_nothing_a_valid_token_sees():
+    enc = tiny_encoder(class_token=True).eval()
+    x = torch.randn(2, 1, 32, 32)
+    keep = torch.tensor([[3, 7, 1, 12, 5], [9, 0, 2, 14, 6]])  # not in order: positions must map
+    padded = torch.cat([keep, torch.tensor([[3, 3, 3], [9, 9, 9]])], dim=1)
+    valid = torch.arange(8) < 5
+    out = enc(x, padded, valid.expand(2, -1))
+    torch.testing.assert_close(out[:, :5], enc(x, keep), atol=1e-5, rtol=1e-5)
+    # Sample 0 padded in a batch equals sample 0 alone with its real length.
+    lengths = torch.tensor([5, 3])
+    out = enc(x, keep, torch.arange(5) < lengths[:, None])
+    torch.testing.assert_close(out[1, :3], enc(x[1:], keep[1:, :3])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["per_block", "shared_context"])
+def test_predictor_blocks_do_not_see_each_other(layout):
+    torch.manual_seed(0)
+    pred = Predictor(in_dim=48, out_dim=7, grid=4, embed_dim=32, depth=2, num_heads=2, layout=layout).eval()
     ctx = torch.randn(2, 6, 48)
-    ctx_idx = torch.arange(6).expand(2, -1)
-    targets = torch.tensor([[[8, 9], [8, 9]], [[14, 15], [14, 15]]])  # T=2, B=2, Kt=2
+    ctx_idx = torch.tensor([[0, 5, 2, 3, 10, 1], [4, 6, 7, 11, 12, 13]])
+    targets = torch.tensor([[[8, 9], [2, 3]], [[14, 15], [0, 1]]])  # T=2, B=2, Kt=2
     out = pred(ctx, ctx_idx, targets)
     assert out.shape == (4, 2, 7)
-    # Predicting block 0 alone gives the same result: blocks do not see each other's mask tokens.
-    alone = pred(ctx, ctx_idx, targets[:1])
-    assert torch.allclose(out[:2], alone, atol=1e-6)
+    # Block 1 at other positions: block 0's predictions do not move; block 1's do.
+    moved = targets.clone()
+    moved[1] = torch.tensor([[4, 5], [8, 10]])
+    again = pred(ctx, ctx_idx, moved)
+    torch.testing.assert_close(again[:2], out[:2], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(again[2:], out[2:], atol=1e-3)
+    # Block 0 alone gives the same predictions.
+    torch.testing.assert_close(pred(ctx, ctx_idx, targets[:1]), out[:2], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["per_block", "shared_context"])
+def test_predictor_padding_changes_no_prediction(layout):
+    torch.manual_seed(0)
+    pred = Predictor(in_dim=48, out_dim=7, grid=4, embed_dim=32, depth=2, num_heads=2, layout=layout).eval()
+    ctx, ctx_idx = torch.randn(1, 5, 48), torch.tensor([[0, 5, 2, 3, 10]])
+    targets = torch.tensor([[[8, 9, 12]], [[14, 15, 11]]])
+    want = pred(ctx, ctx_idx, targets)
+    # Two padding context tokens and one padding token per block, with garbage features.
+    ctx_p = torch.cat([ctx, torch.randn(1, 2, 48)], dim=1)
+    ctx_idx_p = torch.cat([ctx_idx, torch.tensor([[7, 7]])], dim=1)
+    targets_p = torch.cat([targets, torch.tensor([[[1]], [[1]]])], dim=2)
+    ctx_valid = torch.tensor([[True] * 5 + [False] * 2])
+    target_valid = torch.tensor([[[True] * 3 + [False]]] * 2)
+    got = pred(ctx_p, ctx_idx_p, targets_p, ctx_valid, target_valid)
+    torch.testing.assert_close(got[:, :3], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

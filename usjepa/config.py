@@ -101,6 +101,9 @@ class MaskConfig:
     # USrc-JEPA: blocks are intersected with the patches that hold ultrasound signal.
     region_conditioned: bool = False
     region_min_pixels: int = 1  # region pixels a patch needs to count as valid
+    # I-JEPA's collation: cut every mask of the global batch to the shortest one. Off: each
+    # sample keeps every patch it drew (padded, with attention key masks). For comparison only.
+    truncate_to_shortest: bool = False
 
 
 @dataclass
@@ -125,6 +128,11 @@ class PredictorConfig:
     depth: int = 12
     embed_dim: int = 384
     num_heads: int = 12
+    # per_block: one pass per target block over context + that block's mask tokens (I-JEPA;
+    # the context is repeated per block). shared_context: one pass over the context and all
+    # blocks, each block's mask tokens attending to the context and their own block only
+    # (the context attends to itself), so blocks still cannot see each other.
+    layout: Literal["per_block", "shared_context"] = "per_block"
 
 
 @dataclass

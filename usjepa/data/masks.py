@@ -100,24 +100,59 @@ def _take(rng: np.random.Generator, idx: np.ndarray, n: int) -> np.ndarray:
     return np.sort(rng.choice(idx, size=n, replace=False))
 
 
+def _pad(idx: np.ndarray, n: int) -> np.ndarray:
+    """`idx` padded to length `n` with its own first index: a pad position gathers a token the
+    mask already holds (and tints an already tinted patch), and is excluded by its valid flag."""
+    return np.concatenate([idx, np.full(n - len(idx), idx[0], dtype=idx.dtype)])
+
+
 def mask_lengths(masks: list[SampleMasks]) -> tuple[int, int]:
     """(context, target) lengths every mask of `masks` can be cut to: the smallest of each."""
     return min(len(m.context) for m in masks), min(len(t) for m in masks for t in m.targets)
 
 
-def collate_masks(masks: list[SampleMasks], sample_ids: list[int], seed: int, step: int,
-                  lengths: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack per-sample masks into tensors of equal length.
+@dataclass(frozen=True)
+class MaskBatch:
+    """Masks of a batch as padded index tensors with valid flags.
 
-    Returns context [B, Kc] and targets [T, B, Kt], where (Kc, Kt) = `lengths`, by default
-    `mask_lengths(masks)`. A distributed step passes the minimum over the whole global batch,
-    so that what a sample keeps does not depend on which rank holds it; for the same reason
-    each longer mask is subsampled by a generator of (seed, step, sample id) alone.
+    context [B, Kc] and targets [T, B, Kt] hold flat patch indices, valid ones first in each
+    row; `context_valid` / `target_valid` (same shapes) say which are real. Kc and Kt are the
+    longest mask of the batch, so no sampled patch is lost.
     """
-    kc, kt = mask_lengths(masks) if lengths is None else lengths
-    contexts, targets = [], []
-    for sample, m in zip(sample_ids, masks):
-        rng = np.random.default_rng([seed, step, sample, 0xC011A7E])
-        contexts.append(_take(rng, m.context, kc))
-        targets.append(np.stack([_take(rng, t, kt) for t in m.targets]))
-    return torch.from_numpy(np.stack(contexts)).long(), torch.from_numpy(np.stack(targets, axis=1)).long()
+
+    context: torch.Tensor
+    context_valid: torch.Tensor
+    targets: torch.Tensor
+    target_valid: torch.Tensor
+
+
+def collate_masks(masks: list[SampleMasks], sample_ids: list[int], seed: int, step: int,
+                  truncate_to: tuple[int, int] | None = None) -> MaskBatch:
+    """Stack per-sample masks into padded tensors; every sample keeps all its patches.
+
+    With `truncate_to` = (Kc, Kt) every mask is instead cut to those lengths (I-JEPA's
+    collation, `mask.truncate_to_shortest`): a distributed step passes the minimum over the
+    whole global batch, so that what a sample keeps does not depend on which rank holds it;
+    for the same reason each longer mask is subsampled by a generator of (seed, step, sample
+    id) alone.
+    """
+    if truncate_to is not None:
+        kc, kt = truncate_to
+        contexts, targets = [], []
+        for sample, m in zip(sample_ids, masks):
+            rng = np.random.default_rng([seed, step, sample, 0xC011A7E])
+            contexts.append(_take(rng, m.context, kc))
+            targets.append(np.stack([_take(rng, t, kt) for t in m.targets]))
+    else:
+        kc = max(len(m.context) for m in masks)
+        kt = max(len(t) for m in masks for t in m.targets)
+        contexts = [_pad(m.context, kc) for m in masks]
+        targets = [np.stack([_pad(t, kt) for t in m.targets]) for m in masks]
+    context = torch.from_numpy(np.stack(contexts)).long()
+    target = torch.from_numpy(np.stack(targets, axis=1)).long()
+    lengths = torch.tensor([len(m.context) for m in masks])
+    target_lengths = torch.tensor([[len(t) for t in m.targets] for m in masks]).T  # [T, B]
+    if truncate_to is not None:
+        lengths, target_lengths = lengths.clamp(max=kc), target_lengths.clamp(max=kt)
+    return MaskBatch(context=context, context_valid=torch.arange(kc) < lengths[:, None],
+                     targets=target, target_valid=torch.arange(kt) < target_lengths[..., None])

@@ -10,8 +10,9 @@ replays the raw tar records of the current epoch without decoding them.
 Augmentations come from (seed, stream, step, sample) generators and masks from (seed, step,
 sample id) ones, where the sample id is the position in the global batch; so what a batch
 holds depends neither on the number of restarts nor on the ranks and workers that read it.
-Masks are cut to equal lengths only once the lengths of the whole global batch are known
-(`collate_batch`), which in a distributed run takes one small all-gather.
+Masks keep their own lengths per sample and are padded into tensors with valid flags
+(`collate_batch`); only I-JEPA's truncating collation (`mask.truncate_to_shortest`) needs the
+lengths of the whole global batch, which in a distributed run takes one small all-gather.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from usjepa.config import Config
 from usjepa.data.augment import augment, resize_eval, to_model_input
-from usjepa.data.masks import collate_masks, sample_masks, valid_patches
+from usjepa.data.masks import collate_masks, mask_lengths, sample_masks, valid_patches
 from usjepa.data.streams import ShardSet, StreamPlan
 from usjepa.errors import UserError
 from usjepa.ingest.manifest import Manifest
@@ -151,22 +152,27 @@ def join_parts(parts: list[dict]) -> dict:
     return joined
 
 
-def collate_batch(batch: dict, lengths: tuple[int, int] | None = None) -> dict:
-    """`batch` with its masks collated into `context` [B, Kc] and `targets` [T, B, Kt] tensors.
+def collate_batch(batch: dict, truncate_to: tuple[int, int] | None = None) -> dict:
+    """`batch` with its masks collated (`MaskBatch`): `context` [B, Kc], `targets` [T, B, Kt]
+    and their `context_valid` / `target_valid` flags.
 
-    `lengths` (Kc, Kt) are the smallest mask sizes of the global batch (by default of this one).
+    Every sampled patch is kept (padded to the longest mask), unless `truncate_to` (Kc, Kt),
+    the smallest mask sizes of the global batch, asks for I-JEPA's cut.
     """
     if not batch["ids"]:
         raise UserError(f"step {batch['step']}: every sample of a batch failed to decode; "
                         "run `usjepa shards verify` on the shard set")
-    context, targets = collate_masks(batch["masks"], batch["ids"], batch["mask_seed"], batch["step"], lengths)
-    return {**batch, "context": context, "targets": targets}
+    masks = collate_masks(batch["masks"], batch["ids"], batch["mask_seed"], batch["step"], truncate_to)
+    return {**batch, **vars(masks)}
 
 
 def make_batch(cfg: Config, records: list[dict], step: int, augmented: bool = True,
                mask_seed: int | None = None) -> dict:
-    """One self-contained collated batch of `records` (validation, tools)."""
-    return collate_batch(decode_chunk(cfg, records, step, augmented=augmented, mask_seed=mask_seed))
+    """One self-contained collated batch of `records` (validation, tools); with
+    `mask.truncate_to_shortest` its masks are cut to the shortest of this batch."""
+    batch = decode_chunk(cfg, records, step, augmented=augmented, mask_seed=mask_seed)
+    truncate = cfg.mask.truncate_to_shortest and batch["ids"]
+    return collate_batch(batch, mask_lengths(batch["masks"]) if truncate else None)
 
 
 def _records(manifest: Manifest, split: str) -> Iterator[dict]:

@@ -12,13 +12,14 @@ from torch import nn
 
 from usjepa.config import PredictorConfig
 from usjepa.models.attention import attention_layer
-from usjepa.models.vit import attention_backend, gather_tokens, run_blocks, sincos_pos_embed
+from usjepa.models.vit import attention_backend, gather_tokens, key_padding_mask, run_blocks, sincos_pos_embed
 
 
 class Predictor(nn.Module):
     def __init__(self, *, in_dim: int, out_dim: int, grid: int, embed_dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa"):
+                 num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa", layout: str = "per_block"):
         super().__init__()
+        self.layout = layout  # per_block | shared_context (PredictorConfig.layout)
         self.attention = attention  # sdpa | xformers | auto (resolved on first forward)
         self.grad_checkpointing = False  # recompute block activations in the backward
         self.embed = nn.Linear(in_dim, embed_dim)
@@ -32,21 +33,51 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.apply(_init_weights)
 
-    def forward(self, context_tokens: torch.Tensor, context_idx: torch.Tensor,
-                target_idx: torch.Tensor) -> torch.Tensor:
-        """context_tokens [B, Kc, in_dim], context_idx [B, Kc], target_idx [T, B, Kt] -> [T*B, Kt, out_dim].
+    def forward(self, context_tokens: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
+                context_valid: torch.Tensor | None = None,
+                target_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """context_tokens [B, Kc, in_dim] at positions context_idx [B, Kc], target blocks
+        target_idx [T, B, Kt] -> predictions [T*B, Kt, out_dim] (block-major, as the targets).
 
-        Each target block is predicted in its own pass (the context is repeated T times), so
-        blocks cannot see each other's mask tokens.
+        `context_valid` [B, Kc] and `target_valid` [T, B, Kt] mark padding (False), which no
+        token attends to. Blocks never see each other's mask tokens, in either layout.
         """
-        n_targets = target_idx.shape[0]
-        batch_pos = self.pos_embed.expand(context_tokens.shape[0], -1, -1)
-        x = self.embed(context_tokens) + gather_tokens(batch_pos, context_idx)
-        x = x.repeat(n_targets, 1, 1)
-        flat_targets = target_idx.flatten(0, 1)
-        masks = self.mask_token + gather_tokens(batch_pos.repeat(n_targets, 1, 1), flat_targets)
-        x = run_blocks(self.blocks, torch.cat([x, masks], dim=1), self.grad_checkpointing)
-        return self.proj(self.norm(x[:, -flat_targets.shape[1]:]))
+        n_targets, batch, kt = target_idx.shape
+        batch_pos = self.pos_embed.expand(batch, -1, -1)
+        context = self.embed(context_tokens) + gather_tokens(batch_pos, context_idx)
+        context_valid = _all_valid(context_idx) if context_valid is None else context_valid
+        target_valid = _all_valid(target_idx) if target_valid is None else target_valid
+        if self.layout == "shared_context":
+            # [B, T*Kt] mask tokens after the context, one pass for all blocks.
+            flat_idx = target_idx.permute(1, 0, 2).reshape(batch, n_targets * kt)
+            masks = self.mask_token + gather_tokens(batch_pos, flat_idx)
+            valid = torch.cat([context_valid, target_valid.permute(1, 0, 2).reshape(batch, -1)], dim=1)
+            x = run_blocks(self.blocks, torch.cat([context, masks], dim=1), self.grad_checkpointing,
+                           shared_context_mask(valid, context.shape[1], n_targets, kt))
+            out = x[:, context.shape[1]:].reshape(batch, n_targets, kt, -1).transpose(0, 1).flatten(0, 1)
+        else:  # per_block: the context is repeated once per block
+            context = context.repeat(n_targets, 1, 1)
+            flat_idx = target_idx.flatten(0, 1)
+            masks = self.mask_token + gather_tokens(batch_pos.repeat(n_targets, 1, 1), flat_idx)
+            valid = torch.cat([context_valid.repeat(n_targets, 1), target_valid.flatten(0, 1)], dim=1)
+            x = run_blocks(self.blocks, torch.cat([context, masks], dim=1), self.grad_checkpointing,
+                           key_padding_mask(valid))
+            out = x[:, -kt:]
+        return self.proj(self.norm(out))
+
+
+def _all_valid(idx: torch.Tensor) -> torch.Tensor:
+    return torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+
+
+def shared_context_mask(valid: torch.Tensor, n_context: int, n_targets: int, block_len: int) -> torch.Tensor:
+    """Boolean attention mask [B, 1, L, L] of the shared-context layout (L = Kc + T*Kt): a
+    context query attends to valid context keys; a query of block t to valid context keys
+    and the valid keys of block t."""
+    group = torch.cat([torch.full((n_context,), -1, device=valid.device),
+                       torch.arange(n_targets, device=valid.device).repeat_interleave(block_len)])
+    same = (group[None, :] == -1) | (group[None, :] == group[:, None])  # [L queries, L keys]
+    return (same[None] & valid[:, None, :])[:, None]
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -65,5 +96,5 @@ def build_predictor(cfg: PredictorConfig, in_dim: int, out_dim: int, grid: int, 
     """The predictor for `cfg`; `attention` is the `model.attention` setting (the predictor
     follows the student's), resolved for `device`/`dtype` when given, else on first forward."""
     return Predictor(in_dim=in_dim, out_dim=out_dim, grid=grid, embed_dim=cfg.embed_dim,
-                     depth=cfg.depth, num_heads=cfg.num_heads,
+                     depth=cfg.depth, num_heads=cfg.num_heads, layout=cfg.layout,
                      attention=attention_backend(attention, device, dtype))

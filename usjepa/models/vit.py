@@ -22,12 +22,25 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def run_blocks(blocks: torch.nn.ModuleList, x: torch.Tensor, recompute: bool) -> torch.Tensor:
-    """`x` through `blocks`; with `recompute`, each block's activations are recomputed in the
-    backward instead of stored (activation checkpointing)."""
+def run_blocks(blocks: torch.nn.ModuleList, x: torch.Tensor, recompute: bool,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` through `blocks`, attending where `attn_mask` (boolean, broadcastable to
+    [B, heads, N, N]) is True; with `recompute`, each block's activations are recomputed in
+    the backward instead of stored (activation checkpointing)."""
     for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False) if recompute and torch.is_grad_enabled() else block(x)
+        if recompute and torch.is_grad_enabled():
+            x = checkpoint(block, x, attn_mask, use_reentrant=False)
+        else:
+            x = block(x, attn_mask=attn_mask)
     return x
+
+
+def key_padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """Boolean attention mask [B, 1, 1, N] that hides the padding keys of `valid` [B, N]; None
+    when nothing is padded, so the unmasked (fastest) kernels run."""
+    if valid is None or bool(valid.all()):
+        return None
+    return valid[:, None, None, :]
 
 
 def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
@@ -60,10 +73,13 @@ class Encoder(VisionTransformer):
     def width(self) -> int:
         return self.embed_dim
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None,
+                keep_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed patch tokens [B, K, D] of `images` [B, 1, H, W].
 
         `keep` [B, K] lists the patch positions to encode (the context); None encodes all.
+        `keep_valid` [B, K] marks padding in `keep` (False): no token attends to a padding
+        token, so a sample's valid tokens do not depend on how far it was padded.
         Prefix tokens (class, register) of a loaded timm teacher are used but not returned.
         """
         x = self.patch_embed(images)
@@ -81,7 +97,10 @@ class Encoder(VisionTransformer):
             if prefix_pos is not None:
                 prefix = prefix + prefix_pos
             x = torch.cat([prefix, x], dim=1)
-        x = run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing)
+        mask = key_padding_mask(keep_valid)
+        if mask is not None and n_prefix:
+            mask = torch.cat([mask.new_ones(*mask.shape[:3], n_prefix), mask], dim=-1)
+        x = run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing, mask)
         return self.norm(x)[:, n_prefix:]
 
 

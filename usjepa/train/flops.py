@@ -10,16 +10,21 @@ machine. Targets computed without gradient (frozen teacher, EMA target) cost one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import nn
 
 
-def blocks_forward_flops(blocks: nn.ModuleList, tokens: int) -> float:
-    """Forward FLOPs of timm transformer `blocks` on one sequence of `tokens` tokens."""
+def blocks_forward_flops(blocks: nn.ModuleList, tokens: int, attended: int | None = None) -> float:
+    """Forward FLOPs of timm transformer `blocks` on one sequence of `tokens` tokens, of which
+    `attended` (query, key) pairs are attended (all tokens x tokens unless masked)."""
+    attended = tokens * tokens if attended is None else attended
     total = 0.0
     for block in blocks:
         dim, hidden = block.mlp.fc1.in_features, block.mlp.fc1.out_features
-        # qkv (3 d^2) + output projection (d^2) + MLP (2 d h) per token; QK^T and AV 2 n^2 d each.
-        total += 2 * tokens * (4 * dim * dim + 2 * dim * hidden) + 4 * tokens * tokens * dim
+        # qkv (3 d^2) + output projection (d^2) + MLP (2 d h) per token; QK^T and AV 2 d per pair each.
+        total += 2 * tokens * (4 * dim * dim + 2 * dim * hidden) + 4 * attended * dim
     return total
 
 
@@ -33,21 +38,35 @@ def encoder_forward_flops(encoder: nn.Module, tokens: int) -> float:
                                                                        tokens + encoder.num_prefix_tokens)
 
 
-def predictor_forward_flops(predictor: nn.Module, context: int, target: int, n_targets: int) -> float:
-    """Forward FLOPs of the Predictor for one sample: the context embedded once, then one pass
-    of context + `target` mask tokens per target block."""
+def predictor_forward_flops(predictor: nn.Module, context: int, targets: Sequence[int]) -> float:
+    """Forward FLOPs of the Predictor for one sample with a context of `context` patches and
+    target blocks of `targets` patches, in the predictor's layout: per block, the context plus
+    one block per pass; shared context, one pass where the context attends to itself and each
+    block to the context and itself."""
     embed, proj = predictor.embed, predictor.proj
-    per_block = blocks_forward_flops(predictor.blocks, context + target) \
-        + 2 * target * proj.in_features * proj.out_features
-    return 2 * context * embed.in_features * embed.out_features + n_targets * per_block
+    if predictor.layout == "shared_context":
+        attended = context * context + sum(t * (context + t) for t in targets)
+        passes = blocks_forward_flops(predictor.blocks, context + sum(targets), attended)
+    else:
+        passes = sum(blocks_forward_flops(predictor.blocks, context + t) for t in targets)
+    return 2 * context * embed.in_features * embed.out_features + passes \
+        + 2 * sum(targets) * proj.in_features * proj.out_features
 
 
-def step_flops(student: nn.Module, target_encoder: nn.Module | None, samples: int, context: int, target: int,
-               n_targets: int) -> float:
-    """FLOPs of one training step on `samples` samples with context and target blocks of
-    `context` and `target` patches: three forwards of the student (encoder + predictor), one
-    of the target encoder on every patch."""
+def sample_flops(student: nn.Module, target_encoder: nn.Module | None, context: int,
+                 targets: Sequence[int]) -> float:
+    """FLOPs of one sample of a training step, with a context of `context` patches and target
+    blocks of `targets` patches: three forwards of the student (encoder + predictor), one of
+    the target encoder on every patch."""
     trained = encoder_forward_flops(student.encoder, context) + \
-        predictor_forward_flops(student.predictor, context, target, n_targets)
+        predictor_forward_flops(student.predictor, context, targets)
     frozen = encoder_forward_flops(target_encoder, target_encoder.patch_embed.num_patches) if target_encoder else 0.0
-    return samples * (3 * trained + frozen)
+    return 3 * trained + frozen
+
+
+def batch_flops(student: nn.Module, target_encoder: nn.Module | None, context_valid: torch.Tensor,
+                target_valid: torch.Tensor) -> float:
+    """FLOPs of a collated batch (valid flags [B, Kc] and [T, B, Kt]): padding is not work."""
+    contexts = context_valid.sum(1).tolist()
+    blocks = target_valid.sum(2).T.tolist()  # [B][T]
+    return sum(sample_flops(student, target_encoder, c, t) for c, t in zip(contexts, blocks))

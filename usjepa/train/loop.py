@@ -36,7 +36,7 @@ from usjepa.signals import STOP_SIGNALS
 from usjepa.train import checkpoint as ckpt
 from usjepa.train.distributed import shutdown_distributed
 from usjepa.train.ema import ema_update, make_target
-from usjepa.train.flops import step_flops
+from usjepa.train.flops import batch_flops
 from usjepa.train.health import feature_std, mask_overlay, rankme
 from usjepa.train.meter import Meter, module_gib, peak_memory_gib
 from usjepa.train.objectives import latent_targets, pixel_targets, regression_loss
@@ -55,14 +55,15 @@ class Student(nn.Module):
         self.encoder = encoder
         self.predictor = predictor
 
-    def forward(self, images: torch.Tensor, context: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(context tokens [B, Kc, D] for health metrics, predictions [T*B, Kt, out_dim]);
-        without masks, (tokens of every patch, None): the features a probe sees."""
-        tokens = self.encoder(images, context)
-        if targets is None:
-            return tokens.detach(), None
-        return tokens.detach(), self.predictor(tokens, context, targets)
+    def forward(self, images: torch.Tensor, masks: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context tokens [B, Kc, D] for health metrics, predictions [T*B, Kt, out_dim]) for
+        the collated `masks` (context, targets and their valid flags); without masks, (tokens
+        of every patch, None): the features a probe sees."""
+        if masks is None:
+            return self.encoder(images).detach(), None
+        tokens = self.encoder(images, masks["context"], masks["context_valid"])
+        return tokens.detach(), self.predictor(tokens, masks["context"], masks["targets"],
+                                               masks["context_valid"], masks["target_valid"])
 
 
 @dataclass
@@ -71,9 +72,12 @@ class StepOutcome:
     grad_norm: float  # NaN when nothing was applied
     lr: float
     weight_decay: float
-    tokens: torch.Tensor | None  # the student's context tokens on this rank, for health metrics
+    pooled: torch.Tensor | None  # [B, D] mean of each sample's context tokens on this rank (health)
     corrupt: int  # samples of the global batch that failed to decode
     flops: float  # of the tokens the step processed, over all ranks (train/flops.py)
+    context_tokens: float  # mean per sample of the global batch: what the student encoded
+    target_tokens: float  # mean per sample, summed over its blocks: what the loss covered
+    kept_fraction: float  # tokens trained on / tokens the mask generator drew
     stop: int | None  # a stop signal some rank received: every rank saves after this step
 
     @property
@@ -90,6 +94,12 @@ class TrainResult:
     seconds: float
     rank: int = 0  # of this process; rank 0 reports
     stop_signal: int | None = None  # the signal that ended the run early (after saving), if any
+
+
+def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of the valid tokens [B, K, D] of each sample -> [B, D] (padding left out)."""
+    weight = valid.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weight).sum(1) / weight.sum(1)
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -260,21 +270,29 @@ class Trainer:
         return latent_targets(latents, targets, cfg.teacher.layernorm_targets)
 
     def loss(self, batch: dict, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss over `batch` and the student's context tokens."""
+        """Mean loss over the samples of `batch`, and the student's context tokens."""
         with self.autocast:
-            tokens, pred = self.student(batch["images"], batch["context"], batch["targets"])
-        return regression_loss(pred, target, self.cfg.train), tokens
+            tokens, pred = self.student(batch["images"], batch)
+        return regression_loss(pred, target, batch["target_valid"].flatten(0, 1), batch["targets"].shape[0],
+                               self.cfg.train), tokens
 
     def _on_device(self, batch: dict, sl: slice = slice(None)) -> dict:
-        return {k: batch[k][sl].to(self.device, non_blocking=True) for k in ("images", "context")} | \
-            {"targets": batch["targets"][:, sl].to(self.device, non_blocking=True)}
+        """Samples `sl` of a collated batch on the device, their masks cut to the longest of
+        them (padding is work without signal)."""
+        kc = int(batch["context_valid"][sl].sum(1).max())
+        kt = int(batch["target_valid"][:, sl].sum(2).max())
+        part = {"images": batch["images"][sl], "context": batch["context"][sl, :kc],
+                "context_valid": batch["context_valid"][sl, :kc], "targets": batch["targets"][:, sl, :kt],
+                "target_valid": batch["target_valid"][:, sl, :kt]}
+        return {k: v.to(self.device, non_blocking=True) for k, v in part.items()}
 
-    def _placeholder(self, kc: int, kt: int) -> dict:
-        """One blank sample with masks of the step's lengths, for a pass without samples."""
+    def _placeholder(self) -> dict:
+        """One blank sample with one-patch masks, for a pass without samples (weight 0)."""
         size, n_targets = self.cfg.data.image_size, self.cfg.mask.num_targets
-        return {"images": torch.zeros(1, 1, size, size, device=self.device),
-                "context": torch.arange(kc, device=self.device)[None],
-                "targets": torch.arange(kt, device=self.device).expand(n_targets, 1, kt)}
+        index = torch.zeros(n_targets, 1, 1, dtype=torch.long, device=self.device)
+        valid = torch.ones_like(index, dtype=torch.bool)
+        return {"images": torch.zeros(1, 1, size, size, device=self.device), "context": index[0],
+                "context_valid": valid[0], "targets": index, "target_valid": valid}
 
     def _set_schedules(self) -> tuple[float, float]:
         o, total = self.cfg.optim, self.cfg.train.total_steps
@@ -300,27 +318,34 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def _collate_global(self, batch: dict) -> tuple[dict, list[list[float]]]:
+        """This rank's share collated, and every rank's [samples, corrupt, context drawn,
+        target drawn]. Under `mask.truncate_to_shortest` masks are cut to the shortest of the
+        whole global batch, so a sample's cut does not depend on the rank that holds it."""
+        masks = batch["masks"]
+        shortest = mask_lengths(masks) if masks else (sys.maxsize, sys.maxsize)
+        drawn = [sum(len(m.context) for m in masks), sum(len(t) for m in masks for t in m.targets)]
+        counts = self.world.gather([len(batch["ids"]), batch["corrupt"], *drawn, *shortest])
+        if not sum(c[0] for c in counts):
+            collate_batch(batch)  # raises the all-corrupt error (on every rank alike)
+        truncate = (int(min(c[4] for c in counts)), int(min(c[5] for c in counts))) \
+            if self.cfg.mask.truncate_to_shortest else None
+        return (collate_batch(batch, truncate) if batch["ids"] else batch), [c[:4] for c in counts]
+
     def train_step(self, batch: dict, meter: Meter | None = None, stop_requested: int | None = None) -> StepOutcome:
         """Schedules, forward and backward of this rank's micro-batches, update. `batch` is
         this rank's share of the step (masks per sample); a non-finite loss or gradient
         updates nothing. `stop_requested` (a signal this rank got) is shared with all ranks."""
         meter = meter or Meter(self.device)
         lr, wd = self._set_schedules()
-        # Mask lengths and sample counts of the whole global batch, so every rank cuts its
-        # masks alike and weights its loss by its true share (corrupt samples make shares unequal).
-        lengths = mask_lengths(batch["masks"]) if batch["ids"] else (sys.maxsize, sys.maxsize)
-        counts = self.world.gather([*lengths, len(batch["ids"]), batch["corrupt"]])
-        kc, kt = int(min(c[0] for c in counts)), int(min(c[1] for c in counts))
-        total = int(sum(c[2] for c in counts))
-        if total == 0:
-            collate_batch(batch)  # raises the all-corrupt error (on every rank alike)
-        batch = collate_batch(batch, (kc, kt)) if batch["ids"] else batch
-        loss_sum, tokens, start = torch.zeros((), device=self.device), [], 0
+        batch, counts = self._collate_global(batch)
+        total = int(sum(c[0] for c in counts))  # samples of the global batch: the loss weights
+        loss_sum, pooled, start = torch.zeros((), device=self.device), [], 0
         # Every rank runs the same number of passes (FSDP gathers parameters in each one); a
         # pass left without samples (corrupt ones skipped) runs a placeholder with weight 0.
         for i, size in enumerate(split_sizes(len(batch["ids"]), self.micro_batches)):
             set_gradient_sync(self.student, i == self.micro_batches - 1)
-            part = self._on_device(batch, slice(start, start + size)) if size else self._placeholder(kc, kt)
+            part = self._on_device(batch, slice(start, start + size)) if size else self._placeholder()
             start += size
             with meter.phase("teacher"):
                 target = self.targets(part)
@@ -330,13 +355,19 @@ class Trainer:
                 (loss * (size * self.world.size / total)).backward()
                 if size:
                     loss_sum += loss.detach() * size
-                    tokens.append(part_tokens)
-        shared = self.world.gather([loss_sum.item(), stop_requested or 0])
-        received = {int(s) for _, s in shared if s}
-        outcome = StepOutcome(loss=sum(x for x, _ in shared) / total, grad_norm=math.nan, lr=lr, weight_decay=wd,
-                              tokens=torch.cat(tokens) if tokens else None, corrupt=int(sum(c[3] for c in counts)),
-                              flops=step_flops(self.student, self.target_encoder, total, kc, kt,
-                                               self.cfg.mask.num_targets),
+                    pooled.append(masked_mean(part_tokens, part["context_valid"]))
+        mine = [0.0, 0.0, 0.0] if not batch["ids"] else [
+            batch_flops(self.student, self.target_encoder, batch["context_valid"], batch["target_valid"]),
+            float(batch["context_valid"].sum()), float(batch["target_valid"].sum())]
+        shared = self.world.gather([loss_sum.item(), stop_requested or 0, *mine])
+        received = {int(s[1]) for s in shared if s[1]}
+        trained_context, trained_target = sum(s[3] for s in shared), sum(s[4] for s in shared)
+        drawn = sum(c[2] + c[3] for c in counts)
+        outcome = StepOutcome(loss=sum(s[0] for s in shared) / total, grad_norm=math.nan, lr=lr, weight_decay=wd,
+                              pooled=torch.cat(pooled) if pooled else None, corrupt=int(sum(c[1] for c in counts)),
+                              flops=sum(s[2] for s in shared), context_tokens=trained_context / total,
+                              target_tokens=trained_target / total,
+                              kept_fraction=(trained_context + trained_target) / drawn,
                               stop=next((s for s in StopSignal.SIGNALS if s in received), None))
         with meter.phase("optimizer"):
             if math.isfinite(outcome.loss):
@@ -368,7 +399,7 @@ class Trainer:
             sizes = split_sizes(batch["images"].shape[0], passes) if batch else [0] * passes
             start = 0
             for size in sizes:  # the memory limit of training holds here too
-                part = self._on_device(batch, slice(start, start + size)) if size else self._placeholder(1, 1)
+                part = self._on_device(batch, slice(start, start + size)) if size else self._placeholder()
                 start += size
                 latents = self.target_latents(part["images"]) if self.target_encoder is not None else None
                 loss, _ = self.loss(part, self.targets(part, latents))
@@ -420,9 +451,11 @@ class Trainer:
                    **{f"perf/{k}": v for k, v in perf.items()},
                    "perf/tflops": outcome.flops / 1e12, "perf/total_pflops": self.counters["flops"] / 1e15,
                    "perf/peak_memory_gib": peak_memory_gib(self.device),
-                   "data/corrupt_skipped": self.counters["corrupt_skipped"]}
-        if outcome.tokens is not None:  # None: every sample of this rank's share was corrupt
-            scalars["health/feature_std"] = feature_std(outcome.tokens.mean(1))
+                   "data/corrupt_skipped": self.counters["corrupt_skipped"],
+                   "mask/context_tokens": outcome.context_tokens, "mask/target_tokens": outcome.target_tokens,
+                   "mask/kept_fraction": outcome.kept_fraction}
+        if outcome.pooled is not None:  # None: every sample of this rank's share was corrupt
+            scalars["health/feature_std"] = feature_std(outcome.pooled)
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, self.step)
 

@@ -16,15 +16,24 @@ from usjepa.config import TrainConfig
 from usjepa.models.vit import gather_tokens
 
 
-def regression_loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Mean over target blocks, tokens and features (blocks have equal size, so this is the
-    paper's average over the 4 blocks)."""
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, n_targets: int,
+                    cfg: TrainConfig) -> torch.Tensor:
+    """The paper's loss: per target block the mean over its tokens and features, then the
+    mean over the blocks of a sample, then over the samples.
+
+    pred, target [T*B, Kt, F] (block-major); valid [T*B, Kt] excludes padding, so a block
+    counts as one block whatever its size and however far it was padded.
+    """
     pred, target = pred.float(), target.float()
     if cfg.loss == "smooth_l1":
-        return F.smooth_l1_loss(pred, target, beta=cfg.smooth_l1_beta)
-    if cfg.loss == "l1":
-        return F.l1_loss(pred, target)
-    return F.mse_loss(pred, target)
+        per_token = F.smooth_l1_loss(pred, target, beta=cfg.smooth_l1_beta, reduction="none")
+    elif cfg.loss == "l1":
+        per_token = F.l1_loss(pred, target, reduction="none")
+    else:
+        per_token = F.mse_loss(pred, target, reduction="none")
+    weight = valid.float()
+    per_block = (per_token.mean(-1) * weight).sum(-1) / weight.sum(-1)
+    return per_block.reshape(n_targets, -1).mean(0).mean()
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
