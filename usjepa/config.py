@@ -146,6 +146,13 @@ class TeacherConfig:
     depth: int = 0
     num_heads: int = 0
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device supports it
+    # Per-channel mean and std (of [0, 1] pixels) the state-dict teacher was trained with,
+    # e.g. ImageNet's [0.485, 0.456, 0.406] / [0.229, 0.224, 0.225]: folded into its patch
+    # embedding, so it sees a gray image as it saw its training images. Empty: the
+    # checkpoint's own (`config.json` of timm's hub layout, `open_clip_config.json`) where it
+    # has one, else this project's 0.5 / 0.5 (what a stage-1 run dir teacher was trained on).
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
     # LayerNorm (no affine) over the feature dim of the target latents, the frozen teacher's
     # and the EMA target's alike, as I-JEPA's code does (the SALT papers do not say).
     layernorm_targets: bool = True

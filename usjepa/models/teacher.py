@@ -2,8 +2,10 @@
 
 Sources (`teacher.checkpoint`):
 - a stage-1 run dir (`usjepa train` with train.objective=mae): its encoder at `latest`;
-- a timm-style ViT state dict (.pth / .pt / .bin / .safetensors): RGB patch embeddings are
-  folded to one channel, the position embedding is resampled to our grid;
+- a timm-style ViT state dict (.pth / .pt / .bin / .safetensors): the input normalisation it
+  was trained with and its RGB channels are folded into a one-channel patch embedding (so a
+  gray image reaches its first layer exactly as the gray image repeated on R, G, B and
+  normalised with its own mean/std would), the position embedding is resampled to our grid;
 - `none`: a randomly initialised frozen encoder (smoke tests only).
 """
 
@@ -18,9 +20,11 @@ from pathlib import Path
 import torch
 import yaml
 from timm.layers import resample_abs_pos_embed
-from timm.models._manipulate import adapt_input_conv
+
+from torch import nn
 
 from usjepa.config import Config, ModelConfig, TeacherConfig, config_from_dict
+from usjepa.data.augment import PIXEL_MEAN, PIXEL_STD
 from usjepa.errors import UserError
 from usjepa.models.attention import resolve_backend
 from usjepa.models.vit import Encoder, build_encoder
@@ -35,6 +39,9 @@ class TeacherInfo:
     sha256: str  # of the weights file(s); "" for a random teacher
     embed_dim: int
     dtype: str
+    mean: tuple[float, ...] = (PIXEL_MEAN,)  # the input normalisation folded into its patch embedding
+    std: tuple[float, ...] = (PIXEL_STD,)
+    final_norm: bool = True  # False: its tokens leave the last block without a LayerNorm
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -85,10 +92,61 @@ def recorded_heads(path: Path) -> int:
     return int(json.loads(args).get("num_heads", 0)) if args else 0
 
 
+def recorded_normalisation(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) from the config a checkpoint file ships with: timm's hub `config.json`
+    (`pretrained_cfg`), or open_clip's `open_clip_config.json` (`preprocess_cfg`); else None."""
+    for name, section in (("config.json", "pretrained_cfg"), ("open_clip_config.json", "preprocess_cfg")):
+        config = path.with_name(name)
+        if not config.is_file():
+            continue
+        try:
+            fields = json.loads(config.read_text()).get(section) or {}
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise UserError(f"{config}: not a readable {name} ({e}); fix or remove it, or set teacher.mean "
+                            "and teacher.std") from None
+        if "mean" in fields and "std" in fields:
+            return tuple(map(float, fields["mean"])), tuple(map(float, fields["std"]))
+    return None
+
+
+def fold_input_normalisation(weight: torch.Tensor, bias: torch.Tensor, mean: tuple[float, ...],
+                             std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A patch embedding (weight [D, C, p, p], bias [D]) trained on C channels normalised with
+    (mean, std), rewritten for one channel normalised as ours ((x - PIXEL_MEAN) / PIXEL_STD).
+
+    A gray pixel g reaches channel c as (g - mean_c) / std_c, and our input is
+    x = (g - PIXEL_MEAN) / PIXEL_STD, so channel c sees (PIXEL_STD / std_c) x +
+    (PIXEL_MEAN - mean_c) / std_c: a scale of the weights and a constant that the patch
+    projection (no padding) turns into a bias.
+    """
+    channels = weight.shape[1]
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float64).expand(channels) for v in (mean, std))
+    w = weight.double()
+    scale, shift = PIXEL_STD / std_t, (PIXEL_MEAN - mean_t) / std_t
+    folded = (w * scale[None, :, None, None]).sum(1, keepdim=True)
+    folded_bias = bias.double() + (w.sum((2, 3)) * shift[None]).sum(1)
+    return folded.to(weight.dtype), folded_bias.to(bias.dtype)
+
+
+def _normalisation(cfg: TeacherConfig, path: Path, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if bool(cfg.mean) != bool(cfg.std):
+        raise UserError("teacher.mean and teacher.std go together: set both (one value per input channel) or neither")
+    mean, std = (cfg.mean, cfg.std) if cfg.mean else (recorded_normalisation(path) or ((PIXEL_MEAN,), (PIXEL_STD,)))
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise UserError(f"teacher.{name}={list(values)}: {path} has {channels} input channels; give 1 or "
+                            f"{channels} values")
+    if min(std) <= 0:
+        raise UserError(f"teacher.std={list(std)}: every std must be > 0")
+    return tuple(mean), tuple(std)
+
+
 def encoder_from_state_dict(sd: dict[str, torch.Tensor], cfg: TeacherConfig, image_size: int,
                             patch_size: int, source: str, attention: str = "sdpa",
-                            recorded_heads: int = 0) -> Encoder:
-    """Build a single-channel Encoder that matches a timm ViT state dict and load it."""
+                            recorded_heads: int = 0, mean: tuple[float, ...] = (PIXEL_MEAN,),
+                            std: tuple[float, ...] = (PIXEL_STD,)) -> Encoder:
+    """Build a single-channel Encoder that matches a timm ViT state dict and load it, its
+    training normalisation (`mean`, `std` per input channel) folded into the patch embedding."""
     width, in_chans, p, _ = sd["patch_embed.proj.weight"].shape
     if p != patch_size:
         raise UserError(f"{source}: teacher patch size {p} != model.patch_size {patch_size}; "
@@ -110,8 +168,11 @@ def encoder_from_state_dict(sd: dict[str, torch.Tensor], cfg: TeacherConfig, ima
                       num_heads=heads, class_token=class_token, reg_tokens=reg_tokens,
                       no_embed_class=no_embed_class, fixed_pos_embed=False, attention=attention)
     sd = dict(sd)
-    if in_chans != 1:
-        sd["patch_embed.proj.weight"] = adapt_input_conv(1, sd["patch_embed.proj.weight"])
+    if "patch_embed.proj.bias" in sd:  # else the check below names it
+        sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = fold_input_normalisation(
+            sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], mean, std)
+    if "norm.weight" not in sd:  # e.g. MAE/BEiT checkpoints that pool through fc_norm instead
+        encoder.norm = nn.Identity()
     if old_grid != grid:
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=[grid, grid],
                                                  old_size=[old_grid, old_grid],
@@ -149,6 +210,7 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[Encoder, TeacherInf
     image_size, patch_size = cfg.data.image_size, cfg.model.patch_size
     source = t.checkpoint
     dtype = teacher_dtype(t.dtype, device)
+    mean, std = (PIXEL_MEAN,), (PIXEL_STD,)
     # The teacher runs in its own dtype (often bf16) on its device: resolve the kernel for that.
     attention = resolve_backend(cfg.model.attention, device, dtype)
     if source.lower() == "none":
@@ -160,11 +222,15 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[Encoder, TeacherInf
     else:
         path = Path(source).expanduser()
         if path.is_dir() and (path / "resolved_config.yaml").is_file():
+            if t.mean or t.std:
+                raise UserError(f"teacher.mean/std: teacher {path} is a stage-1 run, trained on this project's "
+                                "input normalisation; unset teacher.mean and teacher.std")
             encoder, digest = _from_run_dir(path, image_size, patch_size, attention)
         elif path.is_file() and path.suffix in STATE_DICT_SUFFIXES:
             sd = _read_state_dict(path)
+            mean, std = _normalisation(t, path, sd["patch_embed.proj.weight"].shape[1])
             encoder = encoder_from_state_dict(sd, t, image_size, patch_size, str(path), attention,
-                                              recorded_heads(path))
+                                              recorded_heads(path), mean, std)
             digest = _sha256([path])
         else:
             raise UserError(f"teacher.checkpoint={source}: not a stage-1 run dir (with resolved_config.yaml) "
@@ -172,4 +238,5 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[Encoder, TeacherInf
         source = str(path.resolve())
     encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return encoder, TeacherInfo(source=source, sha256=digest, embed_dim=encoder.embed_dim,
-                                dtype=str(dtype).removeprefix("torch."))
+                                dtype=str(dtype).removeprefix("torch."), mean=mean, std=std,
+                                final_norm=not isinstance(encoder.norm, nn.Identity))

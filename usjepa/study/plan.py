@@ -59,10 +59,10 @@ def _train_overrides(spec: StudySpec, paths: Paths, arm: str, seed: int) -> list
     if a.teacher:
         study.append(f"teacher.checkpoint={paths.run(a.teacher, seed)}")
     if spec.steps:
-        cfg = load_config(a.config, a.overrides)
+        cfg = load_config(a.config, [*a.overrides, *spec.train_overrides])
         study += [f"train.total_steps={spec.steps}", f"optim.warmup_steps={min(cfg.optim.warmup_steps, spec.steps // 10)}",
                   f"checkpoint.every_steps={min(cfg.checkpoint.every_steps, spec.steps)}"]
-    return [*a.overrides, *study]
+    return [*a.overrides, *spec.train_overrides, *study]
 
 
 def _trained(config: str, overrides: list[str]) -> bool:

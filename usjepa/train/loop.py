@@ -220,6 +220,10 @@ class Trainer:
             raise UserError(f"{self.run_dir}: its checkpoints were trained against teacher {saved['source']} "
                             f"(sha256 {saved['sha256'][:12]}), not {now['source']} ({now['sha256'][:12]}); "
                             "restore teacher.checkpoint or start a new run.dir")
+        for key in ("mean", "std"):
+            if saved and now and key in saved and list(saved[key]) != list(now[key]):
+                raise UserError(f"{self.run_dir}: its checkpoints were trained with teacher.{key}={list(saved[key])}, "
+                                f"not {list(now[key])}; restore that setting or start a new run.dir")
 
     def describe(self) -> str:
         """The effective batch and what runs where: printed at start, logged as text."""
@@ -233,8 +237,14 @@ class Trainer:
                  f"{' (FSDP2, sharded over %d ranks)' % w.size if w.distributed else ''} on {self.device}, "
                  f"{cfg.train.precision}, attention {self.student.encoder.blocks[0].attn.backend}"]
         if self.teacher is not None:
-            lines.append(f"teacher {self.teacher_info.source}: {self.teacher_info.dtype}, replicated, "
-                         f"{1024 * module_gib(self.teacher):.1f} MiB per rank")
+            info = self.teacher_info
+            lines.append(f"teacher {info.source}: {info.dtype}, replicated, "
+                         f"{1024 * module_gib(self.teacher):.1f} MiB per rank; input normalised with mean "
+                         f"{list(info.mean)}, std {list(info.std)}")
+            if not info.final_norm:
+                lines.append("teacher has no final norm on its tokens: " + (
+                    "its targets are LayerNorm'd (teacher.layernorm_targets=true)" if cfg.teacher.layernorm_targets
+                    else "WARNING, teacher.layernorm_targets=false regresses raw, unnormalised latents"))
         if self.ema_target is not None:
             start, end = cfg.train.ema_momentum
             lines.append(f"EMA target of the student's encoder: momentum {start:g} -> {end:g}, "
