@@ -1,9 +1,12 @@
+import json
+
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
 from usjepa.config import load_config
+from usjepa.data.augment import to_model_input
 from usjepa.errors import UserError
 from usjepa.models.predictor import Predictor
 from usjepa.models.teacher import load_teacher
@@ -99,6 +102,55 @@ def test_teacher_from_a_timm_rgb_state_dict_matches_timm(tmp_path, suffix):
         # A gray image repeated on R, G, B is what the folded one-channel embedding sees.
         expected = ref.forward_features(x.expand(-1, 3, -1, -1))[:, 1:]
         assert torch.allclose(teacher(x), expected, atol=1e-4)
+
+
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def test_a_teacher_sees_a_gray_image_as_timm_sees_it_normalised_with_its_own_mean_and_std(tmp_path):
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    torch.nn.init.normal_(ref.patch_embed.proj.bias, std=0.5)  # a bias the fold must keep
+    path = tmp_path / "teacher.pth"
+    torch.save(ref.state_dict(), path)
+    mean, std = IMAGENET
+    cfg = load_config(None, [f"teacher.checkpoint={path}", "data.image_size=64", "teacher.num_heads=3",
+                             "teacher.dtype=fp32", f"teacher.mean={mean}", f"teacher.std={std}"])
+    teacher, info = load_teacher(cfg, torch.device("cpu"))
+    assert info.mean == tuple(mean) and info.std == tuple(std)
+    gray = torch.rand(2, 1, 64, 64)  # [0, 1] pixels
+    rgb = (gray.expand(-1, 3, -1, -1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        expected = ref.forward_features(rgb)[:, 1:]
+        torch.testing.assert_close(teacher(to_model_input(gray)), expected, atol=1e-4, rtol=1e-4)
+        # Without the setting the teacher would get other latents: the fold matters.
+        plain, _ = load_teacher(load_config(None, [f"teacher.checkpoint={path}", "data.image_size=64",
+                                                   "teacher.num_heads=3", "teacher.dtype=fp32"]),
+                                torch.device("cpu"))
+        assert (plain(to_model_input(gray)) - expected).abs().max() > 0.1
+
+
+def test_the_normalisation_a_checkpoint_ships_with_is_used_and_a_missing_final_norm_is_said(tmp_path):
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, global_pool="avg",
+                            fc_norm=True).eval()  # MAE-style: fc_norm, no final norm on the tokens
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("fc_norm")}
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    mean, std = IMAGENET
+    (tmp_path / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": mean, "std": std}}))
+    cfg = load_config(None, [f"teacher.checkpoint={path}", "data.image_size=64", "teacher.num_heads=3",
+                             "teacher.dtype=fp32"])
+    teacher, info = load_teacher(cfg, torch.device("cpu"))
+    assert info.mean == tuple(mean) and not info.final_norm
+    gray = torch.rand(1, 1, 64, 64)
+    rgb = (gray.expand(-1, 3, -1, -1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        expected = ref.forward_features(rgb)[:, 1:]  # norm is Identity in this timm model
+        torch.testing.assert_close(teacher(to_model_input(gray)), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UserError, match=r"teacher.mean=\[0.5, 0.5\]: .* has 3 input channels; give 1 or 3"):
+        load_teacher(load_config(None, [f"teacher.checkpoint={path}", "teacher.mean=[0.5,0.5]",
+                                        "teacher.std=[0.5,0.5]"]), torch.device("cpu"))
+    with pytest.raises(UserError, match="teacher.mean and teacher.std go together"):
+        load_teacher(load_config(None, [f"teacher.checkpoint={path}", "teacher.mean=[0.5]"]), torch.device("cpu"))
 
 
 def test_teacher_position_embedding_is_resampled_and_bf16_by_default(tmp_path):
