@@ -58,3 +58,12 @@ def test_resolved_yaml_round_trips(tmp_path):
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_teacher.yaml", "salt_vitb16.yaml", "teacher_mae_vitb16.yaml"])
 def test_shipped_configs_load(name):
     load_config(f"configs/{name}")
+
+
+def test_validation_is_bounded_by_default_to_5_percent_of_the_steps_between_checkpoints():
+    assert load_config(None, ["checkpoint.every_steps=250"]).val_batch_limit == 13
+    assert load_config(None, ["checkpoint.every_steps=2"]).val_batch_limit == 1
+    assert load_config(None, ["checkpoint.every_steps=250", "train.val_batches=0"]).val_batch_limit == 0
+    assert load_config(None, ["train.val_batches=7"]).val_batch_limit == 7
+    with pytest.raises(ConfigError, match="train.val_batches: must be -1"):
+        load_config(None, ["train.val_batches=-2"])

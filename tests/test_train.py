@@ -110,7 +110,7 @@ def test_validation_loss_at_checkpoints_and_best_is_kept(tiny_config, tmp_path):
     assert {p.name for p in ckpt.list_checkpoints(run)} == {best.name, "step_000008"}
     # the same masks and inputs every time: validating twice gives the same number
     from usjepa.train.loop import Trainer
-    trainer = Trainer(tiny_config("train.total_steps=8"))
+    trainer = Trainer(tiny_config("train.total_steps=8", "checkpoint.every_steps=2"))
     assert trainer.validate()["loss"] == trainer.validate()["loss"] == pytest.approx(val[8])
 
 
@@ -143,3 +143,27 @@ def test_passes_left_without_samples_keep_every_rank_in_step(tiny_config, shards
     train(tiny_config(f"data.shards={broken}", "train.total_steps=12", f"run.dir={whole}"))
     a, b = scalars(tmp_path / "run", "train/loss"), scalars(whole, "train/loss")
     assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_probes_load_the_best_checkpoint_by_default_else_the_latest(tiny_config, tmp_path, capsys):
+    from usjepa.eval.backbones import load_backbone
+    from usjepa.models.vit import build_encoder
+    train(tiny_config("train.total_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=3", "optim.lr=0.03"))
+    run = tmp_path / "run"
+    cfg = tiny_config()
+
+    def encoder_at(path):
+        encoder = build_encoder(cfg.model, cfg.data.image_size)
+        ckpt.load_module_weights(path, encoder, prefix="encoder.")
+        return encoder.state_dict()
+
+    best, latest = ckpt.best_checkpoint(run), ckpt.latest_checkpoint(run)
+    loaded = load_backbone("student", run, torch.device("cpu"))[0].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in encoder_at(best).items())
+    assert best != latest  # at this lr the validation loss is lowest before the end
+    assert not all(torch.equal(loaded[k], v) for k, v in encoder_at(latest).items())
+    unvalidated = tmp_path / "unvalidated"
+    train(tiny_config("train.total_steps=2", "train.validate=false", f"run.dir={unvalidated}"))
+    loaded = load_backbone("student", unvalidated, torch.device("cpu"))[0].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in encoder_at(ckpt.latest_checkpoint(unvalidated)).items())
+    assert "no checkpoint was validated" in capsys.readouterr().err

@@ -6,6 +6,8 @@ the wrong type fails before any work starts, naming the key and the closest vali
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import difflib
 import os
@@ -173,9 +175,12 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype for student and predictor
     max_nonfinite: int = 5  # consecutive skipped steps (NaN/Inf loss or grad) before stopping
     # At every checkpoint, the loss on the `val` split (un-augmented, fixed masks) is logged as
-    # val/loss and `checkpoints/best` names the lowest (US-JEPA paper, section 2). 0 batches = all.
+    # val/loss and `checkpoints/best` names the lowest (US-JEPA paper, section 2).
     validate: bool = True
-    val_batches: int = 0
+    # Batches validated at each checkpoint: -1 = sized to 5% of the steps between checkpoints
+    # (a validation batch runs no backward, so it costs a few percent of the training time),
+    # 0 = the whole split, N = the first N (the same ones every time).
+    val_batches: int = -1
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory
     compile: bool = False  # torch.compile each transformer block (student and predictor)
 
@@ -253,6 +258,14 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     @property
+    def val_batch_limit(self) -> int:
+        """Validation batches per checkpoint (0 = all): `train.val_batches`, with -1 resolved to
+        5% of the steps between checkpoints (at least 1)."""
+        if self.train.val_batches >= 0:
+            return self.train.val_batches
+        return max(1, math.ceil(0.05 * self.checkpoint.every_steps))
+
+    @property
     def grid_size(self) -> int:
         return self.data.image_size // self.model.patch_size
 
@@ -302,6 +315,8 @@ def validate(cfg: Config) -> Config:
     _check(all(0 <= m <= 1 for m in cfg.train.ema_momentum), "train.ema_momentum",
            f"momenta must be in [0, 1], got {cfg.train.ema_momentum}")
     _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
+    _check(cfg.train.val_batches >= -1, "train.val_batches",
+           f"must be -1 (5% of the steps between checkpoints), 0 (all) or a count, got {cfg.train.val_batches}")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
     _check(cfg.log.every_steps >= 1, "log.every_steps", "must be at least 1")
     o = cfg.optim

@@ -3,6 +3,8 @@ written by `usjepa export` (given as its folder), or a non-learned baseline (bas
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 from collections.abc import Sequence
@@ -19,7 +21,7 @@ from usjepa.train import checkpoint as ckpt
 from usjepa.train.rundir import RESOLVED_CONFIG
 
 BACKBONES = ("student", "teacher", "target", "random", *BASELINES)
-CHECKPOINTS = ("latest", "best")
+CHECKPOINTS = ("best", "latest")
 
 
 def is_backbone(spec: str) -> bool:
@@ -39,11 +41,12 @@ def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Sequence[str] = (),
-                  checkpoint: str = "latest") -> tuple[torch.nn.Module, Config]:
+                  checkpoint: str = "best") -> tuple[torch.nn.Module, Config]:
     """The encoder `kind` of run `run_dir` (frozen, eval mode) and that run's config.
 
-    - student: the run's encoder at its `latest` checkpoint or at its `best` (lowest validation
-      loss); a stage-1 run's encoder is its teacher;
+    - student: the run's encoder at its `best` checkpoint (lowest validation loss, as the paper
+      selects; `latest` where no checkpoint was validated) or at its `latest`; a stage-1 run's
+      encoder is its teacher;
     - teacher: the frozen teacher a SALT run trained against;
     - target: the EMA target encoder of an EMA (I-JEPA) run, at the same checkpoint as `student`
       (I-JEPA evaluates this one);
@@ -62,6 +65,10 @@ def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Seq
             raise UserError(f"unknown checkpoint '{checkpoint}'; choose one of {', '.join(CHECKPOINTS)}")
         find = ckpt.latest_checkpoint if checkpoint == "latest" else ckpt.best_checkpoint
         path = find(Path(run_dir))
+        if path is None and checkpoint == "best" and ckpt.latest_checkpoint(Path(run_dir)) is not None:
+            path = ckpt.latest_checkpoint(Path(run_dir))
+            print(f"usjepa: {run_dir}: no checkpoint was validated (no val split, or train.validate=false); "
+                  f"probing the latest, {path.name}", file=sys.stderr)
         if path is None:
             raise UserError(f"{run_dir}: no {checkpoint} checkpoint yet; train the run first"
                             + (" with train.validate=true and a val split" if checkpoint == "best" else ""))

@@ -23,7 +23,7 @@ SPLITS = ("train", "val", "test")
 
 def probe_backbone(run_dir: Path, kind: str, shards: str | None = None, out_dir: Path | None = None,
                    overrides: Sequence[str] = (), device: str = "auto", progress: bool = True,
-                   checkpoint: str = "latest") -> dict:
+                   checkpoint: str = "best") -> dict:
     """Extract features of every split with backbone `kind` of `run_dir` (or export folder
     `kind`), train the probes, write `<out_dir>/<name>.json` and its confusion-matrix plot
     (name: `kind`, or the export folder's name); return the result.
@@ -92,9 +92,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         "probe.histogram_bins bins) are non-learned baselines")
     p.add_argument("--shards", help="labelled shard set to probe on (default: the run's data.shards)")
     p.add_argument("--out", help="where to write the reports (default: RUN/probe)")
-    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="latest",
-                   help="the checkpoint of the student (or EMA target): latest, or best (lowest validation loss); "
-                        "default latest")
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best",
+                   help="the checkpoint of the student (or EMA target): best (lowest validation loss, the "
+                        "paper's choice; the latest where none was validated) or latest; default best")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("overrides", nargs="*", metavar="probe.KEY=VALUE",
                    help="probe settings, e.g. probe.seeds=[0,1,2] probe.max_epochs=50 probe.knn_k=10")

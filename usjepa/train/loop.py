@@ -236,6 +236,11 @@ class Trainer:
                  f"student {self.parameters_m:.2f} M parameters"
                  f"{' (FSDP2, sharded over %d ranks)' % w.size if w.distributed else ''} on {self.device}, "
                  f"{cfg.train.precision}, attention {self.student.encoder.blocks[0].attn.backend}"]
+        if cfg.train.validate:
+            every = validation_batch_count(cfg, self.shard_set.manifests)
+            used = validation_batch_count(cfg, self.shard_set.manifests, max_batches=cfg.val_batch_limit)
+            lines.append(f"validation at each checkpoint (every {cfg.checkpoint.every_steps} steps): {used} of the "
+                         f"{every} batches of the val split" + ("" if used else " (no val split: nothing to validate)"))
         if self.teacher is not None:
             info = self.teacher_info
             lines.append(f"teacher {info.source}: {info.dtype}, replicated, "
@@ -395,7 +400,7 @@ class Trainer:
         measure. Ranks take turns with the batches; every rank runs the same number of passes
         (FSDP gathers parameters in each), padding with weight-0 placeholders."""
         cfg, world = self.cfg, self.world
-        manifests, limit = self.shard_set.manifests, cfg.train.val_batches
+        manifests, limit = self.shard_set.manifests, cfg.val_batch_limit
         n_batches = validation_batch_count(cfg, manifests, max_batches=limit)
         if not cfg.train.validate or not n_batches:
             return None
