@@ -93,3 +93,11 @@ def test_the_loss_is_the_mean_over_blocks_of_each_blocks_mean():
     assert regression_loss(pred, target, valid, 2, cfg).item() == 2.0
     target[0, 0, 0] = 6.0  # a one-token block weighs as much as a three-token one
     assert regression_loss(pred, target, valid, 2, cfg).item() == ((6 + 3) / 2 + 1.5) / 2
+
+
+def test_an_empty_block_does_not_count():
+    pred = torch.zeros(4, 2, 1)
+    target = torch.tensor([[2.0, 2], [4, 9], [9, 9], [6, 9]])[..., None]
+    valid = target[..., 0] != 9  # block 1 of sample 0 (row 2) is empty
+    # sample 0: its one non-empty block, 2; sample 1: (4 + 6) / 2 = 5.
+    assert regression_loss(pred, target, valid, 2, TrainConfig(loss="l1")).item() == (2 + 5) / 2

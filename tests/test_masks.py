@@ -133,3 +133,17 @@ def test_tiny_region_degrades_gracefully():
     valid[0, :5] = True  # fewer valid patches than min_keep: masking falls back to the full grid
     m = sample_masks(cfg, GRID, 0, 0, 0, valid)
     assert len(m.context) >= 1 and all(len(t) >= 1 for t in m.targets)
+
+
+def test_targets_are_redrawn_until_the_context_keeps_min_keep_and_it_is_never_empty():
+    # Stage-1-sized targets on a small grid often leave the context short: re-drawn.
+    cfg = MaskConfig(target_scale=(0.25, 0.25), target_aspect=(1.0, 1.0), min_keep=3)
+    for sample in range(50):
+        m = sample_masks(cfg, 4, 0, 0, sample)
+        assert len(m.context) >= 3
+        assert not set(m.context) & set(np.concatenate(m.targets))
+    # Targets that cover the whole grid on every draw: the context takes one target patch.
+    whole = MaskConfig(target_scale=(1.0, 1.0), target_aspect=(1.0, 1.0), min_keep=1, max_tries=3)
+    m = sample_masks(whole, 2, 0, 0, 0)
+    assert len(m.context) == 1
+    assert all(len(t) == 3 and m.context[0] not in t for t in m.targets)

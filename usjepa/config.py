@@ -221,6 +221,9 @@ class LogConfig:
     every_steps: int = 10
     image_every_steps: int = 200  # mask overlays in TensorBoard; 0 turns them off
     progress: bool = True  # tqdm bar on stderr
+    # Peak TFLOP/s of one device for perf/mfu; 0 = the datasheet figure of a known GPU
+    # (H100, H200, A100) or the measured one of the CPU (train/flops.py).
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -319,6 +322,7 @@ def validate(cfg: Config) -> Config:
            f"must be -1 (5% of the steps between checkpoints), 0 (all) or a count, got {cfg.train.val_batches}")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
     _check(cfg.log.every_steps >= 1, "log.every_steps", "must be at least 1")
+    _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0 (0 = the device's known figure)")
     o = cfg.optim
     _check(0 <= o.warmup_steps <= cfg.train.total_steps, "optim.warmup_steps",
            f"must be between 0 and train.total_steps={cfg.train.total_steps}")

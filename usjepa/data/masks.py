@@ -78,18 +78,37 @@ def batch_shapes(cfg: MaskConfig, grid: int, seed: int, step: int) -> tuple[tupl
 
 def sample_masks(cfg: MaskConfig, grid: int, seed: int, step: int, sample: int,
                  region_valid: np.ndarray | None = None) -> SampleMasks:
-    """Context and target indices for one sample; identical for identical arguments."""
+    """Context and target indices for one sample; identical for identical arguments.
+
+    The targets are re-drawn until the context keeps `min_keep` patches (large stage-1 targets
+    can cover nearly the whole grid); after `max_tries` the draw with the largest context wins,
+    and a context that is still empty takes one target patch, so the student always sees
+    something.
+    """
     context_shape, target_shape = batch_shapes(cfg, grid, seed, step)
     rng = np.random.default_rng([seed, step, sample])
     allowed = np.ones((grid, grid), dtype=bool)
     if cfg.region_conditioned and region_valid is not None and region_valid.sum() >= cfg.min_keep:
         allowed = region_valid
-    targets = [place_block(rng, target_shape, grid, allowed, cfg.min_keep, cfg.max_tries)
-               for _ in range(cfg.num_targets)]
-    covered = np.logical_or.reduce(targets)
-    context = place_block(rng, context_shape, grid, allowed & ~covered, cfg.min_keep, cfg.max_tries)
-    if not context.any():  # every allowed patch is a target: fall back to any uncovered patch
-        context = ~covered
+    best = None
+    for _ in range(cfg.max_tries):
+        targets = [place_block(rng, target_shape, grid, allowed, cfg.min_keep, cfg.max_tries)
+                   for _ in range(cfg.num_targets)]
+        covered = np.logical_or.reduce(targets)
+        context = place_block(rng, context_shape, grid, allowed & ~covered, cfg.min_keep, cfg.max_tries)
+        if not context.any():  # the block missed what is left: fall back to any uncovered patch
+            context = ~covered
+        if best is None or context.sum() > best[0].sum():
+            best = context, targets
+        if context.sum() >= cfg.min_keep:
+            break
+    context, targets = best
+    if not context.any():
+        moved = rng.choice(np.flatnonzero(np.logical_or.reduce(targets)))
+        context = context.copy()
+        context.flat[moved] = True
+        for t in targets:
+            t.flat[moved] = False
     return SampleMasks(context=np.flatnonzero(context), targets=tuple(np.flatnonzero(t) for t in targets))
 
 
@@ -102,8 +121,9 @@ def _take(rng: np.random.Generator, idx: np.ndarray, n: int) -> np.ndarray:
 
 def _pad(idx: np.ndarray, n: int) -> np.ndarray:
     """`idx` padded to length `n` with its own first index: a pad position gathers a token the
-    mask already holds (and tints an already tinted patch), and is excluded by its valid flag."""
-    return np.concatenate([idx, np.full(n - len(idx), idx[0], dtype=idx.dtype)])
+    mask already holds (and tints an already tinted patch), and is excluded by its valid flag.
+    An empty block (a region too small for it) is padded with patch 0, all of it invalid."""
+    return np.concatenate([idx, np.full(n - len(idx), idx[0] if len(idx) else 0, dtype=np.int64)])
 
 
 def mask_lengths(masks: list[SampleMasks]) -> tuple[int, int]:

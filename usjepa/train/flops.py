@@ -70,3 +70,22 @@ def batch_flops(student: nn.Module, target_encoder: nn.Module | None, context_va
     contexts = context_valid.sum(1).tolist()
     blocks = target_valid.sum(2).T.tolist()  # [B][T]
     return sum(sample_flops(student, target_encoder, c, t) for c, t in zip(contexts, blocks))
+
+
+# Dense peak TFLOP/s per device and precision (bf16 autocast | fp32 without TF32), for MFU.
+# GPUs: NVIDIA datasheets (SXM, no sparsity). cpu: measured on the 2-core development machine
+# (a 4096^2 matmul on both cores, `python tools/bench_step.py --peak`); another CPU gets its own
+# figure from that command, given as log.peak_tflops.
+PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp32": 66.9},
+               "A100": {"bf16": 312.0, "fp32": 19.5}, "cpu": {"bf16": 0.1, "fp32": 0.1}}
+
+
+def peak_tflops(device: torch.device, precision: str, setting: float = 0.0) -> float | None:
+    """Peak TFLOP/s of one `device` in `precision`: `setting` when > 0 (log.peak_tflops), else
+    the table's figure for the device's name; None for a device the table does not know."""
+    if setting > 0:
+        return setting
+    if device.type != "cuda":
+        return PEAK_TFLOPS["cpu"][precision]
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[precision] for model, peaks in PEAK_TFLOPS.items() if model in name), None)

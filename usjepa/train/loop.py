@@ -36,7 +36,7 @@ from usjepa.signals import STOP_SIGNALS
 from usjepa.train import checkpoint as ckpt
 from usjepa.train.distributed import shutdown_distributed
 from usjepa.train.ema import ema_update, make_target
-from usjepa.train.flops import batch_flops
+from usjepa.train.flops import batch_flops, peak_tflops
 from usjepa.train.health import feature_std, mask_overlay, rankme
 from usjepa.train.meter import Meter, module_gib, peak_memory_gib
 from usjepa.train.objectives import latent_targets, pixel_targets, regression_loss
@@ -197,6 +197,9 @@ class Trainer:
             self._resume(latest, drift)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.train.precision == "bf16")
+        # MFU's denominator: the peak of every device of the run (None: unknown GPU).
+        peak = peak_tflops(self.device, cfg.train.precision, cfg.log.peak_tflops)
+        self.peak_tflops = peak * self.world.size if peak else None
 
     def _resume(self, path: Path, drift: list[str]) -> None:
         meta = ckpt.load_checkpoint(path, self.student, self.optimizer, self.ema_target)
@@ -236,6 +239,12 @@ class Trainer:
                  f"student {self.parameters_m:.2f} M parameters"
                  f"{' (FSDP2, sharded over %d ranks)' % w.size if w.distributed else ''} on {self.device}, "
                  f"{cfg.train.precision}, attention {self.student.encoder.blocks[0].attn.backend}"]
+        if self.peak_tflops:
+            lines.append(f"perf/mfu against a peak of {self.peak_tflops / w.size:g} TFLOP/s per device "
+                         f"({cfg.train.precision}{', log.peak_tflops' if cfg.log.peak_tflops else ''})")
+        else:
+            lines.append(f"no peak TFLOP/s known for {torch.cuda.get_device_name(self.device)}: set log.peak_tflops "
+                         "to log perf/mfu")
         if cfg.train.validate:
             every = validation_batch_count(cfg, self.shard_set.manifests)
             used = validation_batch_count(cfg, self.shard_set.manifests, max_batches=cfg.val_batch_limit)
@@ -461,6 +470,8 @@ class Trainer:
 
     def _log(self, writer: SummaryWriter, outcome: StepOutcome, meter: Meter) -> None:
         perf = meter.read_and_reset()
+        if self.peak_tflops:
+            perf["mfu"] = perf["tflop_per_s"] / self.peak_tflops
         scalars = {"train/loss": outcome.loss, "train/lr": outcome.lr, "train/weight_decay": outcome.weight_decay,
                    "train/grad_norm": outcome.grad_norm, "train/global_batch": self.cfg.data.batch_size,
                    **{f"perf/{k}": v for k, v in perf.items()},
@@ -511,7 +522,8 @@ class Trainer:
                     outcome = self.train_step(batch, meter, stop_requested=stop.received)
                     self.counters["corrupt_skipped"] += outcome.corrupt
                     self.counters["flops"] += outcome.flops
-                    meter.count(cfg.data.batch_size, outcome.flops)
+                    meter.count(cfg.data.batch_size, outcome.flops,
+                                (outcome.context_tokens + outcome.target_tokens) * (cfg.data.batch_size - outcome.corrupt))
                     self._count_nonfinite(outcome, writer)
                     if writer and logged:
                         self._log(writer, outcome, meter)

@@ -26,7 +26,7 @@ class Meter:
     def _reset(self) -> None:
         self.window_start = time.perf_counter()
         self.images = self.steps = self.timed_steps = 0
-        self.flops = 0.0
+        self.flops = self.tokens = 0.0
         self.phases = dict.fromkeys(PHASES, 0.0)
 
     def begin_step(self, timed: bool) -> None:
@@ -42,17 +42,21 @@ class Meter:
                 torch.cuda.synchronize()
             self.phases[name] += time.perf_counter() - t0
 
-    def count(self, images: int, flops: float) -> None:
+    def count(self, images: int, flops: float, tokens: float = 0.0) -> None:
+        """One step of `images` images (global batch), `flops` model FLOPs and `tokens` trained
+        tokens (context + target patches), over all ranks."""
         self.images += images
         self.flops += flops
+        self.tokens += tokens
         self.steps += 1
 
     def read_and_reset(self) -> dict[str, float]:
-        """perf/* figures over the window: images/s, achieved TFLOP/s (model FLOPs, all ranks),
-        step time, and seconds per step of each phase."""
+        """perf/* figures over the window: images/s, trained tokens/s, achieved TFLOP/s (model
+        FLOPs, all ranks), step time, and seconds per step of each phase."""
         elapsed = time.perf_counter() - self.window_start
         timed = max(self.timed_steps, 1)
-        figures = {"images_per_s": self.images / elapsed, "tflop_per_s": self.flops / elapsed / 1e12,
+        figures = {"images_per_s": self.images / elapsed, "tokens_per_s": self.tokens / elapsed,
+                   "tflop_per_s": self.flops / elapsed / 1e12,
                    "step_time_s": elapsed / max(self.steps, 1),
                    **{f"{name}_s": seconds / timed for name, seconds in self.phases.items()}}
         self._reset()

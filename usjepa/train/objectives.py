@@ -22,7 +22,8 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     mean over the blocks of a sample, then over the samples.
 
     pred, target [T*B, Kt, F] (block-major); valid [T*B, Kt] excludes padding, so a block
-    counts as one block whatever its size and however far it was padded.
+    counts as one block whatever its size and however far it was padded. A block left empty
+    (a scan region too small for it) does not count.
     """
     pred, target = pred.float(), target.float()
     if cfg.loss == "smooth_l1":
@@ -32,8 +33,10 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     else:
         per_token = F.mse_loss(pred, target, reduction="none")
     weight = valid.float()
-    per_block = (per_token.mean(-1) * weight).sum(-1) / weight.sum(-1)
-    return per_block.reshape(n_targets, -1).mean(0).mean()
+    tokens = weight.sum(-1)
+    per_block = ((per_token.mean(-1) * weight).sum(-1) / tokens.clamp(min=1)).reshape(n_targets, -1)
+    blocks = (tokens > 0).float().reshape(n_targets, -1).sum(0)
+    return (per_block.sum(0) / blocks.clamp(min=1)).mean()
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
