@@ -65,15 +65,16 @@ def test_all_modules_use_the_setting():
     assert all(type(b.attn) is attn.SdpaAttention for b in pred.blocks)
     cfg = load_config(None, ["model.patch_size=8", "data.image_size=32", "model.embed_dim=48", "model.depth=1",
                              "model.num_heads=3", "model.attention=auto"])
-    teacher, _ = load_teacher(cfg, torch.device("cpu"))
-    assert all(type(b.attn) is attn.SdpaAttention for b in teacher.blocks)
+    teacher, _ = load_teacher(cfg, torch.device("cpu"))  # bf16 on the CPU: plain matmuls are faster
+    assert all(type(b.attn) is attn.MatmulAttention for b in teacher.blocks)
 
 
-def test_auto_on_cpu_resolves_to_sdpa_with_a_reason(caplog):
-    for dtype in (torch.float32, torch.bfloat16):
-        res = attn.explain_backend("auto", torch.device("cpu"), dtype)
-        assert res.backend == "sdpa"
-        assert "auto uses sdpa" in res.reason and ("CUDA" in res.reason or "not importable" in res.reason)
+def test_auto_on_cpu_resolves_to_sdpa_in_fp32_and_matmul_in_bf16_with_a_reason(caplog):
+    res = attn.explain_backend("auto", torch.device("cpu"), torch.float32)
+    assert res.backend == "sdpa"
+    assert "auto uses sdpa" in res.reason and ("CUDA" in res.reason or "not importable" in res.reason)
+    res = attn.explain_backend("auto", torch.device("cpu"), torch.bfloat16)
+    assert res.backend == "matmul" and "auto uses matmul on cpu" in res.reason
     attn._SAID.clear()
     with caplog.at_level(logging.INFO, logger="usjepa.models.attention"):
         assert attn.resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
@@ -90,7 +91,29 @@ def test_auto_layer_runs_on_cpu_without_error():
         assert torch.equal(auto(x), sdpa(x))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             auto(x)
-    assert set(auto.blocks[0].attn._resolved.values()) == {"sdpa"}
+    assert set(auto.blocks[0].attn._resolved.values()) == {"sdpa", "matmul"}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_matmul_attention_equals_sdpa_with_and_without_a_mask(masked):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    mask = (torch.rand(2, 1, 7, 7) > 0.4) | torch.eye(7, dtype=torch.bool) if masked else None
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(attn.matmul_attention(q, k, v, mask, 0.0, False, 0.3), want)
+    causal = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    torch.testing.assert_close(attn.matmul_attention(q, k, v, None, 0.0, True, 0.3), causal)
+    # The layers, gradients included, on a padded context.
+    ours, ref = tiny(attention="matmul"), tiny(attention="sdpa")
+    ref.load_state_dict(ours.state_dict())
+    x, keep = torch.randn(2, 1, 32, 32), torch.tensor([[0, 3, 5, 9, 9], [1, 2, 4, 6, 8]])
+    valid = torch.tensor([[True] * 4 + [False], [True] * 5])
+    out_m, out_s = ours(x, keep, valid), ref(x, keep, valid)
+    torch.testing.assert_close(out_m, out_s, atol=1e-5, rtol=1e-5)
+    out_m[:, :4].sum().backward()
+    out_s[:, :4].sum().backward()
+    torch.testing.assert_close(ours.blocks[0].attn.qkv.weight.grad, ref.blocks[0].attn.qkv.weight.grad,
+                               atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(HAS_XFORMERS and HAS_CUDA, reason="xformers can run here")
@@ -162,8 +185,8 @@ def test_backends_agree_on_cuda(dtype, tol):
     assert all(p.grad is not None for p in xf.blocks[0].attn.qkv.parameters())
 
 
-@pytest.mark.parametrize("value", ["auto", "sdpa", "xformers"])
-def test_config_accepts_the_three_settings(value):
+@pytest.mark.parametrize("value", ["auto", "sdpa", "xformers", "matmul"])
+def test_config_accepts_the_four_settings(value):
     assert load_config(None, [f"model.attention={value}"]).model.attention == value
 
 
@@ -177,4 +200,4 @@ def test_config_rejects_other_settings_with_a_suggestion(value, hint):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"model.attention={value}"])
     msg = str(e.value)
-    assert msg.startswith("model.attention:") and "auto, sdpa, xformers" in msg and hint in msg
+    assert msg.startswith("model.attention:") and "auto, sdpa, xformers, matmul" in msg and hint in msg

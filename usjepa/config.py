@@ -121,8 +121,10 @@ class ModelConfig:
     # Attention kernel for student, predictor and teacher alike. xformers' memory-efficient
     # kernel saves memory on large CUDA runs but is optional and CUDA-only, so `auto` uses it
     # only when it imports and passes a start-up check against SDPA, else falls back to sdpa
-    # (and says why); an explicit `xformers` that cannot run is an error. Weights are the same.
-    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    # (and says why); an explicit `xformers` that cannot run is an error. `matmul` spells
+    # attention out as matmuls + softmax: `auto` takes it on the CPU in bf16, where it beats the
+    # fused kernel at ViT lengths. Weights are the same whichever runs.
+    attention: Literal["auto", "sdpa", "xformers", "matmul"] = "auto"
 
 
 @dataclass
