@@ -147,3 +147,66 @@ def test_targets_are_redrawn_until_the_context_keeps_min_keep_and_it_is_never_em
     m = sample_masks(whole, 2, 0, 0, 0)
     assert len(m.context) == 1
     assert all(len(t) == 3 and m.context[0] not in t for t in m.targets)
+
+
+def test_a_block_has_exactly_the_size_its_scale_and_aspect_give():
+    rng = np.random.default_rng(0)
+    # 0.1 of 196 patches = 19.6: square 4 x 4 (sqrt 4.43); aspect h/w = 2: 6 x 3 (sqrt 39.2, sqrt 9.8).
+    assert block_shape(rng, (0.1, 0.1), (1.0, 1.0), GRID) == (4, 4)
+    assert block_shape(rng, (0.1, 0.1), (2.0, 2.0), GRID) == (6, 3)
+    assert block_shape(rng, (1.0, 1.0), (1.0, 1.0), GRID) == (GRID, GRID)
+    cfg = MaskConfig(target_scale=(0.1, 0.1), target_aspect=(2.0, 2.0))
+    for sample in range(20):
+        for t in sample_masks(cfg, GRID, 0, 0, sample).targets:
+            rows, cols = np.unravel_index(t, (GRID, GRID))
+            assert len(t) == 18 and rows.max() - rows.min() == 5 and cols.max() - cols.min() == 2
+
+
+def _placements(block: np.ndarray, shape: tuple[int, int], valid: np.ndarray) -> list[tuple[int, int]]:
+    """The (top, left) of every `shape` rectangle whose intersection with `valid` is `block`."""
+    h, w = shape
+    found = []
+    for top in range(GRID - h + 1):
+        for left in range(GRID - w + 1):
+            rect = np.zeros((GRID, GRID), bool)
+            rect[top:top + h, left:left + w] = True
+            if np.array_equal(np.flatnonzero(rect & valid), block):
+                found.append((top, left))
+    return found
+
+
+def test_region_blocks_are_rectangles_cut_by_the_region_and_keep_min_keep():
+    # A disc-shaped scan region: many placements keep fewer than min_keep patches, so the
+    # re-placement path runs; every block must still be a rectangle intersected with the region.
+    yy, xx = np.mgrid[:GRID, :GRID]
+    valid = (yy - 9) ** 2 + (xx - 7) ** 2 <= 25
+    cfg = MaskConfig(region_conditioned=True, target_scale=(0.1, 0.1), target_aspect=(1.0, 1.0), min_keep=12)
+    short_first_tries = 0
+    for sample in range(30):
+        m = sample_masks(cfg, GRID, 0, 0, sample, valid)
+        for t in m.targets:
+            assert len(t) >= 12 and valid.flat[t].all()
+            placements = _placements(t, (4, 4), valid)
+            assert placements
+            short_first_tries += len(t) < 16
+        assert valid.flat[m.context].all()
+    assert short_first_tries > 0  # some kept blocks are cut by the region edge
+
+
+def test_block_positions_are_uniform_and_reach_the_last_row_and_column():
+    # A 4 x 4 block on the 14 x 14 grid has 11 x 11 top-left positions; each must be drawn
+    # about equally often (I-JEPA's placement never reaches the last one).
+    cfg = MaskConfig(target_scale=(0.082, 0.082), target_aspect=(1.0, 1.0), num_targets=1)
+    counts = np.zeros((11, 11))
+    draws = 6000
+    for sample in range(draws):
+        (t,) = sample_masks(cfg, GRID, 0, 0, sample).targets
+        rows, cols = np.unravel_index(t, (GRID, GRID))
+        assert rows.max() - rows.min() == 3 and cols.max() - cols.min() == 3
+        counts[rows.min(), cols.min()] += 1
+    expected = draws / counts.size
+    assert counts.min() > 0 and counts[10, :].sum() > 0 and counts[:, 10].sum() > 0
+    # Rows and columns of positions, 11 cells each: within 4 standard deviations of uniform.
+    for margin in (counts.sum(0), counts.sum(1)):
+        assert np.abs(margin - draws / 11).max() < 4 * np.sqrt(draws / 11)
+    assert np.abs(counts - expected).max() < 5 * np.sqrt(expected)
