@@ -1,7 +1,11 @@
 """The narrow predictor: context tokens + mask tokens at target positions -> target features.
 
 Stage 2 (SALT) regresses the teacher's latents (out_dim = teacher width); stage 1 (MAE with
-multi-block masks) reuses it as the pixel decoder (out_dim = patch_size**2).
+multi-block masks) reuses it as the pixel decoder (out_dim = patch_size**2). Masks arrive
+padded with valid flags (data/masks.py): padding is never attended to. Two layouts
+(`predictor.layout`) predict the target blocks: `per_block` repeats the context once per
+block; `shared_context` runs one sequence [context, block 0, ..., block T-1] under an
+attention mask in which a block sees the context and itself and the context sees itself.
 """
 
 from __future__ import annotations
