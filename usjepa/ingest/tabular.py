@@ -1,4 +1,4 @@
-"""Sources described by a table or by file names: a CSV manifest (`csv`) and folders of
+r"""Sources described by a table or by file names: a CSV manifest (`csv`) and folders of
 files whose name prefix gives the class (`filenames`).
 
 `csv`: SRC is a CSV file, or a folder that holds exactly one (`--format auto` recognises the
