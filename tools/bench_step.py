@@ -61,12 +61,12 @@ class PlainBlock(nn.Module):
 
 
 class PlainViT(nn.Module):
-    def __init__(self, image_size: int, patch: int, dim: int, depth: int, heads: int):
+    def __init__(self, image_size: int, patch: int, embed_dim: int, depth: int, num_heads: int):
         super().__init__()
-        self.embed = nn.Conv2d(1, dim, patch, patch)
-        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
-        self.blocks = nn.Sequential(*(PlainBlock(dim, heads) for _ in range(depth)))
-        self.norm = nn.LayerNorm(dim)
+        self.embed = nn.Conv2d(1, embed_dim, patch, patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, embed_dim))
+        self.blocks = nn.Sequential(*(PlainBlock(embed_dim, num_heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.norm(self.blocks(self.embed(images).flatten(2).transpose(1, 2) + self.pos))
@@ -189,8 +189,10 @@ def main() -> None:
                 dense_flops = 3 * args.batch * encoder_forward_flops(
                     build_encoder(ModelConfig(patch_size=16, **MODELS[model]), args.image_size), patches) / 1e9
                 ceilings = {
-                    "dense ceiling (timm blocks)": dense_row(build_encoder(cfg.model, args.image_size, device=device)
-                                                             .to(device), images, precision, args.steps, args.warmup),
+                    "dense ceiling (timm blocks)": dense_row(
+                        build_encoder(cfg.model, args.image_size, device=device,
+                                      dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(device),
+                        images, precision, args.steps, args.warmup),
                     "plain-matmul ceiling": dense_row(PlainViT(args.image_size, 16, **MODELS[model]).to(device),
                                                       images, precision, args.steps, args.warmup)}
                 best = max(dense_flops / (ms / 1000) for ms in ceilings.values())

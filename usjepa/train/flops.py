@@ -74,10 +74,10 @@ def batch_flops(student: nn.Module, target_encoder: nn.Module | None, context_va
 
 # Dense peak TFLOP/s per device and precision (bf16 autocast | fp32 without TF32), for MFU.
 # GPUs: NVIDIA datasheets (SXM, no sparsity). cpu: measured on the 2-core development machine
-# (a 4096^2 matmul on both cores, `python tools/bench_step.py --peak`); another CPU gets its own
+# (a 2048^2 matmul on both cores, `python tools/bench_step.py --peak`); another CPU gets its own
 # figure from that command, given as log.peak_tflops.
 PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp32": 66.9},
-               "A100": {"bf16": 312.0, "fp32": 19.5}, "cpu": {"bf16": 0.1, "fp32": 0.1}}
+               "A100": {"bf16": 312.0, "fp32": 19.5}, "cpu": {"bf16": 0.41, "fp32": 0.18}}
 
 
 def peak_tflops(device: torch.device, precision: str, setting: float = 0.0) -> float | None:
