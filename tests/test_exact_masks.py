@@ -2,6 +2,8 @@
 loss, each block counts as one block, and a sample's loss and gradient do not depend on its
 batch mates (checked against each sample and block run on its own, unpadded)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +103,18 @@ def test_an_empty_block_does_not_count():
     valid = target[..., 0] != 9  # block 1 of sample 0 (row 2) is empty
     # sample 0: its one non-empty block, 2; sample 1: (4 + 6) / 2 = 5.
     assert regression_loss(pred, target, valid, 2, TrainConfig(loss="l1")).item() == (2 + 5) / 2
+
+
+def test_a_part_without_padding_runs_unmasked(tiny_config):
+    # Valid flags without a False become None on the host, so the unmasked kernels run and no
+    # device sync is needed to find that out.
+    cfg = tiny_config("train.objective=mae")
+    trainer = Trainer(cfg)
+    batch = next(make_train_loader(cfg, trainer.shard_set))
+    batch["masks"] = varied_masks(len(batch["ids"]))
+    padded = trainer._on_device(collate_batch(batch))
+    assert padded["context_valid"] is not None and padded["target_valid"] is not None
+    cut = trainer._on_device(collate_batch(batch, (2, 1)))
+    assert cut["context_valid"] is None and cut["target_valid"] is None
+    loss, _ = trainer.loss(cut, trainer.targets(cut))
+    assert math.isfinite(loss.item())

@@ -6,10 +6,9 @@ the wrong type fails before any work starts, naming the key and the closest vali
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing

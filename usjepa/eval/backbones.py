@@ -4,7 +4,6 @@ written by `usjepa export` (given as its folder), or a non-learned baseline (bas
 from __future__ import annotations
 
 import sys
-
 from pathlib import Path
 
 from collections.abc import Sequence
@@ -65,8 +64,7 @@ def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Seq
             raise UserError(f"unknown checkpoint '{checkpoint}'; choose one of {', '.join(CHECKPOINTS)}")
         find = ckpt.latest_checkpoint if checkpoint == "latest" else ckpt.best_checkpoint
         path = find(Path(run_dir))
-        if path is None and checkpoint == "best" and ckpt.latest_checkpoint(Path(run_dir)) is not None:
-            path = ckpt.latest_checkpoint(Path(run_dir))
+        if path is None and checkpoint == "best" and (path := ckpt.latest_checkpoint(Path(run_dir))):
             print(f"usjepa: {run_dir}: no checkpoint was validated (no val split, or train.validate=false); "
                   f"probing the latest, {path.name}", file=sys.stderr)
         if path is None:

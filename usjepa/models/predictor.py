@@ -44,11 +44,13 @@ class Predictor(nn.Module):
         target_idx [T, B, Kt] -> predictions [T*B, Kt, out_dim] (block-major, as the targets).
 
         `context_valid` [B, Kc] and `target_valid` [T, B, Kt] mark padding (False), which no
-        token attends to. Blocks never see each other's mask tokens, in either layout.
+        token attends to; None: nothing padded. Blocks never see each other's mask tokens, in
+        either layout.
         """
         n_targets, batch, kt = target_idx.shape
         batch_pos = self.pos_embed.expand(batch, -1, -1)
         context = self.embed(context_tokens) + gather_tokens(batch_pos, context_idx)
+        padded = context_valid is not None or target_valid is not None
         context_valid = _all_valid(context_idx) if context_valid is None else context_valid
         target_valid = _all_valid(target_idx) if target_valid is None else target_valid
         if self.layout == "shared_context":
@@ -65,7 +67,7 @@ class Predictor(nn.Module):
             masks = self.mask_token + gather_tokens(batch_pos.repeat(n_targets, 1, 1), flat_idx)
             valid = torch.cat([context_valid.repeat(n_targets, 1), target_valid.flatten(0, 1)], dim=1)
             x = run_blocks(self.blocks, torch.cat([context, masks], dim=1), self.grad_checkpointing,
-                           key_padding_mask(valid))
+                           key_padding_mask(valid if padded else None))
             out = x[:, -kt:]
         return self.proj(self.norm(out))
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import yaml
 from timm.layers import resample_abs_pos_embed
-
 from torch import nn
 
 from usjepa.config import Config, ModelConfig, TeacherConfig, config_from_dict

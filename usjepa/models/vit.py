@@ -36,11 +36,12 @@ def run_blocks(blocks: torch.nn.ModuleList, x: torch.Tensor, recompute: bool,
 
 
 def key_padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
-    """Boolean attention mask [B, 1, 1, N] that hides the padding keys of `valid` [B, N]; None
-    when nothing is padded, so the unmasked (fastest) kernels run."""
-    if valid is None or bool(valid.all()):
-        return None
-    return valid[:, None, None, :]
+    """Boolean attention mask [B, 1, 1, N] that hides the padding keys of `valid` [B, N].
+
+    `valid` None means nothing is padded: no mask, so the unmasked (fastest) kernels run. The
+    caller decides that where the flags live on the CPU (`Trainer._on_device`); checking here
+    would wait for the device on every forward."""
+    return None if valid is None else valid[:, None, None, :]
 
 
 def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
@@ -79,7 +80,8 @@ class Encoder(VisionTransformer):
 
         `keep` [B, K] lists the patch positions to encode (the context); None encodes all.
         `keep_valid` [B, K] marks padding in `keep` (False): no token attends to a padding
-        token, so a sample's valid tokens do not depend on how far it was padded.
+        token, so a sample's valid tokens do not depend on how far it was padded (None: no
+        padding).
         Prefix tokens (class, register) of a loaded timm teacher are used but not returned.
         """
         x = self.patch_embed(images)

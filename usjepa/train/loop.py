@@ -96,8 +96,10 @@ class TrainResult:
     stop_signal: int | None = None  # the signal that ended the run early (after saving), if any
 
 
-def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def masked_mean(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Mean of the valid tokens [B, K, D] of each sample -> [B, D] (padding left out)."""
+    if valid is None:
+        return tokens.mean(1)
     weight = valid.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weight).sum(1) / weight.sum(1)
 
@@ -197,9 +199,8 @@ class Trainer:
             self._resume(latest, drift)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.train.precision == "bf16")
-        # MFU's denominator: the peak of every device of the run (None: unknown GPU).
-        peak = peak_tflops(self.device, cfg.train.precision, cfg.log.peak_tflops)
-        self.peak_tflops = peak * self.world.size if peak else None
+        # MFU's denominator is this times the world size (None: a GPU of unknown peak).
+        self.peak_tflops = peak_tflops(self.device, cfg.train.precision, cfg.log.peak_tflops)
 
     def _resume(self, path: Path, drift: list[str]) -> None:
         meta = ckpt.load_checkpoint(path, self.student, self.optimizer, self.ema_target)
@@ -240,7 +241,7 @@ class Trainer:
                  f"{' (FSDP2, sharded over %d ranks)' % w.size if w.distributed else ''} on {self.device}, "
                  f"{cfg.train.precision}, attention {self.student.encoder.blocks[0].attn.backend}"]
         if self.peak_tflops:
-            lines.append(f"perf/mfu against a peak of {self.peak_tflops / w.size:g} TFLOP/s per device "
+            lines.append(f"perf/mfu against a peak of {self.peak_tflops:g} TFLOP/s per device "
                          f"({cfg.train.precision}{', log.peak_tflops' if cfg.log.peak_tflops else ''})")
         else:
             lines.append(f"no peak TFLOP/s known for {torch.cuda.get_device_name(self.device)}: set log.peak_tflops "
@@ -297,26 +298,28 @@ class Trainer:
         """Mean loss over the samples of `batch`, and the student's context tokens."""
         with self.autocast:
             tokens, pred = self.student(batch["images"], batch)
-        return regression_loss(pred, target, batch["target_valid"].flatten(0, 1), batch["targets"].shape[0],
-                               self.cfg.train), tokens
+        valid = batch["target_valid"]
+        return regression_loss(pred, target, None if valid is None else valid.flatten(0, 1),
+                               batch["targets"].shape[0], self.cfg.train), tokens
 
     def _on_device(self, batch: dict, sl: slice = slice(None)) -> dict:
         """Samples `sl` of a collated batch on the device, their masks cut to the longest of
-        them (padding is work without signal)."""
+        them (padding is work without signal). A valid-flag tensor without padding becomes None,
+        decided here on the CPU, so the models run their unmasked kernels without a device sync."""
         kc = int(batch["context_valid"][sl].sum(1).max())
         kt = int(batch["target_valid"][:, sl].sum(2).max())
         part = {"images": batch["images"][sl], "context": batch["context"][sl, :kc],
                 "context_valid": batch["context_valid"][sl, :kc], "targets": batch["targets"][:, sl, :kt],
                 "target_valid": batch["target_valid"][:, sl, :kt]}
-        return {k: v.to(self.device, non_blocking=True) for k, v in part.items()}
+        return {k: None if k.endswith("_valid") and bool(v.all()) else v.to(self.device, non_blocking=True)
+                for k, v in part.items()}
 
     def _placeholder(self) -> dict:
         """One blank sample with one-patch masks, for a pass without samples (weight 0)."""
         size, n_targets = self.cfg.data.image_size, self.cfg.mask.num_targets
         index = torch.zeros(n_targets, 1, 1, dtype=torch.long, device=self.device)
-        valid = torch.ones_like(index, dtype=torch.bool)
         return {"images": torch.zeros(1, 1, size, size, device=self.device), "context": index[0],
-                "context_valid": valid[0], "targets": index, "target_valid": valid}
+                "context_valid": None, "targets": index, "target_valid": None}
 
     def _set_schedules(self) -> tuple[float, float]:
         o, total = self.cfg.optim, self.cfg.train.total_steps
@@ -471,7 +474,7 @@ class Trainer:
     def _log(self, writer: SummaryWriter, outcome: StepOutcome, meter: Meter) -> None:
         perf = meter.read_and_reset()
         if self.peak_tflops:
-            perf["mfu"] = perf["tflop_per_s"] / self.peak_tflops
+            perf["mfu"] = perf["tflop_per_s"] / (self.peak_tflops * self.world.size)
         scalars = {"train/loss": outcome.loss, "train/lr": outcome.lr, "train/weight_decay": outcome.weight_decay,
                    "train/grad_norm": outcome.grad_norm, "train/global_batch": self.cfg.data.batch_size,
                    **{f"perf/{k}": v for k, v in perf.items()},

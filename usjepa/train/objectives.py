@@ -16,14 +16,14 @@ from usjepa.config import TrainConfig
 from usjepa.models.vit import gather_tokens
 
 
-def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, n_targets: int,
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, n_targets: int,
                     cfg: TrainConfig) -> torch.Tensor:
     """The paper's loss: per target block the mean over its tokens and features, then the
     mean over the blocks of a sample, then over the samples.
 
     pred, target [T*B, Kt, F] (block-major); valid [T*B, Kt] excludes padding, so a block
-    counts as one block whatever its size and however far it was padded. A block left empty
-    (a scan region too small for it) does not count.
+    counts as one block whatever its size and however far it was padded (None: no padding).
+    A block left empty (a scan region too small for it) does not count.
     """
     pred, target = pred.float(), target.float()
     if cfg.loss == "smooth_l1":
@@ -32,7 +32,7 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
         per_token = F.l1_loss(pred, target, reduction="none")
     else:
         per_token = F.mse_loss(pred, target, reduction="none")
-    weight = valid.float()
+    weight = torch.ones(pred.shape[:2], device=pred.device) if valid is None else valid.float()
     tokens = weight.sum(-1)
     per_block = ((per_token.mean(-1) * weight).sum(-1) / tokens.clamp(min=1)).reshape(n_targets, -1)
     blocks = (tokens > 0).float().reshape(n_targets, -1).sum(0)
