@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from usjepa.config import TrainConfig
 from usjepa.data.masks import SampleMasks
 from usjepa.data.pipeline import collate_batch, make_train_loader
 from usjepa.train.loop import Trainer
-from usjepa.train.objectives import regression_loss
 
 
 def varied_masks(n: int, grid_patches: int = 16, n_targets: int = 4) -> list[SampleMasks]:
@@ -82,27 +80,6 @@ def test_every_drawn_token_is_trained_on_unless_truncation_is_asked_for(tiny_con
     shortest_context, shortest_block = 2, 1  # of varied_masks(8)
     assert outcome.context_tokens == shortest_context and outcome.target_tokens == 4 * shortest_block
     assert outcome.kept_fraction == pytest.approx((2 + 4) / (drawn_context + drawn_target))
-
-
-def test_the_loss_is_the_mean_over_blocks_of_each_blocks_mean():
-    # Two samples, two blocks, rows block-major (t0 s0, t0 s1, t1 s0, t1 s1), padded to 3
-    # tokens; 9 marks padding, which must not count.
-    pred = torch.zeros(4, 3, 1)
-    target = torch.tensor([[2.0, 9, 9], [1, 1, 4], [3, 3, 9], [0, 2, 9]])[..., None]
-    valid = target[..., 0] != 9
-    cfg = TrainConfig(loss="l1")
-    # block means 2, 2, 3, 1: sample 0 (2 + 3) / 2 = 2.5, sample 1 (2 + 1) / 2 = 1.5, mean 2.
-    assert regression_loss(pred, target, valid, 2, cfg).item() == 2.0
-    target[0, 0, 0] = 6.0  # a one-token block weighs as much as a three-token one
-    assert regression_loss(pred, target, valid, 2, cfg).item() == ((6 + 3) / 2 + 1.5) / 2
-
-
-def test_an_empty_block_does_not_count():
-    pred = torch.zeros(4, 2, 1)
-    target = torch.tensor([[2.0, 2], [4, 9], [9, 9], [6, 9]])[..., None]
-    valid = target[..., 0] != 9  # block 1 of sample 0 (row 2) is empty
-    # sample 0: its one non-empty block, 2; sample 1: (4 + 6) / 2 = 5.
-    assert regression_loss(pred, target, valid, 2, TrainConfig(loss="l1")).item() == (2 + 5) / 2
 
 
 def test_a_part_without_padding_runs_unmasked(tiny_config):

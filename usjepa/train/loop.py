@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,11 +332,14 @@ class Trainer:
                 group["weight_decay"] = wd
         return lr, wd
 
-    def _update(self) -> float:
-        """Clip and step; returns the pre-clip grad norm (non-finite means nothing was applied)."""
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        max_norm = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else math.inf
-        norm = as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    def _update(self, loss: float) -> float:
+        """Clip and step unless `loss` or the gradient is not finite; returns the pre-clip grad
+        norm (NaN or infinite: nothing was applied)."""
+        norm = math.nan
+        if math.isfinite(loss):
+            params = [p for p in self.student.parameters() if p.requires_grad]
+            max_norm = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else math.inf
+            norm = as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if math.isfinite(norm):
             self.optimizer.step()
             if self.ema_target is not None:
@@ -359,48 +363,57 @@ class Trainer:
             if self.cfg.mask.truncate_to_shortest else None
         return (collate_batch(batch, truncate) if batch["ids"] else batch), [c[:4] for c in counts]
 
-    def train_step(self, batch: dict, meter: Meter | None = None, stop_requested: int | None = None) -> StepOutcome:
-        """Schedules, forward and backward of this rank's micro-batches, update. `batch` is
-        this rank's share of the step (masks per sample); a non-finite loss or gradient
-        updates nothing. `stop_requested` (a signal this rank got) is shared with all ranks."""
-        meter = meter or Meter(self.device)
-        lr, wd = self._set_schedules()
-        batch, counts = self._collate_global(batch)
-        total = int(sum(c[0] for c in counts))  # samples of the global batch: the loss weights
-        loss_sum, pooled, start = torch.zeros((), device=self.device), [], 0
-        # Every rank runs the same number of passes (FSDP gathers parameters in each one); a
-        # pass left without samples (corrupt ones skipped) runs a placeholder with weight 0.
+    def _micro_batches(self, batch: dict) -> Iterator[tuple[dict, int]]:
+        """(samples on the device, how many) per pass of this rank, gradients synchronised in the
+        last. Every rank runs the same number of passes (FSDP gathers parameters in each one); a
+        pass left without samples (corrupt ones skipped) runs a placeholder of size 0."""
+        start = 0
         for i, size in enumerate(split_sizes(len(batch["ids"]), self.micro_batches)):
             set_gradient_sync(self.student, i == self.micro_batches - 1)
-            part = self._on_device(batch, slice(start, start + size)) if size else self._placeholder()
+            yield (self._on_device(batch, slice(start, start + size)) if size else self._placeholder()), size
             start += size
-            with meter.phase("teacher"):
-                target = self.targets(part)
-            with meter.phase("student"):
-                loss, part_tokens = self.loss(part, target)
-                # FSDP averages gradients over ranks, hence the world size in the weight.
-                (loss * (size * self.world.size / total)).backward()
-                if size:
-                    loss_sum += loss.detach() * size
-                    pooled.append(masked_mean(part_tokens, part["context_valid"]))
+
+    def _outcome(self, batch: dict, counts: list[list[float]], loss_sum: torch.Tensor, pooled: list[torch.Tensor],
+                 stop_requested: int | None, lr: float, wd: float) -> StepOutcome:
+        """What every rank agrees on after the backward passes: the global mean loss, FLOPs and
+        token counts over all ranks, and the first stop signal any rank received."""
+        total = sum(c[0] for c in counts)
         mine = [0.0, 0.0, 0.0] if not batch["ids"] else [
             batch_flops(self.student, self.target_encoder, batch["context_valid"], batch["target_valid"]),
             float(batch["context_valid"].sum()), float(batch["target_valid"].sum())]
         shared = self.world.gather([loss_sum.item(), stop_requested or 0, *mine])
         received = {int(s[1]) for s in shared if s[1]}
         trained_context, trained_target = sum(s[3] for s in shared), sum(s[4] for s in shared)
-        drawn = sum(c[2] + c[3] for c in counts)
-        outcome = StepOutcome(loss=sum(s[0] for s in shared) / total, grad_norm=math.nan, lr=lr, weight_decay=wd,
-                              pooled=torch.cat(pooled) if pooled else None, corrupt=int(sum(c[1] for c in counts)),
-                              flops=sum(s[2] for s in shared), context_tokens=trained_context / total,
-                              target_tokens=trained_target / total,
-                              kept_fraction=(trained_context + trained_target) / drawn,
-                              stop=next((s for s in StopSignal.SIGNALS if s in received), None))
+        return StepOutcome(loss=sum(s[0] for s in shared) / total, grad_norm=math.nan, lr=lr, weight_decay=wd,
+                           pooled=torch.cat(pooled) if pooled else None, corrupt=int(sum(c[1] for c in counts)),
+                           flops=sum(s[2] for s in shared), context_tokens=trained_context / total,
+                           target_tokens=trained_target / total,
+                           kept_fraction=(trained_context + trained_target) / sum(c[2] + c[3] for c in counts),
+                           stop=next((s for s in StopSignal.SIGNALS if s in received), None))
+
+    def train_step(self, batch: dict, meter: Meter | None = None, stop_requested: int | None = None) -> StepOutcome:
+        """One optimizer step on the global batch, of which `batch` is this rank's share (masks
+        per sample): per micro-batch the targets, the student's prediction of them and the
+        loss's backward, then the update (skipped when the loss or gradient is not finite).
+        `stop_requested` (a signal this rank got) is shared with all ranks."""
+        meter = meter or Meter(self.device)
+        lr, wd = self._set_schedules()
+        batch, counts = self._collate_global(batch)
+        total = sum(c[0] for c in counts)  # samples of the global batch: the loss weights
+        loss_sum, pooled = torch.zeros((), device=self.device), []
+        for part, size in self._micro_batches(batch):
+            with meter.phase("teacher"):
+                target = self.targets(part)  # teacher or EMA latents, or pixels, of the target blocks
+            with meter.phase("student"):
+                loss, tokens = self.loss(part, target)  # encoder on the context, predictor on the blocks
+                # FSDP averages gradients over ranks, hence the world size in the weight.
+                (loss * (size * self.world.size / total)).backward()
+            if size:
+                loss_sum += loss.detach() * size
+                pooled.append(masked_mean(tokens, part["context_valid"]))
+        outcome = self._outcome(batch, counts, loss_sum, pooled, stop_requested, lr, wd)
         with meter.phase("optimizer"):
-            if math.isfinite(outcome.loss):
-                outcome.grad_norm = self._update()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
+            outcome.grad_norm = self._update(outcome.loss)
         self.step += 1
         return outcome
 
