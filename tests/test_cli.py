@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 USJEPA = [sys.executable, "-m", "usjepa"]
 
@@ -65,8 +66,13 @@ def test_synth_shards_verify(tmp_path):
 @pytest.mark.slow
 def test_shortened_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    done = run("demo", "--out", str(out), "--images", "160", "--steps", "12", "--seeds", "2")
+    # an override reaches both stages (the demo configs' predictor is 2 deep)
+    args = ("demo", "--out", str(out), "--images", "160", "--steps", "12", "--seeds", "2", "predictor.depth=1")
+    done = run(*args)
     assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("teacher", "student"):
+        resolved = yaml.safe_load((out / "runs" / stage / "resolved_config.yaml").read_text())
+        assert resolved["predictor"]["depth"] == 1, stage
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["backbones"]) == {"random", "teacher", "student"}
     assert summary["minutes"] > 0
@@ -79,5 +85,5 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert "macro-F1" in done.stdout and "tensorboard --logdir" in done.stdout
     assert list((out / "runs" / "student" / "tb").glob("events.out.tfevents.*"))
     # rerunning a finished demo resumes every stage instead of redoing it
-    again = run("demo", "--out", str(out), "--images", "160", "--steps", "12", "--seeds", "2")
+    again = run(*args)
     assert again.returncode == 0 and "nothing to do" in again.stderr

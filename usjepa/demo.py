@@ -52,14 +52,15 @@ def demo_shards(out: Path, images: int = 2000, progress: bool = True, say=lambda
 
 
 def run_demo(out: Path, images: int = 2000, steps: int | None = None, seeds: int | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, overrides: tuple[str, ...] = ()) -> dict:
+    """The five stages; `overrides` (KEY=VALUE) apply to both training stages' configs."""
     start = time.perf_counter()
     out = Path(out)
     shards = out / "shards"
     teacher_dir, student_dir = out / "runs" / "teacher", out / "runs" / "student"
 
     demo_shards(out, images, progress, say=print)
-    common = [f"data.shards={shards}", f"log.progress={str(progress).lower()}"]
+    common = [f"data.shards={shards}", f"log.progress={str(progress).lower()}", *overrides]
     if steps:
         common += [f"train.total_steps={steps}", f"optim.warmup_steps={max(steps // 10, 1)}",
                    f"checkpoint.every_steps={steps}"]
@@ -82,7 +83,7 @@ def run_demo(out: Path, images: int = 2000, steps: int | None = None, seeds: int
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out), images=args.images, steps=args.steps, seeds=args.seeds)
+    run_demo(Path(args.out), images=args.images, steps=args.steps, seeds=args.seeds, overrides=tuple(args.overrides))
     return 0
 
 
@@ -95,4 +96,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=int, default=2000, help="synthetic images to generate (default: 2000)")
     p.add_argument("--steps", type=int, help="training steps per stage (default: the configs' total_steps)")
     p.add_argument("--seeds", type=int, help="probe seeds (default: the config's 5)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of both training configs, e.g. predictor.layout=per_block")
     p.set_defaults(func=_run)
