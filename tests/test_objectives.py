@@ -64,7 +64,8 @@ def test_predictions_come_in_the_targets_row_order_in_both_layouts():
     # One block deep, a mask token sees the same keys in both layouts (the context and its own
     # block), so the layouts must agree row for row; a swapped block or sample order would not.
     torch.manual_seed(0)
-    per_block = Predictor(in_dim=12, out_dim=5, grid=4, embed_dim=16, depth=1, num_heads=2).eval()
+    per_block = Predictor(in_dim=12, out_dim=5, grid=4, embed_dim=16, depth=1, num_heads=2,
+                          layout="per_block").eval()
     shared = Predictor(in_dim=12, out_dim=5, grid=4, embed_dim=16, depth=1, num_heads=2,
                        layout="shared_context").eval()
     shared.load_state_dict(per_block.state_dict())

@@ -21,7 +21,7 @@ from usjepa.models.vit import attention_backend, gather_tokens, key_padding_mask
 
 class Predictor(nn.Module):
     def __init__(self, *, in_dim: int, out_dim: int, grid: int, embed_dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa", layout: str = "per_block"):
+                 num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa", layout: str = "shared_context"):
         super().__init__()
         self.layout = layout  # per_block | shared_context (PredictorConfig.layout)
         self.attention = attention  # sdpa | xformers | auto (resolved on first forward)

@@ -49,7 +49,7 @@ class StudySpec:
     checkpoint: typing.Literal["latest", "best"] = "latest"  # which checkpoint of each run is probed
     steps: int = 0  # > 0: every arm trains this many steps instead of its config's (quick runs)
     # Run-config overrides for every arm, after its own (a variant of the whole study, e.g.
-    # `train_overrides=[predictor.layout=shared_context]`).
+    # `train_overrides=[predictor.layout=per_block]`).
     train_overrides: tuple[str, ...] = ()
     jobs: int = 2  # training and probe processes at a time, one CPU thread each
     # Pairs (a, b) whose difference the report states per task, e.g. [salt, random].
