@@ -16,7 +16,7 @@ from usjepa import __version__
 from usjepa.errors import UserError
 
 COMMANDS = {  # name: (module with register_cli, one-line summary)
-    "demo": ("usjepa.demo", "the whole flow on synthetic ultrasound (6-10 minutes on 2 CPU cores)"),
+    "demo": ("usjepa.demo", "the whole flow on synthetic ultrasound (6-12 minutes on 2 CPU cores)"),
     "synth": ("usjepa.data.synth", "generate a synthetic B-mode ultrasound image folder (the demo's data)"),
     "shards": ("usjepa.ingest.cli", "build, verify or inspect WebDataset shards of ultrasound corpora"),
     "train": ("usjepa.train.cli", "stage 1 (MAE teacher) or stage 2 (SALT student) training; resumes by itself"),
