@@ -10,7 +10,7 @@ from usjepa.data.augment import to_model_input
 from usjepa.errors import UserError
 from usjepa.models.predictor import Predictor
 from usjepa.models.teacher import load_teacher
-from usjepa.models.vit import Encoder
+from usjepa.models.vit import Encoder, sincos_pos_embed
 
 
 def tiny_encoder(**kw):
@@ -177,3 +177,24 @@ def test_teacher_errors_are_one_line_hints(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "junk.pth")
     with pytest.raises(UserError, match="not a timm-style ViT state dict"):
         load_teacher(load_config(None, [f"teacher.checkpoint={tmp_path / 'junk.pth'}"]), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("init", ["timm", "jax"])
+def test_init_scheme_sets_the_linear_weights_of_encoder_and_predictor(init):
+    # timm: truncated normal, std 0.02, cut at +-2 (absolute); jax: Xavier-uniform, bound
+    # sqrt(6 / (fan_in + fan_out)), std = bound / sqrt(3). Biases start at zero (jax: the MLP's
+    # at about 1e-6), the frozen sin-cos table is kept.
+    torch.manual_seed(0)
+    enc = Encoder(img_size=64, patch_size=8, embed_dim=128, depth=2, num_heads=4, init=init)
+    pred = Predictor(in_dim=128, out_dim=64, grid=8, embed_dim=64, depth=2, num_heads=4, init=init)
+    for name, layer in [("encoder qkv", enc.blocks[0].attn.qkv), ("encoder fc2", enc.blocks[1].mlp.fc2),
+                        ("predictor qkv", pred.blocks[0].attn.qkv), ("predictor proj", pred.proj)]:
+        fan_out, fan_in = layer.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5 if init == "jax" else 2.0
+        std = bound / 3 ** 0.5 if init == "jax" else 0.02
+        w = layer.weight.detach()
+        assert w.abs().max() <= bound, name
+        assert w.std().item() == pytest.approx(std, rel=0.05), name
+        assert layer.bias.abs().max() < 1e-4, name
+    assert not enc.pos_embed.requires_grad
+    assert torch.equal(enc.pos_embed[0], sincos_pos_embed(8, 128))

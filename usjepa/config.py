@@ -124,6 +124,11 @@ class ModelConfig:
     # attention out as matmuls + softmax: `auto` takes it on the CPU in bf16, where it beats the
     # fused kernel at ViT lengths. Weights are the same whichever runs.
     attention: Literal["auto", "sdpa", "xformers", "matmul"] = "auto"
+    # Initial weights of the encoder and the predictor (or MAE decoder), timm's schemes:
+    # `timm` draws linear weights from a truncated normal of std 0.02 (timm's default, I-JEPA);
+    # `jax` uses Xavier-uniform linears and a LeCun-normal patch embedding (MAE, big_vision),
+    # which at small widths gives larger attention logits from the first step.
+    init: Literal["timm", "jax"] = "timm"
 
 
 @dataclass

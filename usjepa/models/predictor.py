@@ -11,17 +11,20 @@ attention mask in which a block sees the context and itself and the context sees
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import Block
+from timm.models import named_apply
+from timm.models.vision_transformer import Block, get_init_weights_vit
 from torch import nn
 
 from usjepa.config import PredictorConfig
 from usjepa.models.attention import attention_layer
-from usjepa.models.vit import attention_backend, gather_tokens, key_padding_mask, run_blocks, sincos_pos_embed
+from usjepa.models.vit import (attention_backend, gather_tokens, key_padding_mask, run_blocks, sincos_pos_embed,
+                               timm_init_mode)
 
 
 class Predictor(nn.Module):
     def __init__(self, *, in_dim: int, out_dim: int, grid: int, embed_dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa", layout: str = "shared_context"):
+                 num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa", layout: str = "shared_context",
+                 init: str = "timm"):
         super().__init__()
         self.layout = layout  # per_block | shared_context (PredictorConfig.layout)
         self.attention = attention  # sdpa | xformers | auto (resolved on first forward)
@@ -35,7 +38,8 @@ class Predictor(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.proj = nn.Linear(embed_dim, out_dim)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.apply(_init_weights)
+        # The encoder's scheme (`model.init`), by timm's own initialisers.
+        named_apply(get_init_weights_vit(timm_init_mode(init)), self)
 
     def forward(self, context_tokens: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
                 context_valid: torch.Tensor | None = None,
@@ -86,21 +90,12 @@ def shared_context_mask(valid: torch.Tensor, n_context: int, n_targets: int, blo
     return (same[None] & valid[:, None, :])[:, None]
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 def build_predictor(cfg: PredictorConfig, in_dim: int, out_dim: int, grid: int, *,
-                    attention: str = "auto", device: torch.device | str | None = None,
+                    attention: str = "auto", init: str = "timm", device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None) -> Predictor:
-    """The predictor for `cfg`; `attention` is the `model.attention` setting (the predictor
-    follows the student's), resolved for `device`/`dtype` when given, else on first forward."""
+    """The predictor for `cfg`; `attention` and `init` are the `model.` settings (the predictor
+    follows the student's), attention resolved for `device`/`dtype` when given, else on first
+    forward."""
     return Predictor(in_dim=in_dim, out_dim=out_dim, grid=grid, embed_dim=cfg.embed_dim,
-                     depth=cfg.depth, num_heads=cfg.num_heads, layout=cfg.layout,
+                     depth=cfg.depth, num_heads=cfg.num_heads, layout=cfg.layout, init=init,
                      attention=attention_backend(attention, device, dtype))

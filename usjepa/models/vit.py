@@ -44,6 +44,11 @@ def key_padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
     return None if valid is None else valid[:, None, None, :]
 
 
+def timm_init_mode(init: str) -> str:
+    """`model.init` (timm | jax) as timm's `weight_init` mode name."""
+    return "" if init == "timm" else init
+
+
 def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding [grid*grid, dim] (I-JEPA's choice)."""
     return build_sincos2d_pos_embed([grid, grid], dim=dim)
@@ -53,14 +58,14 @@ class Encoder(VisionTransformer):
     def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, class_token: bool = False,
                  reg_tokens: int = 0, no_embed_class: bool = False, fixed_pos_embed: bool = True,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", init: str = "timm"):
         # `attention`: sdpa | xformers | auto (auto is resolved per device/dtype on first use);
         # the attention layer keeps timm's parameter names, so state dicts are unchanged.
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=1, num_classes=0,
                          global_pool="", class_token=class_token, reg_tokens=reg_tokens,
                          no_embed_class=no_embed_class, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path,
-                         attn_layer=attention_layer(attention))
+                         attn_layer=attention_layer(attention), weight_init=timm_init_mode(init))
         self.attention = attention
         self.grid = img_size // patch_size
         if fixed_pos_embed:
@@ -123,4 +128,4 @@ def build_encoder(cfg: ModelConfig, image_size: int, *, attention: str | None = 
     backend = attention if attention is not None else attention_backend(cfg.attention, device, dtype)
     return Encoder(img_size=image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                    depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                   drop_path=cfg.drop_path, attention=backend)
+                   drop_path=cfg.drop_path, attention=backend, init=cfg.init)

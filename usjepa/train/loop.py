@@ -120,7 +120,7 @@ def build_student(cfg: Config, out_dim: int, device: torch.device) -> Student:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     encoder = build_encoder(cfg.model, cfg.data.image_size, device=device, dtype=dtype)
     predictor = build_predictor(cfg.predictor, cfg.model.embed_dim, out_dim, cfg.grid_size,
-                                attention=cfg.model.attention, device=device, dtype=dtype)
+                                attention=cfg.model.attention, init=cfg.model.init, device=device, dtype=dtype)
     return Student(encoder, predictor)
 
 
