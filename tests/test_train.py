@@ -148,7 +148,7 @@ def test_passes_left_without_samples_keep_every_rank_in_step(tiny_config, shards
 def test_probes_load_the_best_checkpoint_by_default_else_the_latest(tiny_config, tmp_path, capsys):
     from usjepa.eval.backbones import load_backbone
     from usjepa.models.vit import build_encoder
-    train(tiny_config("train.total_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=3", "optim.lr=0.03"))
+    train(tiny_config("train.total_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=3", "optim.lr=0.3"))
     run = tmp_path / "run"
     cfg = tiny_config()
 
