@@ -110,6 +110,17 @@ def student_state(overrides: list[str]) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.student.state_dict().items()}
 
 
+def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """`value` without the key third of an attention's qkv bias. A key bias adds the same
+    q.b to every logit of a query, which softmax cancels: its true gradient is zero, so what
+    it receives is rounding noise, which AdamW scales up to steps of about lr that differ
+    between any two summation orders."""
+    if not name.endswith("attn.qkv.bias"):
+        return value
+    q, _, v = value.chunk(3)
+    return torch.cat([q, v])
+
+
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(reference, tiny_overrides, tmp_path):
     # One process, and the global batch in 4 micro-batches: the same mean loss and gradient.
     single = tmp_path / "single"
@@ -123,7 +134,8 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(reference, 
     b = student_state([*tiny_overrides, *COMMON, f"run.dir={single}"])
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(without_key_bias(key, a[key]), without_key_bias(key, b[key]),
+                                   rtol=1e-4, atol=1e-6, msg=key)
     for tag in ("perf/data_s", "perf/teacher_s", "perf/student_s", "perf/optimizer_s", "perf/peak_memory_gib"):
         assert len(losses(reference, tag)) == STEPS, tag
     meta = ckpt.read_meta(ckpt.latest_checkpoint(reference))
