@@ -14,7 +14,8 @@ Rows, for each model and precision:
   our attention layer), the best a step built from these blocks could reach per FLOP;
 - plain-matmul ceiling: the same for a ViT of the same size written with plain matmuls
   (`PlainViT` below), the reference I-JEPA's kind of implementation.
-Each row prints ms/step (median of `--steps` after `--warmup`), images/s, tokens trained on
+Each row prints ms/step (median of `--steps` rounds after `--warmup`; a round times one step
+of every row of a model and precision, so drift of the machine's speed hits all rows alike), images/s, tokens trained on
 per image, model GFLOP/step (train/flops.py), achieved GFLOP/s and its ratio to the faster
 ceiling. The data row decodes, augments and masks real shards (`--shards`, else synthetic
 224 px shards built first) in one process: images/s per loader worker.
@@ -28,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,20 +74,28 @@ class PlainViT(nn.Module):
         return self.norm(self.blocks(self.embed(images).flatten(2).transpose(1, 2) + self.pos))
 
 
-def _median_ms(step, steps: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def dense_row(model: nn.Module, images: torch.Tensor, precision: str, steps: int, warmup: int) -> float:
-    """ms per forward + backward + AdamW step of `model` on every patch of `images`."""
+def interleaved_ms(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
+    """Median ms per call of each step, timed in rounds (one call of every step per round) so
+    that a machine whose speed drifts over the minutes of a run (shared VMs do) slows every
+    row alike and the ratios between rows stay meaningful."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            _sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def dense_step(model: nn.Module, images: torch.Tensor, precision: str) -> Callable[[], None]:
+    """One forward + backward + AdamW step of `model` on every patch of `images`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -96,20 +106,23 @@ def dense_row(model: nn.Module, images: torch.Tensor, precision: str, steps: int
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return _median_ms(step, steps, warmup)
+    return step
 
 
-def trainer_row(overrides: list[str], steps: int, warmup: int) -> tuple[float, float, float]:
-    """(ms/step, GFLOP/step, trained tokens per image) of `Trainer.train_step` on one batch."""
-    from usjepa.data.pipeline import make_train_loader
-    from usjepa.train.loop import Trainer
+class TrainerStep:
+    """`Trainer.train_step` of a run configured by `overrides`, on one prefetched batch; keeps
+    the last outcome for its FLOPs and token counts."""
 
-    trainer = Trainer(load_config("configs/demo.yaml", overrides))
-    batch = next(make_train_loader(trainer.cfg, trainer.shard_set))
-    outcomes = []
-    ms = _median_ms(lambda: outcomes.append(trainer.train_step(batch)), steps, warmup)
-    last = outcomes[-1]
-    return ms, last.flops / 1e9, last.context_tokens + last.target_tokens
+    def __init__(self, overrides: list[str]):
+        from usjepa.data.pipeline import make_train_loader
+        from usjepa.train.loop import Trainer
+
+        self.trainer = Trainer(load_config("configs/demo.yaml", overrides))
+        self.batch = next(make_train_loader(self.trainer.cfg, self.trainer.shard_set))
+        self.last = None
+
+    def __call__(self) -> None:
+        self.last = self.trainer.train_step(self.batch)
 
 
 def synthetic_shards(scratch: Path, size: int) -> Path:
@@ -142,7 +155,7 @@ def matmul_peak(device: torch.device) -> dict[str, float]:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         n = 4096 if device.type == "cuda" else 2048
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        ms = _median_ms(lambda: a @ b, steps=10, warmup=3)
+        ms = interleaved_ms({name: lambda: a @ b}, rounds=10, warmup=3)[name]
         peaks[name] = 2 * n ** 3 / (ms / 1000) / 1e12
     return peaks
 
@@ -176,7 +189,7 @@ def main() -> None:
                   f"run.device={device}", "teacher.checkpoint=none", "predictor.depth=6", "predictor.embed_dim=384",
                   "predictor.num_heads=6", *MASKS]
         print(f"{device}, {torch.get_num_threads()} threads, {args.image_size} px, patch 16, batch {args.batch}, "
-              f"predictor 6 x 384; median of {args.steps} steps after {args.warmup}")
+              f"predictor 6 x 384; median of {args.steps} interleaved rounds after {args.warmup}")
         print(f"{'row':<34} {'ms/step':>9} {'img/s':>7} {'tok/img':>8} {'GFLOP/step':>11} {'GFLOP/s':>8} {'/ceiling':>9}")
         for model in args.models.split(","):
             arch = [f"model.{k}={v}" for k, v in MODELS[model].items()]
@@ -189,25 +202,26 @@ def main() -> None:
                 dense_flops = 3 * args.batch * encoder_forward_flops(
                     build_encoder(ModelConfig(patch_size=16, **MODELS[model]), args.image_size), patches) / 1e9
                 ceilings = {
-                    "dense ceiling (timm blocks)": dense_row(
+                    "dense ceiling (timm blocks)": dense_step(
                         build_encoder(cfg.model, args.image_size, device=device,
                                       dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(device),
-                        images, precision, args.steps, args.warmup),
-                    "plain-matmul ceiling": dense_row(PlainViT(args.image_size, 16, **MODELS[model]).to(device),
-                                                      images, precision, args.steps, args.warmup)}
-                best = max(dense_flops / (ms / 1000) for ms in ceilings.values())
-                rows = {}
+                        images, precision),
+                    "plain-matmul ceiling": dense_step(PlainViT(args.image_size, 16, **MODELS[model]).to(device),
+                                                       images, precision)}
                 with tempfile.TemporaryDirectory() as runs:
-                    for name, extra in (("salt per_block", ["predictor.layout=per_block"]),
-                                        ("salt shared_context", ["predictor.layout=shared_context"]),
-                                        ("mae (shared_context)", ["train.objective=mae",
-                                                                  "predictor.layout=shared_context"])):
-                        rows[name] = trainer_row([*run, *extra, f"run.dir={runs}/{name.split()[0]}_{len(rows)}"],
-                                                 args.steps, args.warmup)
-                rows.update({k: (ms, dense_flops, patches) for k, ms in ceilings.items()})
-                for name, (ms, gflop, tokens) in rows.items():
-                    rate = gflop / (ms / 1000)
-                    print(f"{f'{model} {precision} {name}':<34} {ms:>9.1f} {1000 * args.batch / ms:>7.1f} "
+                    trainers = {name: TrainerStep([*run, *extra, f"run.dir={runs}/{i}"]) for i, (name, extra) in
+                                enumerate((("salt per_block", ["predictor.layout=per_block"]),
+                                           ("salt shared_context", ["predictor.layout=shared_context"]),
+                                           ("mae (shared_context)", ["train.objective=mae",
+                                                                     "predictor.layout=shared_context"])))}
+                    ms = interleaved_ms({**trainers, **ceilings}, args.steps, args.warmup)
+                rows = {name: (ms[name], t.last.flops / 1e9, t.last.context_tokens + t.last.target_tokens)
+                        for name, t in trainers.items()}
+                rows.update({name: (ms[name], dense_flops, patches) for name in ceilings})
+                best = max(dense_flops / (ms[name] / 1000) for name in ceilings)
+                for name, (step_ms, gflop, tokens) in rows.items():
+                    rate = gflop / (step_ms / 1000)
+                    print(f"{f'{model} {precision} {name}':<34} {step_ms:>9.1f} {1000 * args.batch / step_ms:>7.1f} "
                           f"{tokens:>8.1f} {gflop:>11.1f} {rate:>8.1f} {rate / best:>9.2f}")
                 sys.stdout.flush()
         print(f"data path (decode + augment + masks, one process): {data_row(common, 8):.0f} images/s")
