@@ -10,7 +10,7 @@ from usjepa.data.augment import to_model_input
 from usjepa.errors import UserError
 from usjepa.models.predictor import Predictor
 from usjepa.models.teacher import load_teacher
-from usjepa.models.vit import Encoder, sincos_pos_embed
+from usjepa.models.vit import Encoder, packable, run_blocks, sincos_pos_embed
 
 
 def tiny_encoder(**kw):
@@ -198,3 +198,33 @@ def test_init_scheme_sets_the_linear_weights_of_encoder_and_predictor(init):
         assert layer.bias.abs().max() < 1e-4, name
     assert not enc.pos_embed.requires_grad
     assert torch.equal(enc.pos_embed[0], sincos_pos_embed(8, 128))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_packed_blocks_compute_what_the_padded_blocks_do(recompute):
+    # Real tokens scattered among padding (not a prefix), as a context padded to its batch's
+    # longest is, with LayerScale so that every branch of a block carries weights.
+    torch.manual_seed(0)
+    enc = Encoder(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, attention="matmul")
+    for block in enc.blocks:
+        block.ls1 = timm.layers.LayerScale(48, init_values=0.5)
+    assert packable(enc.blocks)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    valid = torch.tensor([[1, 0, 1, 1, 0, 1, 1], [0, 1, 1, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = valid[:, None, None, :]
+    packed = run_blocks(enc.blocks, x, recompute, mask, valid)
+    padded = run_blocks(enc.blocks, x, recompute, mask)
+    assert packed.shape == padded.shape == (3, 7, 48)
+    torch.testing.assert_close(packed[valid], padded[valid], atol=1e-5, rtol=1e-5)
+    assert packed[~valid].abs().max().item() == 0.0  # padding rows come back as zeros
+    # Gradients, with a loss that weighs each real token differently.
+    weights = torch.randn(3, 7, 48)
+    grads = [torch.autograd.grad((out * weights)[valid].sum(), [x, *enc.blocks.parameters()]) for out in (packed, padded)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert grads[0][0][~valid].abs().max().item() == 0.0  # nothing flows into padding
+
+
+def test_blocks_with_stochastic_depth_are_not_packed():
+    # DropPath drops whole samples; on packed tokens it would drop single tokens.
+    assert not packable(Encoder(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, drop_path=0.1).blocks)

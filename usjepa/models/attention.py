@@ -197,9 +197,23 @@ class BackendAttention(Attention):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
-        gate = getattr(self, "gate", None)
-        gate = gate(x).sigmoid() if gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        return self._project(self._attend(self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim),
+                                          attn_mask, is_causal), x)
+
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, batch: int, length: int,
+                     attn_mask: torch.Tensor) -> torch.Tensor:
+        """`forward` of a [batch, length, D] sequence of which only the flat positions `rows`
+        are real, given as packed tokens `x` [len(rows), D]; returns the packed outputs. The
+        projections run on the real tokens only; the kernel sees them padded, and `attn_mask`
+        must hide the padding keys (zeros here)."""
+        qkv = self.qkv(x)
+        padded = qkv.new_zeros(batch * length, qkv.shape[-1]).index_copy(0, rows, qkv)
+        mixed = self._attend(padded.view(batch, length, 3, self.num_heads, self.head_dim), attn_mask, False)
+        return self._project(mixed.reshape(batch * length, self.attn_dim).index_select(0, rows), x)
+
+    def _attend(self, qkv: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """qkv [B, N, 3, H, D] -> the heads' attention outputs, concatenated [B, N, H*D]."""
+        B, N = qkv.shape[:2]
         dropout = self.attn_drop.p if self.training else 0.0
         kernel = self._kernel(qkv)
         # Masks go through SDPA: xformers wants its own bias types and none is used here.
@@ -209,20 +223,24 @@ class BackendAttention(Attention):
             q, k = self.q_norm(q), self.k_norm(k)  # norms act on the last (head_dim) axis
             bias = xops.LowerTriangularMask() if is_causal else None
             x = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout, scale=self.scale)
-            x = x.reshape(B, N, self.attn_dim)
+            return x.reshape(B, N, self.attn_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] each
+        q, k = self.q_norm(q), self.k_norm(k)
+        if kernel == "matmul":
+            x = matmul_attention(q, k, v, attn_mask, dropout, is_causal, self.scale)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] each
-            q, k = self.q_norm(q), self.k_norm(k)
-            if kernel == "matmul":
-                x = matmul_attention(q, k, v, attn_mask, dropout, is_causal, self.scale)
-            else:
-                x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                                   is_causal=is_causal, scale=self.scale)
-            x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                               is_causal=is_causal, scale=self.scale)
+        return x.transpose(1, 2).reshape(B, N, self.attn_dim)
+
+    def _project(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The output projection of the mixed heads (token-wise), gated by the input `x` where
+        the layer has a gate."""
+        gate = getattr(self, "gate", None)
+        mixed = self.norm(mixed)
         if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+            mixed = mixed * gate(x).sigmoid()
+        return self.proj_drop(self.proj(mixed))
 
 
 class SdpaAttention(BackendAttention):

@@ -63,15 +63,16 @@ class Predictor(nn.Module):
             masks = self.mask_token + gather_tokens(batch_pos, flat_idx)
             valid = torch.cat([context_valid, target_valid.permute(1, 0, 2).reshape(batch, -1)], dim=1)
             x = run_blocks(self.blocks, torch.cat([context, masks], dim=1), self.grad_checkpointing,
-                           shared_context_mask(valid, context.shape[1], n_targets, kt))
+                           shared_context_mask(valid, context.shape[1], n_targets, kt), valid if padded else None)
             out = x[:, context.shape[1]:].reshape(batch, n_targets, kt, -1).transpose(0, 1).flatten(0, 1)
         else:  # per_block: the context is repeated once per block
             context = context.repeat(n_targets, 1, 1)
             flat_idx = target_idx.flatten(0, 1)
             masks = self.mask_token + gather_tokens(batch_pos.repeat(n_targets, 1, 1), flat_idx)
             valid = torch.cat([context_valid.repeat(n_targets, 1), target_valid.flatten(0, 1)], dim=1)
+            valid = valid if padded else None
             x = run_blocks(self.blocks, torch.cat([context, masks], dim=1), self.grad_checkpointing,
-                           key_padding_mask(valid if padded else None))
+                           key_padding_mask(valid), valid)
             out = x[:, -kt:]
         return self.proj(self.norm(out))
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from torch.utils.checkpoint import checkpoint
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
 
 from usjepa.config import ModelConfig
-from usjepa.models.attention import attention_layer, resolve_backend
+from usjepa.models.attention import BackendAttention, attention_layer, resolve_backend
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -23,16 +24,49 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def run_blocks(blocks: torch.nn.ModuleList, x: torch.Tensor, recompute: bool,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`x` through `blocks`, attending where `attn_mask` (boolean, broadcastable to
+               attn_mask: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` [B, N, D] through `blocks`, attending where `attn_mask` (boolean, broadcastable to
     [B, heads, N, N]) is True; with `recompute`, each block's activations are recomputed in
-    the backward instead of stored (activation checkpointing)."""
+    the backward instead of stored (activation checkpointing).
+
+    `valid` [B, N] marks the real tokens of a padded `x` (`attn_mask` must hide the others as
+    keys). Their outputs are what the blocks give; padding rows come back as zeros. Where the
+    blocks allow it (`packable`), the token-wise layers (norms, projections, MLP: about 95% of a
+    ViT block's FLOPs at these lengths) run on the real tokens only, packed into one
+    [tokens, D] matrix, and only the attention kernel sees them padded: a JEPA context padded
+    to the longest of its batch is about a fifth padding."""
+    if valid is None or not packable(blocks):
+        for block in blocks:
+            if recompute and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask)
+        return x if valid is None else x * valid[..., None]
+    batch, length, dim = x.shape
+    rows = valid.flatten().nonzero().squeeze(1)
+    h = x.flatten(0, 1).index_select(0, rows)
     for block in blocks:
         if recompute and torch.is_grad_enabled():
-            x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            h = checkpoint(packed_block, block, h, rows, batch, length, attn_mask, use_reentrant=False)
         else:
-            x = block(x, attn_mask=attn_mask)
-    return x
+            h = packed_block(block, h, rows, batch, length, attn_mask)
+    return h.new_zeros(batch * length, dim).index_copy(0, rows, h).view(batch, length, dim)
+
+
+def packable(blocks: torch.nn.ModuleList) -> bool:
+    """Are `blocks` timm `Block`s with our attention layer and no stochastic depth (which
+    drops per sample, not per token), so that `packed_block` computes what they do?"""
+    return all(type(b) is Block and isinstance(b.attn, BackendAttention)
+               and isinstance(b.drop_path1, nn.Identity) and isinstance(b.drop_path2, nn.Identity)
+               for b in blocks)
+
+
+def packed_block(block: Block, h: torch.Tensor, rows: torch.Tensor, batch: int, length: int,
+                 attn_mask: torch.Tensor) -> torch.Tensor:
+    """timm's `Block.forward` on the packed real tokens `h` [len(rows), D] of a padded
+    [batch, length, D] sequence."""
+    h = h + block.ls1(block.attn.forward_rows(block.norm1(h), rows, batch, length, attn_mask))
+    return h + block.ls2(block.mlp(block.norm2(h)))
 
 
 def key_padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -107,7 +141,9 @@ class Encoder(VisionTransformer):
         mask = key_padding_mask(keep_valid)
         if mask is not None and n_prefix:
             mask = torch.cat([mask.new_ones(*mask.shape[:3], n_prefix), mask], dim=-1)
-        x = run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing, mask)
+        if keep_valid is not None and n_prefix:
+            keep_valid = torch.cat([keep_valid.new_ones(keep_valid.shape[0], n_prefix), keep_valid], dim=1)
+        x = run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing, mask, keep_valid)
         return self.norm(x)[:, n_prefix:]
 
 
