@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 from timm.models import named_apply
-from timm.models.vision_transformer import Block, get_init_weights_vit
+from timm.models.vision_transformer import get_init_weights_vit
 from torch import nn
 
 from usjepa.config import PredictorConfig
 from usjepa.models.attention import attention_layer
-from usjepa.models.vit import (attention_backend, gather_tokens, key_padding_mask, run_blocks, sincos_pos_embed,
-                               timm_init_mode)
+from usjepa.models.vit import (PackedBlock, attention_backend, gather_tokens, key_padding_mask, run_blocks,
+                               sincos_pos_embed, timm_init_mode)
 
 
 class Predictor(nn.Module):
@@ -32,8 +32,8 @@ class Predictor(nn.Module):
         self.embed = nn.Linear(in_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed(grid, embed_dim).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True,
-                                          norm_layer=nn.LayerNorm, attn_layer=attention_layer(attention))
+        self.blocks = nn.ModuleList(PackedBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=True,
+                                                norm_layer=nn.LayerNorm, attn_layer=attention_layer(attention))
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         self.proj = nn.Linear(embed_dim, out_dim)

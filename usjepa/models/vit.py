@@ -45,28 +45,33 @@ def run_blocks(blocks: torch.nn.ModuleList, x: torch.Tensor, recompute: bool,
     batch, length, dim = x.shape
     rows = valid.flatten().nonzero().squeeze(1)
     h = x.flatten(0, 1).index_select(0, rows)
-    for block in blocks:
+    for block in blocks:  # through the block's own call, so FSDP2's hooks and torch.compile apply
         if recompute and torch.is_grad_enabled():
-            h = checkpoint(packed_block, block, h, rows, batch, length, attn_mask, use_reentrant=False)
+            h = checkpoint(block, h, attn_mask, False, rows, batch, length, use_reentrant=False)
         else:
-            h = packed_block(block, h, rows, batch, length, attn_mask)
+            h = block(h, attn_mask, False, rows, batch, length)
     return h.new_zeros(batch * length, dim).index_copy(0, rows, h).view(batch, length, dim)
 
 
 def packable(blocks: torch.nn.ModuleList) -> bool:
-    """Are `blocks` timm `Block`s with our attention layer and no stochastic depth (which
-    drops per sample, not per token), so that `packed_block` computes what they do?"""
-    return all(type(b) is Block and isinstance(b.attn, BackendAttention)
+    """Are `blocks` `PackedBlock`s with our attention layer and no stochastic depth (which
+    drops per sample, not per token)? A loaded timm teacher's blocks are not."""
+    return all(isinstance(b, PackedBlock) and isinstance(b.attn, BackendAttention)
                and isinstance(b.drop_path1, nn.Identity) and isinstance(b.drop_path2, nn.Identity)
                for b in blocks)
 
 
-def packed_block(block: Block, h: torch.Tensor, rows: torch.Tensor, batch: int, length: int,
-                 attn_mask: torch.Tensor) -> torch.Tensor:
-    """timm's `Block.forward` on the packed real tokens `h` [len(rows), D] of a padded
-    [batch, length, D] sequence."""
-    h = h + block.ls1(block.attn.forward_rows(block.norm1(h), rows, batch, length, attn_mask))
-    return h + block.ls2(block.mlp(block.norm2(h)))
+class PackedBlock(Block):
+    """timm's `Block` (same parameters and state-dict keys) whose forward also takes the real
+    tokens of a padded [batch, length, D] sequence packed as `x` [len(rows), D], `rows` being
+    their flat positions (`run_blocks`)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                rows: torch.Tensor | None = None, batch: int = 0, length: int = 0) -> torch.Tensor:
+        if rows is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.ls1(self.attn.forward_rows(self.norm1(x), rows, batch, length, attn_mask))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 def key_padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -99,7 +104,8 @@ class Encoder(VisionTransformer):
                          global_pool="", class_token=class_token, reg_tokens=reg_tokens,
                          no_embed_class=no_embed_class, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path,
-                         attn_layer=attention_layer(attention), weight_init=timm_init_mode(init))
+                         attn_layer=attention_layer(attention), block_fn=PackedBlock,
+                         weight_init=timm_init_mode(init))
         self.attention = attention
         self.grid = img_size // patch_size
         if fixed_pos_embed:
