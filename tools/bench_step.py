@@ -15,9 +15,9 @@ Rows, for each model and precision:
 - plain-matmul ceiling: the same for a ViT of the same size written with plain matmuls
   (`PlainViT` below), the reference I-JEPA's kind of implementation.
 Each row prints ms/step (median of `--steps` rounds after `--warmup`; a round times one step
-of every row of a model and precision, so drift of the machine's speed hits all rows alike), images/s, tokens trained on
-per image, model GFLOP/step (train/flops.py), achieved GFLOP/s and its ratio to the faster
-ceiling. The data row decodes, augments and masks real shards (`--shards`, else synthetic
+of every row of a model and precision, so drift of the machine's speed hits all rows alike),
+images/s, tokens trained on per image, model GFLOP/step (train/flops.py), achieved GFLOP/s
+and its ratio to the faster ceiling. The data row decodes, augments and masks real shards (`--shards`, else synthetic
 224 px shards built first) in one process: images/s per loader worker.
 Figures, not assertions: run it on the machine you care about.
 """

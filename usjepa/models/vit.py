@@ -30,27 +30,24 @@ def run_blocks(blocks: torch.nn.ModuleList, x: torch.Tensor, recompute: bool,
     the backward instead of stored (activation checkpointing).
 
     `valid` [B, N] marks the real tokens of a padded `x` (`attn_mask` must hide the others as
-    keys). Their outputs are what the blocks give; padding rows come back as zeros. Where the
-    blocks allow it (`packable`), the token-wise layers (norms, projections, MLP: about 95% of a
-    ViT block's FLOPs at these lengths) run on the real tokens only, packed into one
-    [tokens, D] matrix, and only the attention kernel sees them padded: a JEPA context padded
-    to the longest of its batch is about a fifth padding."""
-    if valid is None or not packable(blocks):
-        for block in blocks:
-            if recompute and torch.is_grad_enabled():
-                x = checkpoint(block, x, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, attn_mask=attn_mask)
-        return x if valid is None else x * valid[..., None]
-    batch, length, dim = x.shape
-    rows = valid.flatten().nonzero().squeeze(1)
-    h = x.flatten(0, 1).index_select(0, rows)
+    keys); the outputs of padding rows mean nothing. Where the blocks allow it (`packable`),
+    the token-wise layers (norms, projections, MLP: about 95% of a ViT block's FLOPs at these
+    lengths) run on the real tokens only, packed into one [tokens, D] matrix, and only the
+    attention kernel sees them padded (padding rows then come back as zeros): a JEPA context
+    padded to the longest of its batch is about a fifth padding."""
+    shape, extra = x.shape, {}
+    if valid is not None and packable(blocks):
+        rows = valid.flatten().nonzero().squeeze(1)
+        x = x.flatten(0, 1).index_select(0, rows)
+        extra = dict(rows=rows, batch=shape[0], length=shape[1])
     for block in blocks:  # through the block's own call, so FSDP2's hooks and torch.compile apply
         if recompute and torch.is_grad_enabled():
-            h = checkpoint(block, h, attn_mask, False, rows, batch, length, use_reentrant=False)
+            x = checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False, **extra)
         else:
-            h = block(h, attn_mask, False, rows, batch, length)
-    return h.new_zeros(batch * length, dim).index_copy(0, rows, h).view(batch, length, dim)
+            x = block(x, attn_mask=attn_mask, **extra)
+    if not extra:
+        return x
+    return x.new_zeros(shape[0] * shape[1], shape[2]).index_copy(0, extra["rows"], x).view(shape)
 
 
 def packable(blocks: torch.nn.ModuleList) -> bool:
@@ -144,12 +141,10 @@ class Encoder(VisionTransformer):
             if prefix_pos is not None:
                 prefix = prefix + prefix_pos
             x = torch.cat([prefix, x], dim=1)
-        mask = key_padding_mask(keep_valid)
-        if mask is not None and n_prefix:
-            mask = torch.cat([mask.new_ones(*mask.shape[:3], n_prefix), mask], dim=-1)
         if keep_valid is not None and n_prefix:
             keep_valid = torch.cat([keep_valid.new_ones(keep_valid.shape[0], n_prefix), keep_valid], dim=1)
-        x = run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing, mask, keep_valid)
+        x = run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing, key_padding_mask(keep_valid),
+                       keep_valid)
         return self.norm(x)[:, n_prefix:]
 
 
