@@ -17,6 +17,7 @@ lengths of the whole global batch, which in a distributed run takes one small al
 
 from __future__ import annotations
 
+import itertools
 import random
 import signal
 import sys
@@ -233,16 +234,18 @@ def _steps(parts: Iterator[dict], readers: int) -> Iterator[dict]:
         yield join_parts([next(parts) for _ in range(readers)])
 
 
-def eval_batches(manifest: Manifest, split: str, image_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) of a split in manifest order, un-augmented: for probes and validation."""
-    images, labels = [], []
+def eval_samples(manifest: Manifest, split: str, image_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """(pixels [1, S, S] in [0, 1], region bool [1, S, S], metadata with `__key__`) of a split
+    in manifest order, un-augmented: what probes and benchmarks see."""
     for record in _records(manifest, split):
         image, region, meta = decode_sample(record)
-        pixels, _ = resize_eval(torch.tensor(image)[None], torch.tensor(region)[None], image_size)
-        images.append(to_model_input(pixels))
-        labels.append(int(meta["label"]))
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels)
-            images, labels = [], []
-    if images:
-        yield torch.stack(images), torch.tensor(labels)
+        pixels, region = resize_eval(torch.tensor(image)[None], torch.tensor(region)[None], image_size)
+        yield pixels, region, {**meta, "__key__": record["__key__"]}
+
+
+def eval_batches(manifest: Manifest, split: str, image_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of a split in manifest order, un-augmented: for probes and validation."""
+    samples = eval_samples(manifest, split, image_size)
+    while chunk := list(itertools.islice(samples, batch_size)):
+        yield (torch.stack([to_model_input(pixels) for pixels, _, _ in chunk]),
+               torch.tensor([int(meta["label"]) for _, _, meta in chunk]))

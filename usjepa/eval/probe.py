@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,15 +101,25 @@ def _mean_ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
+def _logits(model: torch.nn.Module, features: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    device = torch.device(device)
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
+    model.eval()
+    return torch.cat([model(x[i : i + _EVAL_CHUNK]) for i in range(0, x.shape[0], _EVAL_CHUNK)])
+
+
 def predict(
     model: torch.nn.Module, features: np.ndarray, device: torch.device | str = "cpu"
 ) -> np.ndarray:
     """Class index per row of raw (unstandardized) features."""
-    device = torch.device(device)
-    x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
-    model.eval()
-    out = [model(x[i : i + _EVAL_CHUNK]).argmax(dim=1) for i in range(0, x.shape[0], _EVAL_CHUNK)]
-    return torch.cat(out).cpu().numpy().astype(np.int64)
+    return _logits(model, features, device).argmax(dim=1).cpu().numpy().astype(np.int64)
+
+
+def class_probabilities(
+    model: torch.nn.Module, features: np.ndarray, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Softmax class probabilities [N, C] per row of raw features (for video-level means)."""
+    return _logits(model, features, device).softmax(dim=1).cpu().numpy()
 
 
 def train_probe(
@@ -259,6 +270,7 @@ def run_probe(
     class_names: list[str],
     cfg: ProbeConfig,
     device: torch.device | str = "cpu",
+    on_model: Callable[[int, torch.nn.Linear], None] | None = None,
 ) -> dict:
     """Train one probe per seed in cfg.seeds on splits['train'] (early stopping on 'val'),
     score it on 'test' and on 'val', run the kNN probe on the same splits, and return a
@@ -268,7 +280,8 @@ def run_probe(
     (zero_division=0, so a class never predicted scores 0), balanced accuracy and accuracy.
     The val scores (`val_*`) are there to choose settings on; the test scores to report.
     The confusion matrix (test) is summed over seeds, rows = true class, columns = predicted.
-    `knn` holds the kNN probe's scores (usjepa.eval.knn.knn_probe).
+    `knn` holds the kNN probe's scores (usjepa.eval.knn.knn_probe). `on_model(seed, model)`
+    sees each seed's trained probe (the bench scores it again on other test views).
     """
     missing = [s for s in SPLITS if s not in splits]
     if missing:
@@ -306,6 +319,8 @@ def run_probe(
     per_seed = []
     for seed in cfg.seeds:
         model, hist = train_probe(train, val, num_classes, seed, cfg, device)
+        if on_model is not None:
+            on_model(int(seed), model)
         pred = predict(model, test.features, device)
         cm_total += confusion_matrix(test.labels, pred, labels=list(range(num_classes)))
         val_scores = scores(val.labels, predict(model, val.features, device), num_classes)
