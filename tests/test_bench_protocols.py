@@ -250,3 +250,9 @@ def test_has_videos_needs_a_repeated_id():
     assert has_videos(np.array([3, 1, 3]))
     assert not has_videos(np.array(["a", "b", "c"]))
     assert not has_videos(np.array([], dtype=str))
+
+
+def test_ids_that_group_several_labels_are_patients_not_videos():
+    ids = np.array(["p1", "p1", "p2", "p2"])
+    assert has_videos(ids, np.array([0, 0, 1, 1]))
+    assert not has_videos(ids, np.array([0, 1, 1, 1]))

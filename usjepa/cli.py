@@ -21,6 +21,7 @@ COMMANDS = {  # name: (module with register_cli, one-line summary)
     "shards": ("usjepa.ingest.cli", "build, verify or inspect WebDataset shards of ultrasound corpora"),
     "train": ("usjepa.train.cli", "stage 1 (MAE teacher) or stage 2 (SALT student) training; resumes by itself"),
     "probe": ("usjepa.eval.cli", "linear and kNN probe macro-F1 of a run's encoders, an export or pixel baselines"),
+    "bench": ("usjepa.bench.cli", "the UltraBench comparison: linear/kNN/few-shot/robustness macro-F1 of any encoders"),
     "study": ("usjepa.study.cli", "pretrain and probe every arm of a comparison (MAE, SALT, EMA, random) on real data"),
     "export": ("usjepa.export", "a run's encoder as timm weights (safetensors + config.json) for timm, probe or teacher"),
 }

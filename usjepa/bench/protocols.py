@@ -127,11 +127,16 @@ def _pull_to_median(pixels: torch.Tensor, region: torch.Tensor, alpha: float) ->
 
 # ----------------------------------------------------------------------------------- videos
 
-def has_videos(videos: np.ndarray) -> bool:
+def has_videos(videos: np.ndarray, labels: np.ndarray | None = None) -> bool:
     """True when some video id repeats: only then does a video-level score differ from the
-    frame-level one."""
+    frame-level one. With `labels`, also every id must carry one label: ids that group samples
+    of different labels are patients with several findings, not videos, and have no
+    video-level score."""
     videos = np.asarray(videos)
-    return np.unique(videos).size < videos.size
+    n_videos = np.unique(videos).size
+    if n_videos == videos.size:
+        return False
+    return labels is None or len(set(zip(videos.tolist(), np.asarray(labels).tolist()))) == n_videos
 
 
 def video_level(y_true: np.ndarray, scores: np.ndarray, videos: np.ndarray,
