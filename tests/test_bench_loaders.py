@@ -171,6 +171,16 @@ def test_stem_that_cannot_fold_gets_a_normalising_adapter(tmp_path, gray):
         close(ours(loaded, gray), lib.forward_features(rgb(gray, (0.5,) * 3, (0.5,) * 3))[:, 1:])
 
 
+def test_gray_checkpoint_keeps_its_one_channel(tmp_path, gray):
+    lib = library_model("usjepa_test_vit", in_chans=1)  # e.g. a gray-trained MAE
+    path = tmp_path / "gray.pth"
+    torch.save(lib.state_dict(), path)
+    loaded = load_external("mae", path, "usjepa_test_vit", SIZE)
+    assert (loaded.info["in_chans"], loaded.info["mean"], loaded.info["std"]) == (1, [0.5], [0.5])
+    with torch.no_grad():
+        close(ours(loaded, gray), lib.forward_features((gray - 0.5) / 0.5)[:, 1:])
+
+
 def test_normalisation_and_step_recorded_beside_the_file(tmp_path, gray):
     lib = library_model("usjepa_test_vit")
     path = tmp_path / "model.safetensors"
