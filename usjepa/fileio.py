@@ -1,8 +1,9 @@
-"""Atomic file writes: a reader (or a resumed job) never sees half a file."""
+"""Atomic file writes (a reader, or a resumed job, never sees half a file) and file checksums."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -38,3 +39,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def files_sha256(paths: list[Path]) -> str:
+    """sha256 of the contents of `paths` in name order (of one file: its plain sha256)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

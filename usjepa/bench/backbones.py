@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from usjepa.bench.features import file_sha256, weights_sha256
+from usjepa.bench.features import weights_sha256
 from usjepa.bench.loaders import EXTERNAL_KINDS, load_external
 from usjepa.bench.spec import BackboneSpec, BenchSpec
 from usjepa.data.augment import PIXEL_MEAN, PIXEL_STD
 from usjepa.errors import UserError
-from usjepa.eval.backbones import load_backbone
+from usjepa.fileio import files_sha256
+from usjepa.eval.backbones import find_checkpoint, load_backbone
 from usjepa.export import CONFIG, WEIGHTS, load_export
 from usjepa.train import checkpoint as ckpt
 
@@ -34,9 +35,8 @@ class Backbone:
 
 
 def _checkpoint_step(run_dir: Path, which: str) -> dict:
-    path = ckpt.best_checkpoint(run_dir) if which == "best" else ckpt.latest_checkpoint(run_dir)
-    path = path or ckpt.latest_checkpoint(run_dir)
-    return {"checkpoint": path.name if path else None, "step": ckpt.read_meta(path).get("step") if path else None}
+    path = find_checkpoint(run_dir, which)
+    return {"checkpoint": path.name, "step": ckpt.read_meta(path).get("step")}
 
 
 def _ours(spec: BackboneSpec, device: torch.device) -> tuple[torch.nn.Module, int, dict]:
@@ -45,7 +45,7 @@ def _ours(spec: BackboneSpec, device: torch.device) -> tuple[torch.nn.Module, in
         module, config = load_export(spec.path)
         usjepa = config.get("usjepa", {})
         return module.to(device).eval().requires_grad_(False), config["model_args"]["img_size"], {
-            "source": str(Path(spec.path).resolve()), "source_sha256": file_sha256(Path(spec.path) / WEIGHTS),
+            "source": str(Path(spec.path).resolve()), "source_sha256": files_sha256([Path(spec.path) / WEIGHTS]),
             "config": CONFIG, "step": usjepa.get("step"), "run": usjepa.get("run")}
     run_dir = Path(spec.like or spec.path)
     which = "random" if spec.kind == "random" else spec.encoder

@@ -55,14 +55,6 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def video_id(meta: dict) -> str:
     """Frames of one cine loop share their source file; other samples stand for their group
     (POCUS-style sets store each frame as an image and name its video as the group)."""

@@ -43,10 +43,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from torch import nn
 
-from usjepa.bench.features import file_sha256
 from usjepa.data.augment import PIXEL_MEAN, PIXEL_STD
 from usjepa.errors import UserError
-from usjepa.models.teacher import STATE_DICT_SUFFIXES, fold_input_normalisation, recorded_normalisation
+from usjepa.fileio import files_sha256
+from usjepa.models.teacher import (STATE_DICT_SUFFIXES, check_normalisation, fold_input_normalisation,
+                                   recorded_normalisation)
 
 EXTERNAL_KINDS = ("timm", "open_clip", "mae", "beit")
 POOLINGS = ("mean", "cls", "model")
@@ -294,23 +295,17 @@ def _loaded(sd: dict[str, torch.Tensor], name: str, image_size: int, where: str)
 
 
 def _normalisation(mean: tuple[float, ...], std: tuple[float, ...], path: Path | None, model: nn.Module,
-                   in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+                   in_chans: int, where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The input normalisation the backbone was trained with: given, else recorded beside the
     file, else its architecture's pretrained_cfg, else ImageNet's (RGB) or ours (gray)."""
-    if bool(mean) != bool(std):
-        raise UserError("mean and std go together: set both (one value per input channel) or neither")
+    check_normalisation(mean, std, in_chans, where)
     cfg = model.pretrained_cfg
     if not mean:
         recorded = recorded_normalisation(path) if path else None
         fallback = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if in_chans == 3 else ((PIXEL_MEAN,), (PIXEL_STD,))
         fits = len(cfg.get("mean") or ()) == in_chans and len(cfg.get("std") or ()) == in_chans
         mean, std = recorded or ((cfg["mean"], cfg["std"]) if fits else fallback)
-    for label, values in (("mean", mean), ("std", std)):
-        if len(values) not in (1, in_chans):
-            raise UserError(f"{label}: {list(values)} for a backbone with {in_chans} input channels; give 1 or "
-                            f"{in_chans} values")
-    if min(std) <= 0:
-        raise UserError(f"std: {list(std)}: every std must be > 0")
+    check_normalisation(mean, std, in_chans, where)
     return tuple(map(float, mean)), tuple(map(float, std))
 
 
@@ -374,12 +369,12 @@ def load_external(kind: str, path: str | Path | None, model: str, image_size: in
             net, step, digest = _create(name, image_size), None, ""
         else:
             sd, step = read_checkpoint(file)
-            net, digest = _loaded(_select(kind, sd, file), name, image_size, f"{file} ({kind})"), file_sha256(file)
+            net, digest = _loaded(_select(kind, sd, file), name, image_size, f"{file} ({kind})"), files_sha256([file])
         if pooling == "cls" and getattr(net, "cls_token", None) is None:
             raise UserError(f"pooling: cls, but timm {name} has no class token; use pooling: mean")
         in_chans = _in_chans(net.state_dict(), net)
         num_params = sum(p.numel() for p in net.parameters())  # the architecture's, before folding
-        mean, std = _normalisation(tuple(mean), tuple(std), file, net, in_chans)
+        mean, std = _normalisation(tuple(mean), tuple(std), file, net, in_chans, str(file) if file else f"timm {name}")
         module = _gray_input(net, pooling, mean, std, in_chans).eval().requires_grad_(False)
     info = dict(kind=kind, path=str(file.resolve()) if file else None, model=name, in_chans=in_chans,
                 mean=list(mean), std=list(std), pooling=pooling, image_size=image_size,

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from usjepa.bench.paper import PAPER_MACRO_F1, paper_dataset
-from usjepa.eval.report import write_probe_report
+from usjepa.eval.report import write_confusion_plot
 from usjepa.fileio import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
@@ -334,20 +332,9 @@ def _robustness_plot(results: Results, dataset: str, colors: dict[str, str]) -> 
 
 def _confusion_plots(results: Results, plots: Path) -> list[Path]:
     """confusion_<backbone>_<dataset>.png for every linear result with a confusion matrix."""
-    cells = [(b, d, c["linear"]) for b, by_dataset in results.items() for d, c in by_dataset.items()
-             if "confusion_matrix" in c.get("linear", {})]
-    if not cells:
-        return []
-    written = []
-    # write_probe_report draws the plot `usjepa probe` writes, but beside a JSON copy and under
-    # its own file name: draw in a scratch folder on the same disk and move just the PNG.
-    with tempfile.TemporaryDirectory(dir=plots, prefix=".confusion-") as scratch:
-        for b, d, linear in cells:
-            _, png = write_probe_report(linear, scratch, f"{_safe(b)} on {_safe(d)}")
-            path = plots / f"confusion_{_safe(b)}_{_safe(d)}.png"
-            os.replace(png, path)
-            written.append(path)
-    return written
+    return [write_confusion_plot(c["linear"], plots / f"confusion_{_safe(b)}_{_safe(d)}.png", f"{b} on {d}")
+            for b, by_dataset in results.items() for d, c in by_dataset.items()
+            if "confusion_matrix" in c.get("linear", {})]
 
 
 def write_plots(results: Results, out: Path) -> list[Path]:

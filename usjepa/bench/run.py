@@ -20,14 +20,14 @@ import torch
 
 from usjepa import __version__
 from usjepa.bench.backbones import Backbone, load_bench_backbone
-from usjepa.bench.features import FeatureCache, SplitFeatures, extract_split, file_sha256
+from usjepa.bench.features import FeatureCache, SplitFeatures, extract_split
 from usjepa.bench.report import write_plots, write_tables
 from usjepa.bench.protocols import fewshot_indices, has_videos, video_level
 from usjepa.bench.spec import BenchSpec
 from usjepa.errors import UserError
 from usjepa.eval.metrics import scores
 from usjepa.eval.probe import SPLITS, class_probabilities, predict, run_probe, train_probe
-from usjepa.fileio import atomic_write_text
+from usjepa.fileio import atomic_write_text, files_sha256
 from usjepa.ingest.manifest import Manifest, load_manifest
 from usjepa.train.loop import resolve_device
 from usjepa.train.provenance import code_state
@@ -55,7 +55,7 @@ def load_datasets(spec: BenchSpec) -> dict[str, Dataset]:
         if missing:
             raise UserError(f"datasets.{name}={folder}: no {'/'.join(missing)} samples; the bench needs labelled "
                             "train, val and test splits (build the set with a recipe from shards/)")
-        found[name] = Dataset(name, manifest, file_sha256(Path(manifest.root) / "manifest.json"))
+        found[name] = Dataset(name, manifest, files_sha256([Path(manifest.root) / "manifest.json"]))
     return found
 
 
@@ -181,7 +181,7 @@ def run_bench(spec: BenchSpec, progress: bool = True, log=print) -> dict:
     settings = protocol_settings(spec)
     doc = _previous(out / RESULTS)
     results, cells = doc["results"], doc["provenance"].setdefault("cells", {})
-    provenance = {"backbones": doc["provenance"].get("backbones", {}),
+    provenance = {"backbones": {},  # every backbone of the spec is loaded (and hashed) below
                   "datasets": {n: d.provenance() for n, d in datasets.items()},
                   "protocol_settings": settings, "code": code_state(out), "usjepa_version": __version__,
                   "cells": cells}

@@ -39,6 +39,22 @@ def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     return load_config(path, overrides)
 
 
+def find_checkpoint(run_dir: Path, checkpoint: str) -> Path:
+    """The checkpoint dir of run `run_dir` that `checkpoint` (best or latest) names; `best`
+    falls back to the latest, with a note, where no checkpoint was validated."""
+    if checkpoint not in CHECKPOINTS:
+        raise UserError(f"unknown checkpoint '{checkpoint}'; choose one of {', '.join(CHECKPOINTS)}")
+    find = ckpt.latest_checkpoint if checkpoint == "latest" else ckpt.best_checkpoint
+    path = find(run_dir)
+    if path is None and checkpoint == "best" and (path := ckpt.latest_checkpoint(run_dir)):
+        print(f"usjepa: {run_dir}: no checkpoint was validated (no val split, or train.validate=false); "
+              f"probing the latest, {path.name}", file=sys.stderr)
+    if path is None:
+        raise UserError(f"{run_dir}: no {checkpoint} checkpoint yet; train the run first"
+                        + (" with train.validate=true and a val split" if checkpoint == "best" else ""))
+    return path
+
+
 def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Sequence[str] = (),
                   checkpoint: str = "best") -> tuple[torch.nn.Module, Config]:
     """The encoder `kind` of run `run_dir` (frozen, eval mode) and that run's config.
@@ -60,16 +76,7 @@ def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Seq
         if kind == "target" and objective != "ema":
             raise UserError(f"{run_dir} is a {objective} run: only an EMA run (train.objective=ema) has a "
                             "target encoder; probe --backbone student" + (" or teacher" if objective == "salt" else ""))
-        if checkpoint not in CHECKPOINTS:
-            raise UserError(f"unknown checkpoint '{checkpoint}'; choose one of {', '.join(CHECKPOINTS)}")
-        find = ckpt.latest_checkpoint if checkpoint == "latest" else ckpt.best_checkpoint
-        path = find(Path(run_dir))
-        if path is None and checkpoint == "best" and (path := ckpt.latest_checkpoint(Path(run_dir))):
-            print(f"usjepa: {run_dir}: no checkpoint was validated (no val split, or train.validate=false); "
-                  f"probing the latest, {path.name}", file=sys.stderr)
-        if path is None:
-            raise UserError(f"{run_dir}: no {checkpoint} checkpoint yet; train the run first"
-                            + (" with train.validate=true and a val split" if checkpoint == "best" else ""))
+        path = find_checkpoint(Path(run_dir), checkpoint)
         encoder = build_encoder(cfg.model, cfg.data.image_size)
         if kind == "student":
             ckpt.load_module_weights(path, encoder, prefix="encoder.")

@@ -55,7 +55,13 @@ def write_probe_report(result: dict, out_dir: str | os.PathLike, name: str) -> t
 
     text = json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n"
     atomic_write(json_path, lambda f: f.write(text.encode("utf-8")))
+    write_confusion_plot(result, png_path, name)
+    return json_path, png_path
 
+
+def write_confusion_plot(result: dict, path: Path, title: str) -> Path:
+    """`path` (PNG, written atomically): the confusion matrix of a linear-probe `result`
+    (summed over seeds, rows = true class), titled `title` and the macro-F1 mean ± sd."""
     # Figure + Agg canvas directly: no pyplot state, no change to the process's backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -77,12 +83,11 @@ def write_probe_report(result: dict, out_dir: str | os.PathLike, name: str) -> t
     )
     n_seeds = len(result.get("per_seed", [])) or "?"
     ax.set_title(
-        f"{name}: macro-F1 {_pct(result['macro_f1_mean'], result['macro_f1_std'])}%\n"
+        f"{title}: macro-F1 {_pct(result['macro_f1_mean'], result['macro_f1_std'])}%\n"
         f"(confusion summed over {n_seeds} seeds)",
         fontsize=10,
     )
-    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
-    return json_path, png_path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 # Columns shown when any result carries them (results written before they existed do not):

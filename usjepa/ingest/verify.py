@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from webdataset import tariterators
 
 from usjepa.errors import UserError
+from usjepa.fileio import files_sha256
 from usjepa.ingest.manifest import load_manifest
 from usjepa.ingest.pack import SHARD_PATTERN
 from usjepa.ingest.preprocess import output_shape
@@ -17,11 +17,6 @@ from usjepa.ingest.sample_format import BUILD_META, decode_sample
 from usjepa.ingest.workdir import WORK_DIR
 
 MAX_LISTED = 10
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_samples(path: Path):
@@ -64,7 +59,7 @@ def verify_shards(out) -> dict:
             if not path.is_file():
                 problems.append(f"{shard.name}: file missing")
                 continue
-            if _sha256(path) != shard.sha256:
+            if files_sha256([path]) != shard.sha256:
                 problems.append(f"{shard.name}: sha256 differs from the manifest (file changed or corrupt)")
             n = 0
             try:

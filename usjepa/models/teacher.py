@@ -11,7 +11,6 @@ Sources (`teacher.checkpoint`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import nn
 from usjepa.config import Config, ModelConfig, TeacherConfig, config_from_dict
 from usjepa.data.augment import PIXEL_MEAN, PIXEL_STD
 from usjepa.errors import UserError
+from usjepa.fileio import files_sha256
 from usjepa.models.attention import resolve_backend
 from usjepa.models.vit import Encoder, build_encoder
 from usjepa.train import checkpoint as ckpt
@@ -54,15 +54,6 @@ def teacher_dtype(setting: str, device: torch.device) -> torch.dtype:
             raise UserError(f"teacher.dtype=bf16: {torch.cuda.get_device_name(device)} has no bf16; use teacher.dtype=fp32")
         return torch.float32
     return torch.bfloat16
-
-
-def _sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -127,16 +118,24 @@ def fold_input_normalisation(weight: torch.Tensor, bias: torch.Tensor, mean: tup
     return folded.to(weight.dtype), folded_bias.to(bias.dtype)
 
 
-def _normalisation(cfg: TeacherConfig, path: Path, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if bool(cfg.mean) != bool(cfg.std):
-        raise UserError("teacher.mean and teacher.std go together: set both (one value per input channel) or neither")
-    mean, std = (cfg.mean, cfg.std) if cfg.mean else (recorded_normalisation(path) or ((PIXEL_MEAN,), (PIXEL_STD,)))
+def check_normalisation(mean: tuple[float, ...], std: tuple[float, ...], channels: int, where: str,
+                        key: str = "") -> None:
+    """A per-channel input normalisation for an encoder with `channels` inputs (`where`), set
+    as `{key}mean` / `{key}std`: both or neither, 1 or `channels` values, every std > 0."""
+    if bool(mean) != bool(std):
+        raise UserError(f"{key}mean and {key}std go together: set both (one value per input channel) or neither")
     for name, values in (("mean", mean), ("std", std)):
-        if len(values) not in (1, channels):
-            raise UserError(f"teacher.{name}={list(values)}: {path} has {channels} input channels; give 1 or "
+        if values and len(values) not in (1, channels):
+            raise UserError(f"{key}{name}={list(values)}: {where} has {channels} input channels; give 1 or "
                             f"{channels} values")
-    if min(std) <= 0:
-        raise UserError(f"teacher.std={list(std)}: every std must be > 0")
+    if std and min(std) <= 0:
+        raise UserError(f"{key}std={list(std)}: every std must be > 0")
+
+
+def _normalisation(cfg: TeacherConfig, path: Path, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    check_normalisation(cfg.mean, cfg.std, channels, str(path), key="teacher.")
+    mean, std = (cfg.mean, cfg.std) if cfg.mean else (recorded_normalisation(path) or ((PIXEL_MEAN,), (PIXEL_STD,)))
+    check_normalisation(mean, std, channels, str(path), key="teacher.")
     return tuple(mean), tuple(std)
 
 
@@ -200,7 +199,7 @@ def _from_run_dir(run_dir: Path, image_size: int, patch_size: int, attention: st
                         f"the student {patch_size}: set model.patch_size={stage1.model.patch_size}")
     encoder = build_encoder(stage1.model, image_size, attention=attention)
     ckpt.load_module_weights(path, encoder, prefix="encoder.")
-    return encoder, _sha256([p for p in path.iterdir() if p.is_file() and p.name != ckpt.META])
+    return encoder, files_sha256([p for p in path.iterdir() if p.is_file() and p.name != ckpt.META])
 
 
 def load_teacher(cfg: Config, device: torch.device) -> tuple[Encoder, TeacherInfo]:
@@ -230,7 +229,7 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[Encoder, TeacherInf
             mean, std = _normalisation(t, path, sd["patch_embed.proj.weight"].shape[1])
             encoder = encoder_from_state_dict(sd, t, image_size, patch_size, str(path), attention,
                                               recorded_heads(path), mean, std)
-            digest = _sha256([path])
+            digest = files_sha256([path])
         else:
             raise UserError(f"teacher.checkpoint={source}: not a stage-1 run dir (with resolved_config.yaml) "
                             f"nor a state-dict file ({', '.join(STATE_DICT_SUFFIXES)}); use `none` for a random teacher")
