@@ -50,7 +50,10 @@ class Dataset:
 def load_datasets(spec: BenchSpec) -> dict[str, Dataset]:
     found = {}
     for name, folder in spec.datasets.items():
-        manifest = load_manifest(folder)
+        try:
+            manifest = load_manifest(folder)
+        except UserError as e:
+            raise UserError(f"datasets.{name}: {e}") from None
         missing = [s for s in SPLITS if s not in manifest.splits or not manifest.count(s)]
         if missing:
             raise UserError(f"datasets.{name}={folder}: no {'/'.join(missing)} samples; the bench needs labelled "
