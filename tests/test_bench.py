@@ -15,7 +15,7 @@ from usjepa.bench.features import FeatureCache, SplitFeatures, extract_split, vi
 from usjepa.bench.spec import load_bench
 from usjepa.config import ConfigError
 from usjepa.data.synth import GROUP_PATTERN, write_synthetic_dataset
-from usjepa.ingest.manifest import load_manifest
+from usjepa.shardset.manifest import load_manifest
 from usjepa.ingest.writer import BuildSettings, build_shards
 from usjepa.models.vit import Encoder
 

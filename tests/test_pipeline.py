@@ -11,7 +11,7 @@ import torch
 from usjepa.data.pipeline import collate_batch, eval_batches, make_train_loader
 from usjepa.data.streams import ShardSet, StreamPlan
 from usjepa.errors import UserError
-from usjepa.ingest.manifest import load_manifest
+from usjepa.shardset.manifest import load_manifest
 
 
 def take(cfg, n, start=0, rank=0, world=1):
@@ -144,7 +144,7 @@ def test_eval_batches_keep_shard_order(shards):
 
 
 def test_short_side_shards_keep_their_aspect_and_feed_square_batches(synth_dir, tmp_path, tiny_config):
-    from usjepa.ingest.sample_format import decode_sample
+    from usjepa.shardset.sample import decode_sample
     from usjepa.ingest.verify import verify_shards
     from usjepa.ingest.writer import BuildSettings, build_shards
     import webdataset as wds

@@ -14,10 +14,10 @@ from PIL import Image, ImageDraw
 
 from usjepa.errors import UserError
 from usjepa.ingest.cli import register_cli
-from usjepa.ingest.manifest import load_manifest
+from usjepa.shardset.manifest import load_manifest
 from usjepa.ingest.preprocess import PreprocessSettings, preprocess, stretch_percentiles
 from usjepa.ingest.region import detect_region
-from usjepa.ingest.sample_format import decode_sample, encode_sample, make_key
+from usjepa.shardset.sample import decode_sample, encode_sample, make_key
 from usjepa.ingest.sources import pil_to_gray
 from usjepa.ingest.splits import assign_splits
 from usjepa.ingest.verify import verify_shards

@@ -24,9 +24,9 @@ from usjepa.ingest import sources as sources_module
 from usjepa.ingest.cli import register_cli
 from usjepa.ingest.formats import detect_format
 from usjepa.ingest.inspect import contact_sheet
-from usjepa.ingest.manifest import REPORT_NAME, load_manifest
+from usjepa.shardset.manifest import REPORT_NAME, load_manifest
 from usjepa.ingest.overlay import OverlaySettings, colour_mask, to_gray
-from usjepa.ingest.sample_format import decode_sample
+from usjepa.shardset.sample import decode_sample
 from usjepa.ingest.sources import Loaded, Source, SourceItem, load_image, make_key
 from usjepa.ingest.verify import verify_shards
 from usjepa.ingest.writer import BuildSettings, build_shards, run_build

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from usjepa.ingest import sample_format  # noqa: E402
+from usjepa.shardset import sample as sample_format  # noqa: E402
 from usjepa.ingest.formats import detect_format  # noqa: E402
 from usjepa.ingest.overlay import to_gray  # noqa: E402
 from usjepa.ingest.preprocess import preprocess  # noqa: E402

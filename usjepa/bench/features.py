@@ -27,7 +27,7 @@ from usjepa.data.pipeline import eval_samples
 from usjepa.eval.features import extract_features
 from usjepa.eval.probe import ProbeSplit
 from usjepa.fileio import atomic_write
-from usjepa.ingest.manifest import Manifest
+from usjepa.shardset.manifest import Manifest
 
 CACHE_FORMAT = 1
 

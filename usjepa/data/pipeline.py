@@ -34,8 +34,8 @@ from usjepa.data.augment import augment, resize_eval, to_model_input
 from usjepa.data.masks import collate_masks, mask_lengths, sample_masks, valid_patches
 from usjepa.data.streams import ShardSet, StreamPlan
 from usjepa.errors import UserError
-from usjepa.ingest.manifest import Manifest
-from usjepa.ingest.sample_format import decode_sample
+from usjepa.shardset.manifest import Manifest
+from usjepa.shardset.sample import decode_sample
 from usjepa.signals import STOP_SIGNALS
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from usjepa.config import Config
 from usjepa.errors import UserError
-from usjepa.ingest.manifest import Manifest, load_manifest
+from usjepa.shardset.manifest import Manifest, load_manifest
 
 
 @dataclass(frozen=True)

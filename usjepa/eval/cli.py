@@ -15,7 +15,7 @@ from usjepa.eval.features import extract_features
 from usjepa.eval.probe import ProbeSplit, run_probe
 from usjepa.eval.report import format_table, write_probe_report
 from usjepa.errors import UserError
-from usjepa.ingest.manifest import load_manifest
+from usjepa.shardset.manifest import load_manifest
 from usjepa.train.loop import resolve_device
 
 SPLITS = ("train", "val", "test")

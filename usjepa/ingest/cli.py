@@ -8,7 +8,7 @@ from dataclasses import replace
 from usjepa.config import parse_override
 from usjepa.errors import UserError
 from usjepa.ingest.formats import AUTO, format_choices
-from usjepa.ingest.manifest import REPORT_NAME, Manifest
+from usjepa.shardset.manifest import REPORT_NAME, Manifest
 from usjepa.ingest.overlay import LARGE_OVERLAY_ACTIONS
 from usjepa.ingest.preprocess import RESIZE_MODES
 from usjepa.ingest.recipes import load_recipe, parse_assignments
@@ -229,7 +229,7 @@ def _verify(args) -> int:
 
 def _inspect(args) -> int:
     from usjepa.ingest.inspect import contact_sheet, summary_lines
-    from usjepa.ingest.manifest import load_manifest
+    from usjepa.shardset.manifest import load_manifest
 
     manifest = load_manifest(args.out)
     print("\n".join(summary_lines(manifest)))

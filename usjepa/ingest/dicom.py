@@ -36,7 +36,7 @@ import numpy as np
 
 from usjepa.errors import UserError
 from usjepa.ingest import deid
-from usjepa.ingest.sample_format import make_key
+from usjepa.shardset.sample import make_key
 from usjepa.ingest.sources import (
     DEFAULT_EXCLUDE,
     IMAGE_SUFFIXES,

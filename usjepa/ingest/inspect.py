@@ -20,8 +20,8 @@ from webdataset import tariterators
 
 from usjepa.errors import UserError
 from usjepa.fileio import atomic_write
-from usjepa.ingest.manifest import Manifest, load_manifest
-from usjepa.ingest.sample_format import decode_sample
+from usjepa.shardset.manifest import Manifest, load_manifest
+from usjepa.shardset.sample import decode_sample
 
 BORDER = (40, 220, 90)  # region contour
 OUTSIDE_TINT = np.array([30, 60, 140], dtype=np.float32)  # outside the region

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from usjepa.errors import UserError
-from usjepa.ingest import sample_format
-from usjepa.ingest.manifest import SPLITS, ShardInfo, SplitInfo
+from usjepa.shardset import sample as sample_format
+from usjepa.shardset.manifest import SPLITS, ShardInfo, SplitInfo
 from usjepa.ingest.selection import Kept, Selection
 from usjepa.ingest.sources import SourceItem
 from usjepa.ingest.splits import seeded_order

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import usjepa
-from usjepa.ingest import sample_format
-from usjepa.ingest.manifest import MAX_SKIPPED_LISTED, REPORT_NAME, Manifest, SplitInfo
+from usjepa.shardset import sample as sample_format
+from usjepa.shardset.manifest import MAX_SKIPPED_LISTED, REPORT_NAME, Manifest, SplitInfo
 from usjepa.ingest.selection import Selection
 
 if TYPE_CHECKING:  # writer.py imports this module

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, NamedTuple
 
-from usjepa.ingest import sample_format
-from usjepa.ingest.manifest import SPLITS
+from usjepa.shardset import sample as sample_format
+from usjepa.shardset.manifest import SPLITS
 from usjepa.ingest.sources import SourceItem
 from usjepa.ingest.splits import assign_splits
 

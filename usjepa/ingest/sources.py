@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageOps
 
 from usjepa.errors import UserError
-from usjepa.ingest.sample_format import make_key
+from usjepa.shardset.sample import make_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm")
 DEFAULT_EXCLUDE = r"_mask"  # BUSI-style lesion masks (`benign (1)_mask.png`) are not images

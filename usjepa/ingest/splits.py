@@ -13,7 +13,7 @@ import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
-from usjepa.ingest.manifest import SPLITS
+from usjepa.shardset.manifest import SPLITS
 
 
 def seeded_hash(seed: int, *parts: str) -> str:

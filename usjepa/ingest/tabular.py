@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from usjepa.errors import UserError
-from usjepa.ingest.sample_format import make_key
+from usjepa.shardset.sample import make_key
 from usjepa.ingest.sources import (
     IMAGE_SUFFIXES,
     ImageFileItem,

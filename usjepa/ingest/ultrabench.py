@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image
 
 from usjepa.errors import UserError
-from usjepa.ingest.sample_format import make_key
+from usjepa.shardset.sample import make_key
 from usjepa.ingest.sources import (
     IMAGE_SUFFIXES,
     Loaded,

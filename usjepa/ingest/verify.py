@@ -10,10 +10,10 @@ from webdataset import tariterators
 
 from usjepa.errors import UserError
 from usjepa.fileio import files_sha256
-from usjepa.ingest.manifest import load_manifest
+from usjepa.shardset.manifest import load_manifest
 from usjepa.ingest.pack import SHARD_PATTERN
 from usjepa.ingest.preprocess import output_shape
-from usjepa.ingest.sample_format import BUILD_META, decode_sample
+from usjepa.shardset.sample import BUILD_META, decode_sample
 from usjepa.ingest.workdir import WORK_DIR
 
 MAX_LISTED = 10

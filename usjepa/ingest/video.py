@@ -63,7 +63,7 @@ from usjepa.ingest.region import (
     hull_polygon,
     largest_components,
 )
-from usjepa.ingest.sample_format import make_key
+from usjepa.shardset.sample import make_key
 from usjepa.ingest.sources import (
     DEFAULT_EXCLUDE,
     Loaded,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from usjepa.ingest import sample_format
+from usjepa.shardset import sample as sample_format
 from usjepa.ingest.overlay import OverlaySettings, to_gray
 from usjepa.ingest.preprocess import PreprocessError, PreprocessSettings, preprocess
 from usjepa.ingest.sources import SourceItem

@@ -37,7 +37,7 @@ from pathlib import Path
 import usjepa
 from usjepa.errors import UserError
 from usjepa.fileio import atomic_write_text
-from usjepa.ingest.manifest import MANIFEST_NAME, REPORT_NAME, SPLITS, Manifest, write_manifest
+from usjepa.shardset.manifest import MANIFEST_NAME, REPORT_NAME, SPLITS, Manifest, write_manifest
 from usjepa.ingest.overlay import LARGE_OVERLAY_ACTIONS, OverlaySettings
 from usjepa.ingest.pack import SHARD_PATTERN, TarStream, pack_splits, remove_stale
 from usjepa.ingest.preprocess import INTERPOLATIONS, RESIZE_MODES, PreprocessSettings
