@@ -387,7 +387,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         key_type, value_type = args
         return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, key)
+        return from_dict(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -409,7 +409,9 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
     return ConfigError(f"unknown key '{prefix}{key}'{hint}")
 
 
-def _from_dict(cls: type, data: Any, where: str = "") -> Any:
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """An instance of the dataclass `cls` from a mapping, each value coerced to its field type; an
+    unknown key is a ConfigError with the closest valid name (`where` prefixes the keys)."""
     prefix = f"{where}." if where else ""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
@@ -501,7 +503,7 @@ def load_typed(schema: type, path: str | os.PathLike | None, overrides: typing.S
         key, value = parse_override(text)
         _set_dotted(tree, key, value, schema)
     try:
-        return _from_dict(schema, tree)
+        return from_dict(schema, tree)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
@@ -521,7 +523,7 @@ def to_dict(cfg: Any) -> dict:
 
 def config_from_dict(tree: dict) -> Config:
     """A Config from a nested dict, e.g. a run's resolved_config.yaml."""
-    return validate(_from_dict(Config, tree))
+    return validate(from_dict(Config, tree))
 
 
 def dump_yaml(cfg: Config) -> str:
