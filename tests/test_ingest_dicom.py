@@ -25,8 +25,8 @@ from pydicom.uid import (
 )
 
 from usjepa.errors import UserError
-from usjepa.ingest import deid
-from usjepa.ingest.dicom import DicomDecodeError, DicomSource, is_dicom_file
+from usjepa.ingest.sources import deid
+from usjepa.ingest.sources.dicom import DicomDecodeError, DicomSource, is_dicom_file
 from usjepa.ingest.sources import SOURCES, open_source
 
 SALT = bytes(range(32))
@@ -425,7 +425,8 @@ def test_shards_hold_no_identifying_value(tmp_path, monkeypatch):
     """Through today's writer (grayscale, single-frame items via load(), labelled classes):
     no identifying string in any tar byte or in the manifest. Extend to colour, multi-frame and
     unlabelled trees once the writer calls frames() and takes RGB."""
-    from usjepa.ingest.writer import BuildSettings, build_shards
+    from usjepa.ingest.build.run import build_shards
+    from usjepa.ingest.settings import BuildSettings
 
     salt_file = tmp_path / "keys" / "salt"  # a fixed salt: same splits and bytes every run
     salt_file.parent.mkdir()
@@ -465,7 +466,8 @@ def test_colour_multiframe_unlabelled_tree_leaks_nothing_into_shards(tree, tmp_p
     their original identifying values: nothing identifying in any byte the build writes."""
     import pydicom
 
-    from usjepa.ingest.writer import BuildSettings, build_shards
+    from usjepa.ingest.build.run import build_shards
+    from usjepa.ingest.settings import BuildSettings
 
     salt_file = tmp_path / "keys" / "salt"
     salt_file.parent.mkdir()
@@ -492,7 +494,8 @@ def test_build_hands_out_to_the_source_and_records_no_identifying_root(tmp_path,
     """The build passes OUT as output_dir (a salt file inside it is refused) and records the
     root as the source's pseudonymised folder name (the export folder here is named after
     the patient)."""
-    from usjepa.ingest.writer import BuildSettings, build_shards
+    from usjepa.ingest.build.run import build_shards
+    from usjepa.ingest.settings import BuildSettings
 
     src, out = tmp_path / PID, tmp_path / "out"
     for i in range(3):

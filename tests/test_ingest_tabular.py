@@ -14,15 +14,14 @@ from PIL import Image
 from usjepa.errors import UserError
 from usjepa.ingest.recipes import load_recipe, parse_assignments, read_recipe
 from usjepa.ingest.sources import SOURCES, open_source
-from usjepa.ingest.tabular import (
-    UNLABELLED,
-    CsvSource,
-    FilenameSource,
-    canonical_labels,
-)
-from usjepa.ingest.ultrabench import UltraBenchSource
-from usjepa.ingest.video import VideoItem
-from usjepa.ingest.writer import BuildSettings, build_shards
+from usjepa.ingest.sources.base import UNLABELLED
+from usjepa.ingest.sources.csv import CsvSource
+from usjepa.ingest.sources.filenames import FilenameSource
+from usjepa.ingest.sources.listed import canonical_labels
+from usjepa.ingest.sources.ultrabench import UltraBenchSource
+from usjepa.ingest.sources.video import VideoItem
+from usjepa.ingest.build.run import build_shards
+from usjepa.ingest.settings import BuildSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -53,7 +52,7 @@ def write_csv(path: Path, text: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- csv
-def test_csv_relative_absolute_paths_and_auto_columns(tmp_path):
+def test_csv_relative_absolute_paths_and_named_columns(tmp_path):
     png(tmp_path / "data" / "img" / "a (1).png")
     png(tmp_path / "data" / "img" / "b.png")
     outside = png(tmp_path / "elsewhere" / "c.jpg")
@@ -63,7 +62,8 @@ img/a (1).png,benign,p1,Training,first
 img/b.png, malignant ,p2,VALID,
 {outside},benign,p1,test,"quoted, with comma"
 """)
-    src = CsvSource(tmp_path / "data")  # a folder holding exactly one CSV
+    # a folder holding exactly one CSV; column names match ignoring case and punctuation ("Split")
+    src = CsvSource(tmp_path / "data", path_column="filename", label_column="Diagnosis", group_column="patient_id")
     assert src.csv_path == csv_path
     assert src.stats()["columns"] == {"path": "Filename", "label": "Diagnosis", "group": "Patient ID", "split": "Split"}
     items = list(src)
@@ -95,19 +95,20 @@ def test_csv_prescribed_splits_and_bad_values(tmp_path):
     for name in "abcd":
         png(tmp_path / f"{name}.png")
     write_csv(tmp_path / "s.csv", "file,fold\na.png,train\nb.png,Validation\nc.png,TESTING\nd.png,dev\n")
-    assert [it.split for it in CsvSource(tmp_path / "s.csv")] == ["train", "val", "test", "val"]
+    assert [it.split for it in CsvSource(tmp_path / "s.csv", path_column="file", split_column="fold")] == [
+        "train", "val", "test", "val"]
     write_csv(tmp_path / "bad.csv", "file,split\na.png,train\nb.png,holdout\n")
     with pytest.raises(UserError, match=r"line 3: split 'holdout'"):
-        CsvSource(tmp_path / "bad.csv")
-    # split_column=False ignores the column: the writer assigns splits by group
-    assert {it.split for it in CsvSource(tmp_path / "bad.csv", split_column=False)} == {None}
+        CsvSource(tmp_path / "bad.csv", path_column="file")
+    # split_column=None ignores the column: the writer assigns splits by group
+    assert {it.split for it in CsvSource(tmp_path / "bad.csv", path_column="file", split_column=None)} == {None}
 
 
 def test_csv_column_errors_and_options(tmp_path):
     png(tmp_path / "a.png")
     write_csv(tmp_path / "x.csv", "where,what\na.png,cat\n")
-    with pytest.raises(UserError, match=r"cannot find the path column .*its columns are where, what.*path_column"):
-        CsvSource(tmp_path / "x.csv")
+    with pytest.raises(UserError, match=r"has no path column 'path'; its columns are: where, what; set path_column"):
+        CsvSource(tmp_path / "x.csv")  # columns are never guessed
     with pytest.raises(UserError, match=r"no label column 'kind'; its columns are: where, what"):
         CsvSource(tmp_path / "x.csv", path_column="where", label_column="kind")
     src = CsvSource(tmp_path / "x.csv", path_column="where", label_column="what")
@@ -132,7 +133,7 @@ def test_csv_numeric_labels_groups_from_pattern_and_semicolons(tmp_path):
         png(tmp_path / "imgs" / f"patient_{i % 2}_{i}.png")
         rows.append(f"imgs/patient_{i % 2}_{i};{score}")
     write_csv(tmp_path / "m.csv", "image;score\n" + "\n".join(rows) + "\n")
-    src = CsvSource(tmp_path / "m.csv", label_column="score", group_pattern=r"patient_(\d+)_")
+    src = CsvSource(tmp_path / "m.csv", path_column="image", label_column="score", group_pattern=r"patient_(\d+)_")
     assert src.classes == ["0.5", "2", "9", "10"]  # numeric order; integral floats lose '.0'
     assert [it.class_name for it in src] == ["2", "10", "9", "2", "0.5"]
     assert [it.group for it in src] == ["0", "1", "0", "1", "0"]  # suffix-less paths found by stem
@@ -146,7 +147,7 @@ def test_csv_lists_videos(tmp_path):
         (tmp_path / "vids" / f"{name}.mp4").write_bytes(b"not really a video")
     write_csv(tmp_path / "severity.csv",
               "video_file,Severity Score,B-lines\npatient_1_R1,2.0,yes\npatient_1_L1,0.0,no \npatient_2_R1,1.0,yes\n")
-    src = CsvSource(tmp_path, path_root="vids", path_suffix="mp4", label_column="B-lines",
+    src = CsvSource(tmp_path, path_column="video_file", path_root="vids", path_suffix="mp4", label_column="B-lines",
                     group_pattern=r"patient_(\d+)", fps=3, max_frames=30)
     items = list(src)
     assert all(isinstance(it, VideoItem) for it in items)
@@ -157,12 +158,12 @@ def test_csv_lists_videos(tmp_path):
         items[0].load()
     assert items[0].settings.fps == 3 and items[0].settings.max_frames == 30
     with pytest.raises(UserError, match="fps"):
-        CsvSource(tmp_path, path_root="vids", path_suffix=".mp4", fps=-1)
+        CsvSource(tmp_path, path_column="video_file", path_root="vids", path_suffix=".mp4", fps=-1)
 
 
 @pytest.mark.skipif(not BUSI.is_dir(), reason=f"BUSI not found at {BUSI} (shared data absent)")
 def test_busi_all_captions_csv_resolves_and_loads():
-    src = open_source("csv", BUSI / "all_captions.csv")
+    src = open_source("csv", BUSI / "all_captions.csv", path_column="image_path")
     items = list(src)
     assert len(items) == 780 and src.stats()["missing_files"] == 0
     assert src.classes == ["benign", "malignant", "normal"]
@@ -197,15 +198,15 @@ def test_csv_labels_from_a_file_name_pattern(tmp_path):
     for name in ("p1_R1", "p1_L3", "p2_R3"):
         Image.new("L", (8, 8)).save(tmp_path / f"{name}.png")
     (tmp_path / "list.csv").write_text("file\np1_R1.png\np1_L3.png\np2_R3.png\n")
-    src = CsvSource(tmp_path / "list.csv", label_pattern=r"_[LR](\d)", group_pattern=r"^(p\d)_")
+    src = CsvSource(tmp_path / "list.csv", path_column="file", label_pattern=r"_[LR](\d)", group_pattern=r"^(p\d)_")
     assert src.classes == ["1", "3"] and [it.class_name for it in src] == ["1", "3", "3"]
     assert [it.label for it in src] == [0, 1, 1] and [it.group for it in src] == ["p1", "p1", "p2"]
     (tmp_path / "list.csv").write_text("file\np1_R1.png\np1_X.png\n")
     Image.new("L", (8, 8)).save(tmp_path / "p1_X.png")
     with pytest.raises(UserError, match=r"line 3: 'p1_X.png' .* does not match the label pattern"):
-        CsvSource(tmp_path / "list.csv", label_pattern=r"_[LR](\d)")
+        CsvSource(tmp_path / "list.csv", path_column="file", label_pattern=r"_[LR](\d)")
     with pytest.raises(UserError, match="label_column 'file' and label_pattern .* both give labels"):
-        CsvSource(tmp_path / "list.csv", label_column="file", label_pattern=r"_[LR](\d)")
+        CsvSource(tmp_path / "list.csv", path_column="file", label_column="file", label_pattern=r"_[LR](\d)")
 
 
 # ---------------------------------------------------------------------------- filenames
@@ -347,7 +348,7 @@ def test_built_shards_from_csv_and_ultrabench(tmp_path):
         png(tmp_path / "csv" / f"img_{i}.png", size=(40, 48))
     write_csv(tmp_path / "csv" / "list.csv",
               "file,what\n" + "".join(f"img_{i}.png,{'ab'[i % 2]}\n" for i in range(6)))
-    recipe = write_recipe(tmp_path, "format: csv\nsource: ${D}/list.csv\noptions: {label_column: what}\n"
+    recipe = write_recipe(tmp_path, "format: csv\nsource: ${D}/list.csv\noptions: {path_column: file, label_column: what}\n"
                                     "build: {image_size: 16}\n")
     src, settings, _ = load_recipe(recipe, {"D": str(tmp_path / "csv")}, environ={})
     manifest = build_shards(src, tmp_path / "out_csv", settings, progress=False)
@@ -363,7 +364,7 @@ def test_csv_build_keeps_listed_files_named_like_masks(tmp_path):
     is not handed to a csv source: every file the list names is ingested."""
     for name in ("scan.png", "scan_mask.png"):
         png(tmp_path / "csv" / name, size=(40, 48))
-    listing = write_csv(tmp_path / "csv" / "list.csv", "file\nscan.png\nscan_mask.png\n")
+    listing = write_csv(tmp_path / "csv" / "list.csv", "path\nscan.png\nscan_mask.png\n")
     manifest = build_shards(listing, tmp_path / "out", BuildSettings(image_size=16, format="csv"), progress=False)
     assert manifest.total == 2 and "exclude_pattern" not in manifest.source_stats["options"]
     assert manifest.source_stats["exclude_pattern"] is None
@@ -408,15 +409,16 @@ def test_recipe_errors_and_placeholders(tmp_path):
     assert src == Path("/set/x.csv")  # --set wins over the environment
     with pytest.raises(UserError, match=r"unknown recipe key 'buld'; did you mean 'build'\?"):
         load_recipe(write_recipe(tmp_path, base + "buld: {}\n"), {"DATA": "/d"}, environ={})
-    with pytest.raises(UserError, match=r"unknown build key 'img_size'; did you mean 'image_size'\?"):
+    with pytest.raises(UserError, match=r"unknown key 'build.img_size'; did you mean 'build.image_size'\?"):
         load_recipe(write_recipe(tmp_path, base + "build: {img_size: 64}\n"), {"DATA": "/d"}, environ={})
-    with pytest.raises(UserError, match=r"unknown options \(format csv\) key 'label_colum'; did you mean 'label_column'"):
+    with pytest.raises(UserError, match=r"source format 'csv': unknown key 'options.label_colum'; did you mean "
+                                        r"'options.label_column'"):
         load_recipe(write_recipe(tmp_path, base + "options: {label_colum: x}\n"), {"DATA": "/d"}, environ={})
     with pytest.raises(UserError, match=r"unknown format 'cvs'; did you mean 'csv'\?"):
         load_recipe(write_recipe(tmp_path, "format: cvs\nsource: /x\n"), {}, environ={})
     with pytest.raises(UserError, match=r"has no 'source'"):
         load_recipe(write_recipe(tmp_path, "format: csv\n"), {}, environ={})
-    with pytest.raises(UserError, match=r"build.image_size is 'big'"):
+    with pytest.raises(UserError, match=r"build.image_size: expected int, got 'big'"):
         load_recipe(write_recipe(tmp_path, base + "build: {image_size: big}\n"), {"DATA": "/d"}, environ={})
     with pytest.raises(UserError, match=r"invalid shard build settings: image size 4"):
         load_recipe(write_recipe(tmp_path, base + "build: {image_size: 4}\n"), {"DATA": "/d"}, environ={})
@@ -432,7 +434,7 @@ def test_recipe_errors_and_placeholders(tmp_path):
             write_recipe(tmp_path, "format: imagefolder\nsource: /x\nbuild: {max_samples: 10, fps: 2}\n"), {},
             environ={})
     assert settings.max_samples == 10 and options == {}
-    with pytest.raises(UserError, match=r"unknown build.region key 'treshold'; did you mean 'threshold'"):
+    with pytest.raises(UserError, match=r"unknown key 'build.region.treshold'; did you mean 'build.region.threshold'"):
         load_recipe(write_recipe(tmp_path, base + "build: {region: {treshold: 2}}\n"), {"DATA": "/d"}, environ={})
     with pytest.raises(UserError, match=r"fps is set both under build and under options"):
         load_recipe(write_recipe(tmp_path, base + "options: {fps: 2}\nbuild: {fps: 3}\n"), {"DATA": "/d"}, environ={})

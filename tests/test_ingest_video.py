@@ -1,4 +1,4 @@
-"""Video source (usjepa.ingest.video): sampling by time, near-duplicates, the motion region,
+"""Video source (usjepa.ingest.sources.video): sampling by time, near-duplicates, the motion region,
 grouping, corrupt files, listing. Synthetic videos are written here with PyAV and Pillow;
 real ones are COVID-BLUES lung-ultrasound loops from ../shared/data (skipped when absent)."""
 
@@ -15,9 +15,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from usjepa.errors import UserError
-from usjepa.ingest.region import detect_region
+from usjepa.ingest.image.region import detect_region
 from usjepa.ingest.sources import SOURCES, open_source
-from usjepa.ingest.video import VideoSettings, VideoSource, benchmark, read_video
+from usjepa.ingest.sources.video import VideoSource
+from usjepa.ingest.sources.video_frames import VideoSettings, benchmark, read_video
 
 COVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-blues" / "lus_videos"
 needs_covid = pytest.mark.skipif(
@@ -238,12 +239,13 @@ def test_class_folders(class_tree):
 def test_build_hands_its_region_settings_to_the_video_source(class_tree, tmp_path, monkeypatch):
     import functools
 
-    from usjepa.ingest.region import RegionSettings
-    from usjepa.ingest.writer import BuildSettings, build_shards
+    from usjepa.ingest.image.region import RegionSettings
+    from usjepa.ingest.build.run import build_shards
+    from usjepa.ingest.settings import BuildSettings
 
     real, seen = VideoSource.__init__, []
 
-    @functools.wraps(real)  # keeps the signature the build inspects
+    @functools.wraps(real)
     def recording(self, *args, **kwargs):
         seen.append(kwargs.get("region"))
         real(self, *args, **kwargs)

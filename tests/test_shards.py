@@ -15,13 +15,14 @@ from PIL import Image, ImageDraw
 from usjepa.errors import UserError
 from usjepa.ingest.cli import register_cli
 from usjepa.shardset.manifest import load_manifest
-from usjepa.ingest.preprocess import PreprocessSettings, preprocess, stretch_percentiles
-from usjepa.ingest.region import detect_region
+from usjepa.ingest.image.preprocess import PreprocessSettings, preprocess, stretch_percentiles
+from usjepa.ingest.image.region import detect_region
 from usjepa.shardset.sample import decode_sample, encode_sample, make_key
-from usjepa.ingest.sources import pil_to_gray
-from usjepa.ingest.splits import assign_splits
+from usjepa.ingest.sources.imagefile import pil_to_gray
+from usjepa.ingest.build.splits import assign_splits
 from usjepa.ingest.verify import verify_shards
-from usjepa.ingest.writer import BuildSettings, build_shards
+from usjepa.ingest.build.run import build_shards
+from usjepa.ingest.settings import BuildSettings
 
 BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 
@@ -162,7 +163,7 @@ def test_assign_splits_fractions_per_class_and_group_integrity():
 
 
 def test_interrupted_build_leaves_no_manifest_or_temp_files(folder, tmp_path, monkeypatch):
-    import usjepa.ingest.work as work  # where the worker entry point looks process_item up
+    import usjepa.ingest.build.item as work  # where the worker entry point looks process_item up
 
     root, made = folder
     real, calls, limit = work.process_item, [], [7]

@@ -20,16 +20,19 @@ import pytest
 from PIL import Image, ImageDraw
 
 from usjepa.errors import UserError
-from usjepa.ingest import sources as sources_module
+from usjepa.ingest.sources import base as sources_module
 from usjepa.ingest.cli import register_cli
-from usjepa.ingest.formats import detect_format
+from usjepa.ingest.sources.detect import detect_format
 from usjepa.ingest.inspect import contact_sheet
 from usjepa.shardset.manifest import REPORT_NAME, load_manifest
-from usjepa.ingest.overlay import OverlaySettings, colour_mask, to_gray
+from usjepa.ingest.image.overlay import OverlaySettings, colour_mask, to_gray
 from usjepa.shardset.sample import decode_sample
-from usjepa.ingest.sources import Loaded, Source, SourceItem, load_image, make_key
+from usjepa.ingest.sources.base import Loaded, Source, SourceItem
+from usjepa.ingest.sources.imagefile import load_image
+from usjepa.shardset.sample import make_key
 from usjepa.ingest.verify import verify_shards
-from usjepa.ingest.writer import BuildSettings, build_shards, run_build
+from usjepa.ingest.build.run import build_shards, run_build
+from usjepa.ingest.settings import BuildSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
@@ -155,7 +158,7 @@ def test_workers_do_not_change_the_output(tmp_path):
 
 
 def test_interrupted_packing_resumes_without_reprocessing(tmp_path, monkeypatch):
-    import usjepa.ingest.writer as writer
+    import usjepa.ingest.build.pack as writer
 
     src = image_folder(tmp_path / "src", per_class=6)
     settings = BuildSettings(image_size=32, shard_size=3, group_pattern=r"^(p\d+)_")
@@ -183,7 +186,7 @@ def test_interrupted_packing_resumes_without_reprocessing(tmp_path, monkeypatch)
 
 
 def test_changed_settings_are_refused_then_overwrite_starts_over(tmp_path, monkeypatch):
-    import usjepa.ingest.work as work  # where the worker entry point looks process_item up
+    import usjepa.ingest.build.item as work  # where the worker entry point looks process_item up
 
     src = image_folder(tmp_path / "src", per_class=4)
     out = tmp_path / "out"
@@ -343,14 +346,18 @@ class _CineItem(SourceItem):
 class _CineSource(Source):
     looks_for = "*.cine marker files"
 
-    def __init__(self, root, fps: int = 10):
-        self.root, self.classes, self.fps = Path(root), ["lung"], fps
-        self._items = [
+    @dataclass(frozen=True)
+    class Options:
+        fps: int = 10
+
+    def scan(self):
+        items = [
             _CineItem(key=make_key(f"v{v}"), source=f"v{v}.mp4", label=0 if v < 4 else -1,
                       class_name="lung" if v < 4 else "", group=f"patient{v // 2}",
                       split="test" if v in (0, 1) else None, n_frames=3, broken_after=2 if v == 5 else None)
             for v in range(8)
         ]
+        return items, {}, ["lung"]
 
     @classmethod
     def looks_like(cls, root):
@@ -383,7 +390,7 @@ def test_frames_prescribed_splits_and_unlabelled(tmp_path, monkeypatch):
     assert m.split_settings["prescribed_samples"] == 6 and m.split_settings["group_disjoint"]
     assert m.source_stats["options"]["fps"] == 5
     assert verify_shards(tmp_path / "out")["ok"]
-    with pytest.raises(UserError, match=r"has no option 'fsp' \(it takes: fps\)"):
+    with pytest.raises(UserError, match=r"source format 'cine': unknown key 'options.fsp'; did you mean 'options.fps'"):
         build_shards(tmp_path / "src", tmp_path / "o2", BuildSettings(source_options={"fsp": 5}), progress=False)
     with pytest.raises(UserError, match="--group-pattern does not apply to source format 'cine'"):
         build_shards(tmp_path / "src", tmp_path / "o2", BuildSettings(group_pattern="(x)"), progress=False)

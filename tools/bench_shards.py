@@ -24,12 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from usjepa.shardset import sample as sample_format  # noqa: E402
-from usjepa.ingest.formats import detect_format  # noqa: E402
-from usjepa.ingest.overlay import to_gray  # noqa: E402
-from usjepa.ingest.preprocess import preprocess  # noqa: E402
+from usjepa.ingest.build.item import process_item  # noqa: E402
+from usjepa.ingest.build.run import run_build  # noqa: E402
+from usjepa.ingest.build.workdir import write_result  # noqa: E402
+from usjepa.ingest.image.overlay import to_gray  # noqa: E402
+from usjepa.ingest.image.preprocess import preprocess  # noqa: E402
+from usjepa.ingest.settings import BuildSettings  # noqa: E402
 from usjepa.ingest.sources import open_source  # noqa: E402
-from usjepa.ingest.work import process_item, write_result  # noqa: E402
-from usjepa.ingest.writer import BuildSettings, run_build  # noqa: E402
+from usjepa.ingest.sources.detect import detect_format  # noqa: E402
 
 DEFAULT_SRC = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 

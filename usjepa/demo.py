@@ -18,7 +18,8 @@ from usjepa.data.synth import GROUP_PATTERN, write_synthetic_dataset
 from usjepa.errors import UserError
 from usjepa.eval.cli import probe_backbone
 from usjepa.eval.report import format_table
-from usjepa.ingest.writer import BuildSettings, build_shards
+from usjepa.ingest.build.run import build_shards
+from usjepa.ingest.settings import BuildSettings
 from usjepa.fileio import atomic_write_text
 from usjepa.train.loop import train
 

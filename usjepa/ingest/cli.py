@@ -7,13 +7,18 @@ from dataclasses import replace
 
 from usjepa.config import parse_override
 from usjepa.errors import UserError
-from usjepa.ingest.formats import AUTO, format_choices
-from usjepa.shardset.manifest import REPORT_NAME, Manifest
-from usjepa.ingest.overlay import LARGE_OVERLAY_ACTIONS
-from usjepa.ingest.preprocess import RESIZE_MODES
+from usjepa.ingest.build.run import run_build
+from usjepa.ingest.build.workdir import WORK_DIR
+from usjepa.ingest.build.workers import resolve_workers
+from usjepa.ingest.image.overlay import LARGE_OVERLAY_ACTIONS
+from usjepa.ingest.image.preprocess import RESIZE_MODES
 from usjepa.ingest.recipes import load_recipe, parse_assignments
+from usjepa.ingest.settings import BuildSettings
+from usjepa.ingest.sources import SOURCES
+from usjepa.ingest.sources.base import describe_options
+from usjepa.ingest.sources.detect import AUTO, format_choices
 from usjepa.ingest.verify import verify_shards
-from usjepa.ingest.writer import WORK_DIR, BuildSettings, resolve_workers, run_build
+from usjepa.shardset.manifest import REPORT_NAME, Manifest
 
 _DEFAULTS = BuildSettings()
 
@@ -47,8 +52,16 @@ def register_cli(subparsers) -> None:
     )
     shards.set_defaults(func=lambda args: _print_help(shards))
     sub = shards.add_subparsers(dest="shards_command", metavar="{build,verify,inspect}")
+    _add_build(sub)
+    _add_verify(sub)
+    _add_inspect(sub)
+
+
+def _add_build(sub) -> None:
+    formats = "; ".join(f"{name}: {describe_options(cls)}" for name, cls in sorted(SOURCES.items()))
     build = sub.add_parser(
         "build",
+        epilog=f"Source formats and their options (--source-option KEY=VALUE, a recipe's options): {formats}.",
         help="preprocess a source into shards",
         description="SRC -> OUT/{train,val,test}-NNNNNN.tar + OUT/build_report.json + OUT/manifest.json "
         "(written last). Work is done per item into OUT/.work (parallel with --workers): an "
@@ -90,8 +103,13 @@ def register_cli(subparsers) -> None:
         f"masks; '' to include everything (default: '{d.exclude_pattern}')",
     )
     build.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="option for the source format's reader, repeatable, e.g. fps=3, max_frames=30, "
-                       "group_by=patient (VALUE is read as JSON when it parses: numbers, true/false, null, lists)")
+                       help="option of the source format, repeatable, e.g. fps=3, max_frames=30, "
+                       "group_by=patient; the formats' options are listed below (VALUE is read as JSON when it parses: numbers, true/false, null, lists)")
+    _add_selection_and_output_flags(build)
+
+
+def _add_selection_and_output_flags(build) -> None:
+    d = _DEFAULTS
     build.add_argument("--max-samples", type=int, default=None,
                        help="keep at most this many samples (deterministic: the first ones in a seeded order of "
                        "the items, after failures and duplicates; default: all)")
@@ -117,6 +135,8 @@ def register_cli(subparsers) -> None:
                        help="recipe variable ${NAME}, repeatable (e.g. --set BUSI=/data/busi)")
     build.set_defaults(func=_build)
 
+
+def _add_verify(sub) -> None:
     verify = sub.add_parser(
         "verify",
         help="decode every sample and check it against the manifest",
@@ -126,6 +146,8 @@ def register_cli(subparsers) -> None:
     verify.add_argument("out", metavar="OUT", help="folder holding manifest.json and the shards")
     verify.set_defaults(func=_verify)
 
+
+def _add_inspect(sub) -> None:
     inspect = sub.add_parser(
         "inspect",
         help="summarise a shard set; draw a contact sheet of samples with their region masks",

@@ -1,12 +1,5 @@
-"""`usjepa shards inspect OUT`: what a shard set holds, at a glance.
-
-`summary_lines` reads the manifest (counts per split and class, skipped inputs, duplicates,
-colour overlays, sampling weight). `contact_sheet` draws the first `n` samples of a split
-in a grid: each tile is the stored grayscale image with its ultrasound-region mask drawn
-on it (outside the region tinted blue, the region's border in green) and a caption: class
-name (or 'unlabelled'), then the sample key and flags ('inpainted', 'FLAGGED 7%' for a
-large colour overlay). PIL only; tiles are scaled to at least `min_tile` pixels.
-"""
+"""`usjepa shards inspect OUT`: what a shard set holds, and a contact sheet of samples with their
+region masks drawn on (docs/data.md#verify-and-inspect)."""
 
 from __future__ import annotations
 

@@ -1,36 +1,11 @@
-"""Ingest recipes: one YAML file per public dataset (`shards/*.yaml`) that says how to turn it
-into shards, so `usjepa shards build --recipe shards/busi.yaml OUT` needs no other flags.
-
-    name: busi                          # optional; defaults to the file name
-    description: ...                    # optional, free text
-    format: imagefolder                 # a registered source format
-    source: ${BUSI}/Dataset_BUSI_with_GT
-    options: {group_pattern: null}      # keyword options of that source
-    build: {image_size: 224, fps: 3}    # BuildSettings fields, plus fps / max_frames
-
-`${NAME}` anywhere in a string value is replaced by `variables[NAME]` (the CLI's
-`--set NAME=value`), else the environment variable NAME, else the default of
-`${NAME:-default}` (no nesting); `$${` writes a literal `${`. A
-value that is a placeholder alone is read as YAML after expansion, so `${SIZE}` can give an
-integer. A relative source path is relative to the working directory.
-
-Validation is strict: unknown keys (top level, options of the source, build settings)
-raise a UserError naming the closest valid key; a placeholder with no value raises a
-UserError saying which environment variable to set.
-
-`build` takes the BuildSettings fields (nested ones such as `region` and `overlay` as
-mappings) except `format` (top level), `overwrite` (a CLI flag) and `source_options` (the
-recipe's `options`). It also takes the video sampling keys `fps` and `max_frames`
-(VIDEO_BUILD_KEYS): they are source options, moved there for sources that take them (video,
-csv, filenames) and otherwise ignored with a warning. The returned BuildSettings carries
-the options in `source_options` as well, so `build_shards(src, out, settings)` is enough.
-"""
+"""Ingest recipes: one YAML file per public dataset (`shards/*.yaml`) saying how to turn it into
+shards, so `usjepa shards build --recipe shards/busi.yaml OUT` needs no other flags. Keys are
+checked strictly; `${NAME}` placeholders come from --set, the environment or a default
+(shards/README.md)."""
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import inspect
 import os
 import re
 import warnings
@@ -39,9 +14,11 @@ from pathlib import Path
 
 import yaml
 
+from usjepa.config import ConfigError, from_dict
 from usjepa.errors import UserError
-from usjepa.ingest.formats import SOURCES  # importing formats registers every source format
-from usjepa.ingest.writer import BuildSettings
+from usjepa.ingest.settings import BuildSettings
+from usjepa.ingest.sources import SOURCES
+from usjepa.ingest.sources.base import option_names, read_options
 
 TOP_KEYS = ("name", "description", "format", "source", "options", "build")
 REQUIRED_KEYS = ("format", "source")
@@ -107,43 +84,7 @@ class _Expander:
         return value
 
 
-def _check_type(value, default, where: str, recipe: Path):
-    """A build value of the type of the BuildSettings default (None defaults take anything:
-    BuildSettings.validate checks those)."""
-    if default is None:
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok = isinstance(value, str) or (value is None and where.endswith("_pattern"))
-    elif isinstance(default, dict):
-        ok = isinstance(value, dict)
-    else:
-        ok = True
-    if not ok:
-        raise UserError(f"recipe {recipe}: {where} is {value!r} ({type(value).__name__}); expected a "
-                        f"{type(default).__name__} like {default!r}")
-    return value
-
-
-def _source_parameters(cls) -> tuple[set[str], bool]:
-    """(keyword options the source's constructor takes, besides root; whether it takes **kwargs)."""
-    params = list(inspect.signature(cls).parameters.values())[1:]  # skip root
-    return ({p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)},
-            any(p.kind is p.VAR_KEYWORD for p in params))
-
-
-def read_recipe(path, variables: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None) -> dict:
-    """The validated recipe as a dict: name, description, format, source (Path), options,
-    settings (BuildSettings), pending (pending build keys not applied), variables (used)."""
-    path = Path(path)
-    variables = dict(variables or {})
-    environ = os.environ if environ is None else environ
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist; see shards/README.md for the recipes that ship with usjepa")
     try:
@@ -161,53 +102,52 @@ def read_recipe(path, variables: Mapping[str, str] | None = None, environ: Mappi
     for key in ("options", "build"):
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise UserError(f"recipe {path}: '{key}' must be a mapping of key: value, not {raw[key]!r}")
-
-    expand = _Expander(path, variables, environ)
     fmt = raw["format"]
     if fmt not in SOURCES:
         close = difflib.get_close_matches(str(fmt), sorted(SOURCES), n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"known formats: {', '.join(sorted(SOURCES))}"
         raise UserError(f"recipe {path}: unknown format '{fmt}'; {hint}")
-    source = expand(raw["source"], "source")
-    if not isinstance(source, str):
-        raise UserError(f"recipe {path}: source must be a path, not {source!r}")
-    options = expand(dict(raw.get("options") or {}), "options")
-    build = expand(dict(raw.get("build") or {}), "build")
+    return raw
 
-    accepted, takes_kwargs = _source_parameters(SOURCES[fmt])
-    for key in options:
-        if key not in accepted and not takes_kwargs:
-            raise UserError(f"recipe {path}: " + _suggest(key, accepted, f"options (format {fmt})"))
 
-    fields = {f.name for f in dataclasses.fields(BuildSettings)}
-    build_keys = (fields - set(_NOT_IN_BUILD)) | set(VIDEO_BUILD_KEYS)
-    defaults = BuildSettings()
-    values: dict = {"format": fmt}
+def _settings(path: Path, fmt: str, build: dict, options: dict) -> tuple[BuildSettings, dict]:
+    """(BuildSettings, build keys that do not apply) of a recipe's `build`; video sampling keys
+    move into `options` for the formats that take them."""
+    accepted = option_names(SOURCES[fmt])
+    values: dict = {}
     pending: dict = {}
     for key, value in build.items():
         if key in _NOT_IN_BUILD:
             raise UserError(f"recipe {path}: build.{key} does not belong in build; set it {_NOT_IN_BUILD[key]}")
-        if key not in build_keys:
-            raise UserError(f"recipe {path}: " + _suggest(key, build_keys, "build"))
-        if key in fields:
-            values[key] = _typed(value, getattr(defaults, key), f"build.{key}", path)
+        if key not in VIDEO_BUILD_KEYS:
+            values[key] = value
         elif key in options:
             raise UserError(f"recipe {path}: {key} is set both under build and under options; set it once")
-        elif key in accepted or takes_kwargs:
+        elif key in accepted:
             options[key] = value  # video sampling: an option of the readers that decode videos
         elif value is not None:
             pending[key] = value
-    if "source_options" in fields:
-        values["source_options"] = dict(options)
-    else:  # an older writer: it passes only these two from BuildSettings to the source
-        for key in ("group_pattern", "exclude_pattern"):
-            if key in options and key in fields and key not in values:
-                values[key] = options[key]
     try:
-        settings = BuildSettings(**values)
-    except TypeError as exc:
-        raise UserError(f"recipe {path}: invalid build settings ({exc})") from None
+        read_options(SOURCES[fmt], options)
+        settings = from_dict(BuildSettings, {**values, "format": fmt, "source_options": dict(options)}, where="build")
+    except ConfigError as exc:
+        raise ConfigError(f"recipe {path}: {exc}") from None
     settings.validate()
+    return settings, pending
+
+
+def read_recipe(path, variables: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None) -> dict:
+    """The validated recipe as a dict: name, description, format, source (Path), options,
+    settings (BuildSettings), pending (build keys that do not apply), variables (used)."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    expand = _Expander(path, dict(variables or {}), os.environ if environ is None else environ)
+    fmt = raw["format"]
+    source = expand(raw["source"], "source")
+    if not isinstance(source, str):
+        raise UserError(f"recipe {path}: source must be a path, not {source!r}")
+    options = expand(dict(raw.get("options") or {}), "options")
+    settings, pending = _settings(path, fmt, expand(dict(raw.get("build") or {}), "build"), options)
     if pending:
         warnings.warn(
             f"recipe {path}: build settings {', '.join(f'{k}={v!r}' for k, v in pending.items())} do not apply to "
@@ -224,23 +164,6 @@ def read_recipe(path, variables: Mapping[str, str] | None = None, environ: Mappi
         "pending": pending,
         "variables": dict(expand.used),
     }
-
-
-def _typed(value, default, where: str, path: Path):
-    """`value` checked against the type of `default`; a mapping for a nested settings
-    dataclass (region, overlay) becomes that dataclass, its keys validated too."""
-    if dataclasses.is_dataclass(default) and not isinstance(default, type):
-        cls = type(default)
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, dict):
-            raise UserError(f"recipe {path}: {where} must be a mapping of {cls.__name__} settings, not {value!r}")
-        names = [f.name for f in dataclasses.fields(cls) if f.init]
-        for key in value:
-            if key not in names:
-                raise UserError(f"recipe {path}: " + _suggest(key, names, where))
-        return cls(**{k: _typed(v, getattr(default, k), f"{where}.{k}", path) for k, v in value.items()})
-    return _check_type(value, default, where, path)
 
 
 def load_recipe(path, variables: Mapping[str, str] | None = None,
@@ -261,5 +184,3 @@ def parse_assignments(pairs) -> dict[str, str]:
         out[key.strip()] = value
     return out
 
-
-__all__ = ["VIDEO_BUILD_KEYS", "load_recipe", "parse_assignments", "read_recipe"]

@@ -1,4 +1,4 @@
-"""Check a shard set against its manifest by reading every sample back."""
+"""Check a shard set against its manifest by reading every sample back (docs/data.md#verify-and-inspect)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from webdataset import tariterators
 
 from usjepa.errors import UserError
 from usjepa.fileio import files_sha256
-from usjepa.shardset.manifest import load_manifest
-from usjepa.ingest.pack import SHARD_PATTERN
-from usjepa.ingest.preprocess import output_shape
+from usjepa.ingest.build.pack import SHARD_PATTERN
+from usjepa.ingest.build.workdir import WORK_DIR
+from usjepa.ingest.image.preprocess import output_shape
+from usjepa.shardset.manifest import Manifest, SplitInfo, load_manifest
 from usjepa.shardset.sample import BUILD_META, decode_sample
-from usjepa.ingest.workdir import WORK_DIR
 
 MAX_LISTED = 10
 
@@ -25,143 +25,156 @@ def _read_samples(path: Path):
         yield from tariterators.tarfile_samples([{"url": str(path), "stream": stream}])
 
 
-def verify_shards(out) -> dict:
-    """Decode every sample of the shard set in `out` and compare with its manifest.
+class _Split:
+    """What the samples of one split add up to."""
 
-    Checks: shard files exist with the recorded sha256 and sample count; every sample
-    decodes; image is image_size x image_size uint8 grayscale; region mask non-empty and the
-    same size; label/class_name agree with the manifest's classes (label -1: unlabelled);
-    split recorded in each sample matches its shard; per-split, per-class, unlabelled and
-    group counts match; keys unique; no group in two splits (unless the manifest says the
-    source prescribed such splits). For shard sets that record them: the per-sample build
-    fields are present, no two samples share a pixel hash when the build deduplicated,
-    flagged and inpainted overlay counts match the build summary, and sampling_weight is
-    min(train samples, weight_cap). Returns a report; raises UserError listing problems.
-    """
+    def __init__(self):
+        self.class_counts: Counter[str] = Counter()
+        self.groups: set[str] = set()
+        self.decoded = self.unlabelled = self.flagged = self.inpainted = 0
+
+
+class _Checker:
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        self.problems: list[str] = []
+        self.keys: set[str] = set()
+        self.hashes: dict[str, str] = {}
+        self.build_meta = [k for k in BUILD_META if k in manifest.sample_format.get("meta_keys", [])]
+        self.dedup = bool(manifest.selection.get("dedup"))
+        self.resize_mode = manifest.preprocessing.get("resize_mode", "pad")
+
+    def shard(self, shard, split: str, seen: _Split) -> None:
+        path = self.manifest.root / shard.name
+        if not path.is_file():
+            self.problems.append(f"{shard.name}: file missing")
+            return
+        if files_sha256([path]) != shard.sha256:
+            self.problems.append(f"{shard.name}: sha256 differs from the manifest (file changed or corrupt)")
+        n = 0
+        try:
+            for raw in _read_samples(path):
+                n += 1
+                try:
+                    image, region, meta = decode_sample(raw)
+                except ValueError as exc:
+                    self.problems.append(f"{shard.name}: {exc}")
+                    continue
+                self.sample(f"{shard.name}: {raw['__key__']}", raw["__key__"], image, region, meta, split, seen)
+        except Exception as exc:  # a damaged tar header stops the tar reader
+            self.problems.append(f"{shard.name}: unreadable tar after {n} sample(s): {type(exc).__name__}: {exc}")
+        if n != shard.count:
+            self.problems.append(f"{shard.name}: {n} samples, manifest says {shard.count}")
+
+    def sample(self, where: str, key: str, image, region, meta: dict, split: str, seen: _Split) -> None:
+        problems, classes, size = self.problems, self.manifest.classes, self.manifest.image_size
+        if key in self.keys:
+            problems.append(f"{where.split(':')[0]}: duplicate key {key}")
+        self.keys.add(key)
+        expected = output_shape(image.shape, size, self.resize_mode)
+        if image.shape != expected:
+            problems.append(f"{where} is {image.shape}, expected {expected} ({self.resize_mode})")
+        if not region.any():
+            problems.append(f"{where} has an empty region mask")
+        label, name = meta["label"], meta["class_name"]
+        if label == -1:
+            seen.unlabelled += 1
+        elif not (isinstance(label, int) and 0 <= label < len(classes) and classes[label] == name):
+            problems.append(f"{where} label {label!r} / class {name!r} disagree with classes {classes}")
+        else:
+            seen.class_counts[name] += 1
+        if meta["split"] != split:
+            problems.append(f"{where} says split {meta['split']!r}, shard is {split!r}")
+        missing = [k for k in self.build_meta if k not in meta]
+        if missing:
+            problems.append(f"{where} metadata lacks {missing}")
+        digest = meta.get("pixel_hash")
+        if self.dedup and digest is not None:
+            if digest in self.hashes:
+                problems.append(f"{where} has the same pixels as {self.hashes[digest]} (dedup was on)")
+            self.hashes[digest] = key
+        seen.flagged += bool(meta.get("overlay_flagged"))
+        seen.inpainted += bool(meta.get("inpainted"))
+        seen.groups.add(str(meta["group"]))
+        seen.decoded += 1
+
+    def split(self, split: str, info: SplitInfo, seen: _Split) -> None:
+        p = self.problems
+        if sum(s.count for s in info.shards) != info.count:
+            p.append(f"split {split}: shard counts sum to {sum(s.count for s in info.shards)}, manifest says {info.count}")
+        if seen.decoded != info.count:
+            p.append(f"split {split}: decoded {seen.decoded} samples, manifest says {info.count}")
+        expected = {c: n for c, n in info.class_counts.items() if n}
+        if dict(seen.class_counts) != expected:
+            p.append(f"split {split}: class counts {dict(seen.class_counts)} differ from the manifest's {expected}")
+        if seen.unlabelled != info.unlabelled:
+            p.append(f"split {split}: {seen.unlabelled} unlabelled samples, manifest says {info.unlabelled}")
+        if len(seen.groups) != info.groups:
+            p.append(f"split {split}: {len(seen.groups)} groups, manifest says {info.groups}")
+
+    def across(self, seen: dict[str, _Split]) -> None:
+        m = self.manifest
+        if m.split_settings.get("group_disjoint", True):
+            names = list(seen)
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    shared = seen[a].groups & seen[b].groups
+                    if shared:
+                        self.problems.append(f"{len(shared)} group(s) in both {a} and {b}, e.g. {sorted(shared)[:3]}")
+        counted = {"overlay_flagged": sum(s.flagged for s in seen.values()),
+                   "overlay_inpainted": sum(s.inpainted for s in seen.values())}
+        for field, n in counted.items():
+            if field in m.build_summary and m.build_summary[field] != n:
+                self.problems.append(f"{n} samples with {field.replace('overlay_', '')} overlays, manifest says "
+                                     f"{m.build_summary[field]}")
+        if m.sampling_weight is not None and m.weight_cap is not None and "train" in m.splits:
+            expected = min(m.splits["train"].count, m.weight_cap)
+            if m.sampling_weight != expected:
+                self.problems.append(f"sampling_weight {m.sampling_weight} is not min(train samples, weight_cap) = "
+                                     f"{expected}")
+
+
+def verify_shards(out) -> dict:
+    """Decode every sample of the shard set in `out` and compare it with the manifest: checksums
+    and counts, image size, region masks, labels, splits, keys, group-disjointness, build fields,
+    duplicates, overlay counts and the sampling weight. A report; UserError listing problems."""
     start = time.perf_counter()
     manifest = load_manifest(out)
-    size, classes = manifest.image_size, manifest.classes
-    resize_mode = manifest.preprocessing.get("resize_mode", "pad")
-    problems: list[str] = []
-    keys: set[str] = set()
-    hashes: dict[str, str] = {}
-    build_meta = [k for k in BUILD_META if k in manifest.sample_format.get("meta_keys", [])]
-    dedup = bool(manifest.selection.get("dedup"))
-    totals: Counter[str] = Counter()
-    groups_by_split: dict[str, set[str]] = {}
-    report_splits = {}
+    check = _Checker(manifest)
+    seen: dict[str, _Split] = {}
     for split, info in manifest.splits.items():
-        class_counts: Counter[str] = Counter()
-        groups: set[str] = set()
-        decoded = unlabelled = flagged = inpainted = 0
+        seen[split] = _Split()
         for shard in info.shards:
-            path = manifest.root / shard.name
-            if not path.is_file():
-                problems.append(f"{shard.name}: file missing")
-                continue
-            if files_sha256([path]) != shard.sha256:
-                problems.append(f"{shard.name}: sha256 differs from the manifest (file changed or corrupt)")
-            n = 0
-            try:
-                for raw in _read_samples(path):
-                    n += 1
-                    try:
-                        image, region, meta = decode_sample(raw)
-                    except ValueError as exc:
-                        problems.append(f"{shard.name}: {exc}")
-                        continue
-                    key = raw["__key__"]
-                    if key in keys:
-                        problems.append(f"{shard.name}: duplicate key {key}")
-                    keys.add(key)
-                    if image.shape != output_shape(image.shape, size, resize_mode):
-                        problems.append(f"{shard.name}: {key} is {image.shape}, expected "
-                                        f"{output_shape(image.shape, size, resize_mode)} ({resize_mode})")
-                    if not region.any():
-                        problems.append(f"{shard.name}: {key} has an empty region mask")
-                    label, name = meta["label"], meta["class_name"]
-                    if label == -1:
-                        unlabelled += 1
-                    elif not (isinstance(label, int) and 0 <= label < len(classes) and classes[label] == name):
-                        problems.append(f"{shard.name}: {key} label {label!r} / class {name!r} disagree with classes {classes}")
-                    else:
-                        class_counts[name] += 1
-                    if meta["split"] != split:
-                        problems.append(f"{shard.name}: {key} says split {meta['split']!r}, shard is {split!r}")
-                    missing = [k for k in build_meta if k not in meta]
-                    if missing:
-                        problems.append(f"{shard.name}: {key} metadata lacks {missing}")
-                    digest = meta.get("pixel_hash")
-                    if dedup and digest is not None:
-                        if digest in hashes:
-                            problems.append(f"{shard.name}: {key} has the same pixels as {hashes[digest]} (dedup was on)")
-                        hashes[digest] = key
-                    flagged += bool(meta.get("overlay_flagged"))
-                    inpainted += bool(meta.get("inpainted"))
-                    groups.add(str(meta["group"]))
-                    decoded += 1
-            except Exception as exc:  # a damaged tar header stops the tar reader
-                problems.append(f"{shard.name}: unreadable tar after {n} sample(s): {type(exc).__name__}: {exc}")
-            if n != shard.count:
-                problems.append(f"{shard.name}: {n} samples, manifest says {shard.count}")
-        if sum(s.count for s in info.shards) != info.count:
-            problems.append(f"split {split}: shard counts sum to {sum(s.count for s in info.shards)}, manifest says {info.count}")
-        if decoded != info.count:
-            problems.append(f"split {split}: decoded {decoded} samples, manifest says {info.count}")
-        expected = {c: n for c, n in info.class_counts.items() if n}
-        if dict(class_counts) != expected:
-            problems.append(f"split {split}: class counts {dict(class_counts)} differ from the manifest's {expected}")
-        if unlabelled != info.unlabelled:
-            problems.append(f"split {split}: {unlabelled} unlabelled samples, manifest says {info.unlabelled}")
-        if len(groups) != info.groups:
-            problems.append(f"split {split}: {len(groups)} groups, manifest says {info.groups}")
-        groups_by_split[split] = groups
-        totals.update(flagged=flagged, inpainted=inpainted)
-        report_splits[split] = {"count": decoded, "shards": len(info.shards), "groups": len(groups),
-                                "class_counts": dict(class_counts), "unlabelled": unlabelled,
-                                "overlay_flagged": flagged, "inpainted": inpainted}
-    if manifest.split_settings.get("group_disjoint", True):
-        names = list(groups_by_split)
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                shared = groups_by_split[a] & groups_by_split[b]
-                if shared:
-                    problems.append(f"{len(shared)} group(s) in both {a} and {b}, e.g. {sorted(shared)[:3]}")
-    summary = manifest.build_summary
-    for field, counted in (("overlay_flagged", totals["flagged"]), ("overlay_inpainted", totals["inpainted"])):
-        if field in summary and summary[field] != counted:
-            problems.append(f"{counted} samples with {field.replace('overlay_', '')} overlays, manifest says {summary[field]}")
-    if manifest.sampling_weight is not None and manifest.weight_cap is not None and "train" in manifest.splits:
-        expected_weight = min(manifest.splits["train"].count, manifest.weight_cap)
-        if manifest.sampling_weight != expected_weight:
-            problems.append(f"sampling_weight {manifest.sampling_weight} is not min(train samples, weight_cap) = {expected_weight}")
+            check.shard(shard, split, seen[split])
+        check.split(split, info, seen[split])
+    check.across(seen)
     listed = {s.name for info in manifest.splits.values() for s in info.shards}
-    strays = sorted(p.name for p in manifest.root.iterdir() if SHARD_PATTERN.match(p.name) and p.name not in listed)
     report = {
-        "ok": not problems,
+        "ok": not check.problems,
         "shards_dir": str(manifest.root),
-        "samples": sum(r["count"] for r in report_splits.values()),
-        "splits": report_splits,
-        "classes": list(classes),
-        "image_size": size,
-        "overlay_flagged": totals["flagged"],
-        "inpainted": totals["inpainted"],
+        "samples": sum(s.decoded for s in seen.values()),
+        "splits": {split: {"count": s.decoded, "shards": len(manifest.splits[split].shards), "groups": len(s.groups),
+                           "class_counts": dict(s.class_counts), "unlabelled": s.unlabelled,
+                           "overlay_flagged": s.flagged, "inpainted": s.inpainted} for split, s in seen.items()},
+        "classes": list(manifest.classes),
+        "image_size": manifest.image_size,
+        "overlay_flagged": sum(s.flagged for s in seen.values()),
+        "inpainted": sum(s.inpainted for s in seen.values()),
         "skipped_at_build": manifest.skipped_count,
-        "duplicates_at_build": summary.get("duplicates"),
+        "duplicates_at_build": manifest.build_summary.get("duplicates"),
         "sampling_weight": manifest.sampling_weight,
-        "unlisted_shards": strays,  # not an error: readers go by the manifest
+        "unlisted_shards": sorted(p.name for p in manifest.root.iterdir()  # not an error: readers go by the manifest
+                                  if SHARD_PATTERN.match(p.name) and p.name not in listed),
         "leftover_work": (manifest.root / WORK_DIR).is_dir(),  # kept with --keep-work; not an error
-        "problems": problems,
+        "problems": check.problems,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if problems:
+    if check.problems:
+        problems = check.problems
         more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        error = UserError(
-            f"shard set {manifest.root} failed verification ({len(problems)} problem(s)): "
-            + "; ".join(problems[:MAX_LISTED])
-            + more
-            + "; rebuild it with `usjepa shards build SRC OUT --overwrite`"
-        )
+        error = UserError(f"shard set {manifest.root} failed verification ({len(problems)} problem(s)): "
+                          + "; ".join(problems[:MAX_LISTED]) + more
+                          + "; rebuild it with `usjepa shards build SRC OUT --overwrite`")
         error.report = report
         raise error
     return report

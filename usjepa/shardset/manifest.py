@@ -1,12 +1,5 @@
-"""The manifest beside a shard set: what is in it, how it was made, how to check it.
-
-`OUT/manifest.json` is written last and atomically, so its presence means a complete build.
-`Manifest.root` is the folder that holds it (not stored: the folder may be moved); shard
-names inside are relative to it. The full list of skipped inputs, duplicates and flagged
-overlays is in `OUT/build_report.json`; the manifest holds counts and the first few.
-`sampling_weight` (min(train samples, weight_cap), the US-JEPA paper: min(|D_i|, 50,000)) is what a
-multi-dataset mixture weights this set by.
-"""
+"""The manifest beside a shard set: what is in it, how it was made, how to check it. Written
+last, so its presence means a complete build (docs/data.md#manifest)."""
 
 from __future__ import annotations
 

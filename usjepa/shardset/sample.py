@@ -1,14 +1,6 @@
-"""How one sample is stored in a shard: the ONE place that knows it.
-
-A sample is three tar members sharing a key:
-  `<key>.png`         the preprocessed image, 8-bit grayscale PNG (mode L)
-  `<key>.region.png`  the ultrasound-region mask, 8-bit PNG, 0 outside / 255 inside
-  `<key>.json`        metadata: label (-1: unlabelled), class_name, group, source, split,
-                      and provenance (frame, colour overlay, crop, stretch, pixel hash)
-Keys hold only [A-Za-z0-9_-] (WebDataset splits a member name at its first dot); frames of
-a multi-frame item are `<item key>_f00012`. PNGs are written by `encode_png_gray` (any PNG
-reader decodes them; `decode_sample` requires 8-bit grayscale).
-"""
+"""How one sample is stored in a shard, the one place that knows it: `<key>.png` (the image,
+8-bit grayscale), `<key>.region.png` (0 outside the region, 255 inside), `<key>.json` (label,
+class_name, group, source, split, provenance); docs/data.md#shard-format."""
 
 from __future__ import annotations
 
@@ -95,10 +87,6 @@ def encode_png_gray(array: np.ndarray, predict: bool = True) -> bytes:
     data = compressor.compress(raw.data) + compressor.flush()
     header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, no interlace
     return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    return encode_png_gray(array)
 
 
 def _json_default(value):

@@ -1,25 +1,16 @@
-"""Phase 2 of a build, deciding: which samples are written (`Selection`) and into which split
-(`assign_samples`).
-
-Over the results in the seeded item order: failures are listed; a sample whose
-preprocessed pixels hash like an earlier one is a duplicate (dropped, counted, listed);
-`max_samples` keeps the first N; samples with large overlays are kept and flagged, or
-skipped (`large_overlay`). Splits: the split a source prescribes (`item.split`), else
-group-disjoint by `assign_splits` over the samples (frames of one video stay together).
-"""
+"""Phase 2, deciding: which samples are written (failures listed, duplicates dropped, the cap,
+large overlays flagged or skipped) and into which split (docs/data.md#splits)."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
+from usjepa.ingest.build.splits import assign_splits
+from usjepa.ingest.settings import BuildSettings
+from usjepa.ingest.sources.base import SourceItem
 from usjepa.shardset import sample as sample_format
 from usjepa.shardset.manifest import SPLITS
-from usjepa.ingest.sources import SourceItem
-from usjepa.ingest.splits import assign_splits
-
-if TYPE_CHECKING:  # writer.py imports this module
-    from usjepa.ingest.writer import BuildSettings
 
 
 class Kept(NamedTuple):

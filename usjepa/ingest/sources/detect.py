@@ -1,44 +1,24 @@
-"""Which source formats exist, and `--format auto`: recognise a source folder's format.
-
-Importing this module imports every module that registers a source format, so the
-registry `sources.SOURCES` is complete afterwards: the CLI offers its names as `--format`
-choices and `detect_format` asks each one's `looks_like`. New format modules (dicom,
-video, tabular/csv, ultrabench, ...) are imported HERE, in the block below.
-"""
+"""`--format auto`: which registered format recognises a source folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from usjepa.errors import UserError
-
-# ---- every module that registers a source format (import order = detection order) ----
-from usjepa.ingest import sources  # noqa: F401  (imagefolder)
-from usjepa.ingest import dicom, tabular, ultrabench, video  # noqa: F401  (dicom, csv, filenames, ultrabench, video)
-# ---------------------------------------------------------------------------------------
-
-from usjepa.ingest.sources import SOURCES
+from usjepa.ingest.sources.base import SOURCES
 
 AUTO = "auto"
 FALLBACK = "imagefolder"  # asked last: a folder of class subfolders is the most generic layout
 
 
-def format_names() -> list[str]:
-    """Registered source formats, sorted."""
-    return sorted(SOURCES)
-
-
 def format_choices() -> list[str]:
     """What `--format` accepts: 'auto' plus every registered format."""
-    return [AUTO, *format_names()]
+    return [AUTO, *sorted(SOURCES)]
 
 
 def _looks_for(name: str) -> str:
     cls = SOURCES[name]
-    text = getattr(cls, "looks_for", "") or ""
-    if not text:
-        doc = (cls.__doc__ or "").strip().splitlines()
-        text = doc[0] if doc else "(no description)"
+    text = cls.looks_for or ((cls.__doc__ or "").strip().splitlines() or ["(no description)"])[0]
     return f"{name}: {text}"
 
 
@@ -84,5 +64,3 @@ def detect_format(root) -> str:
         "arrange the data like one of these or pass --format NAME"
     )
 
-
-__all__ = ["AUTO", "FALLBACK", "detect_format", "format_choices", "format_names"]

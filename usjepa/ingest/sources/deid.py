@@ -1,19 +1,6 @@
-"""De-identification helpers shared by the DICOM (and later video/CSV) sources.
-
-Nothing identifying may reach a shard or a manifest. Three tools make that practical:
-
-* a secret salt (`load_or_create_salt`): 32 random bytes in a file the user chooses, kept
-  OUTSIDE the shard folder (shards get shared; the salt must not travel with them);
-* `pseudonym(salt, kind, value)`: a stable, salted HMAC-SHA256 pseudonym such as
-  "pat-3f2a9c1e0b7d4a65" -- the same salt and value always give the same pseudonym (so
-  group-disjoint splits and cross-build linkage work), another salt gives another one, and
-  without the salt a pseudonym cannot be checked against a guessed id;
-* `IDENTIFYING_TAGS` and `removed_report(ds)`: which identifying DICOM attributes a file
-  carried (names only, never values), so a build report can say what was left out.
-
-`PathScrubber` replaces path components that contain an identifier (a folder named after
-the patient id, a file named after the accession number) by pseudonyms.
-"""
+"""De-identification: a secret salt kept outside the shard folder, salted pseudonyms, which
+identifying DICOM attributes a file carried (names only), and path components scrubbed of
+identifiers (docs/data.md#de-identification)."""
 
 from __future__ import annotations
 

@@ -1,41 +1,19 @@
-"""Phase 1 of a build, for one item: load, convert, preprocess and encode every frame, and
-keep the result in a result file.
-
-`process_item` turns colour into grayscale (small colour overlays inpainted, large ones
-flagged: `overlay.py`), preprocesses (region, crop, stretch, resize) and PNG-encodes each
-frame; failures are part of the result, never exceptions. `write_result` stores it
-atomically (temporary name, rename) as one file under `OUT/.work/items/` (`workdir.py`
-names the file), which `read_result` checks when a rerun reuses it. `run_batch` is what a
-worker process runs (`process.py` schedules it).
-"""
+"""Phase 1 for one item: load, convert to grayscale (colour overlays inpainted or flagged),
+preprocess and PNG-encode every frame; failures are part of the result, never exceptions."""
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from usjepa.ingest.build.workdir import write_result
+from usjepa.ingest.image.overlay import to_gray
+from usjepa.ingest.image.preprocess import PreprocessError, preprocess
+from usjepa.ingest.settings import ItemSettings
+from usjepa.ingest.sources.base import SourceItem
 from usjepa.shardset import sample as sample_format
-from usjepa.ingest.overlay import OverlaySettings, to_gray
-from usjepa.ingest.preprocess import PreprocessError, PreprocessSettings, preprocess
-from usjepa.ingest.sources import SourceItem
-
-WORK_FORMAT = 1  # bump when a result file's content or meaning changes
-RESULT_MAGIC = b"USJWRES1"
-_FIXED = struct.Struct("<IIQ")  # header length, header crc32, payload length
-
-
-@dataclass(frozen=True)
-class ItemSettings:
-    """Everything that changes the result of one item (what a worker needs)."""
-
-    preprocess: PreprocessSettings
-    overlay: OverlaySettings
 
 
 def _normalise_pixels(image) -> tuple[np.ndarray | None, str | None]:
@@ -123,47 +101,6 @@ def process_item(item: SourceItem, settings: ItemSettings) -> tuple[dict, bytes]
     if header["error"] is None and count == 0:
         header["error"] = "unreadable: the item holds no image (no frames)"
     return header, b"".join(chunks)
-
-
-def write_result(path: Path, header: dict, payload: bytes) -> int:
-    """Write a result file atomically (temporary name, rename); returns the payload's offset.
-
-    Layout: magic, (header length, header crc32, payload length), header JSON, payload. No
-    fsync per file: a killed process leaves whole files (the rename is atomic); after a
-    power loss a damaged file fails its length or crc check and is simply redone."""
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(RESULT_MAGIC + _FIXED.pack(len(head), zlib.crc32(head), len(payload)))
-        f.write(head)
-        f.write(payload)
-    os.replace(tmp, path)
-    return len(RESULT_MAGIC) + _FIXED.size + len(head)
-
-
-def read_result(path: Path) -> tuple[dict, int] | None:
-    """(header, payload offset) of a complete, intact result file; None when it is missing
-    or damaged (a damaged one is deleted so it is redone)."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return None
-    with f:
-        fixed = f.read(len(RESULT_MAGIC) + _FIXED.size)
-        ok = len(fixed) == len(RESULT_MAGIC) + _FIXED.size and fixed.startswith(RESULT_MAGIC)
-        if ok:
-            head_len, head_crc, payload_len = _FIXED.unpack(fixed[len(RESULT_MAGIC) :])
-            head = f.read(head_len)
-            base = len(fixed) + head_len
-            ok = (
-                len(head) == head_len
-                and zlib.crc32(head) == head_crc
-                and os.fstat(f.fileno()).st_size == base + payload_len
-            )
-    if not ok:
-        path.unlink(missing_ok=True)
-        return None
-    return json.loads(head), base
 
 
 def run_batch(tasks: list[tuple[SourceItem, str]], settings: ItemSettings) -> list[tuple[dict, int]]:

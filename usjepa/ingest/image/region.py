@@ -1,21 +1,6 @@
-"""Ultrasound-region detection: which pixels hold the scan (fan, sector or rectangle).
-
-Outside the region are black borders, text, calipers, scale bars and logos. Steps:
-threshold just above the background level; morphological opening (deletes thin text
-strokes, caliper lines and the thin bridges joining them to the scan); the largest
-connected component (plus any nearly as large, see `keep_fraction`); closing (smooths the
-chosen region; done after the choice so it cannot bridge text back on); holes filled;
-and, by default, the convex hull: linear, phased and convex probes all image a convex (or
-nearly convex) area, so the hull restores dark anatomy (shadows, fluid) that reaches the
-edge of the scan and so is not a "hole".
-
-Detection runs on a box-averaged copy about `work_size` pixels on its shorter side (the
-averaging doubles as the smoothing that keeps background noise below the threshold); the
-hull is drawn back at full resolution. Pure functions on arrays; all sizes are fractions of
-the image, so one setting serves 256 px crops and 1024 px screen captures alike.
-Known limit: deep tissue so dark that it equals the background (attenuated far field) is
-outside the region and may be cropped away; it holds no signal.
-"""
+"""Ultrasound-region detection: which pixels hold the scan (fan, sector or rectangle), not the
+borders, text, calipers and logos around it (docs/data.md#preprocessing). Pure functions on
+arrays; sizes are fractions of the image so one setting serves every resolution."""
 
 from __future__ import annotations
 
@@ -114,12 +99,6 @@ def fill_polygon(vertices: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
-def convex_hull_mask(mask: np.ndarray) -> np.ndarray:
-    """The filled convex hull of a boolean mask (a superset of it)."""
-    vertices = hull_polygon(mask)
-    return mask.copy() if vertices is None else fill_polygon(vertices, mask.shape) | mask
-
-
 def _upsample(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if mask.shape == shape:
         return mask
@@ -140,26 +119,31 @@ def detect_region(image: np.ndarray, settings: RegionSettings = RegionSettings()
     counts = np.bincount(small.ravel(), minlength=256)
     first_percentile = int(np.searchsorted(np.cumsum(counts), 0.01 * small.size))
     background = min(float(first_percentile), settings.max_background)
-    mask = small > background + settings.threshold
+    return shape_region(small > background + settings.threshold, image.shape, settings, factor)
+
+
+def shape_region(mask: np.ndarray, shape: tuple[int, int], settings: RegionSettings, scale) -> np.ndarray:
+    """The full-resolution (`shape`) region from a work-size mask of signal pixels: opening,
+    the largest component(s), closing, holes filled, convex hull; `scale`: full / work size."""
     # Open first: it deletes thin text, caliper lines and the bridges that join them to the
     # scan; choosing components before closing means the closing cannot bridge them back.
-    opening = _odd_size(settings.open_fraction, small.shape)
+    opening = _odd_size(settings.open_fraction, mask.shape)
     if opening > 1:
         mask = _open(mask, opening)
     mask = largest_components(mask, settings.keep_fraction)
     if not mask.any():
-        return np.zeros(image.shape, dtype=bool)
-    close = _odd_size(settings.close_fraction, small.shape)
+        return np.zeros(shape, dtype=bool)
+    close = _odd_size(settings.close_fraction, mask.shape)
     if close > 1:
         mask = _close(mask, close)
     if settings.fill_holes:
         mask = ndimage.binary_fill_holes(mask)
-    full = _upsample(mask, image.shape)
+    full = _upsample(mask, shape)
     if settings.convex_hull:
         vertices = hull_polygon(mask)
         if vertices is not None:
             # pixel centre of a reduced pixel -> centre of the block it averages
-            full |= fill_polygon((vertices + 0.5) * factor - 0.5, image.shape)
+            full = full | fill_polygon((vertices + 0.5) * scale - 0.5, shape)
     return full
 
 

@@ -1,25 +1,16 @@
-"""What a build records about itself: the summary, the build report and the manifest.
-
-`build_report.json` lists everything left out (failures with stage and reason,
-duplicates, overlay decisions) and how the run went; `manifest.json` describes the shard
-set (counts, settings, checksums) and is written last: its presence means a complete
-build. Both record the source as `describe_source` puts it.
-"""
+"""What a build records about itself: the summary, the build report (everything left out, how
+the run went) and the manifest, written last (docs/data.md#manifest)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import usjepa
+from usjepa.ingest.build.select import Selection
+from usjepa.ingest.settings import BuildSettings
 from usjepa.shardset import sample as sample_format
 from usjepa.shardset.manifest import MAX_SKIPPED_LISTED, REPORT_NAME, Manifest, SplitInfo
-from usjepa.ingest.selection import Selection
-
-if TYPE_CHECKING:  # writer.py imports this module
-    from usjepa.ingest.writer import BuildSettings
 
 DUPLICATES_IN_MANIFEST = 10
 
@@ -83,48 +74,14 @@ def make_manifest(out: Path, source, described: dict, settings: BuildSettings, s
         source_format=described["format"],
         created=created,
         grouping=source.grouping(),
-        split_settings={
-            "unit": "group",
-            "seed": settings.seed,
-            "val_fraction": settings.val_fraction,
-            "test_fraction": settings.test_fraction,
-            "fractions_of": "samples (frames), after failures, duplicates and the cap are left out",
-            "stratified_by": "majority class of the group" if settings.stratify else None,
-            "method": "groups sorted by seeded sha256 within their class, classes interleaved, "
-            "filling test, val, train by cumulative image count (group midpoint); a split the "
-            "source prescribes for an item is used as it is",
-            **split_info,
-        },
-        preprocessing={
-            "grayscale": "colour input: pixels whose channels differ by more than overlay.tolerance are "
-            "colour overlays; inpainted (harmonic fill) when they cover less than overlay.max_fraction "
-            "of the image, else flagged (large_overlay); then ITU-R 601-2 luma; >8-bit scaled "
-            "linearly to 0-255",
-            "overlay": asdict(settings.overlay),
-            "large_overlay": settings.large_overlay,
-            "image_size": settings.image_size,
-            "low_percentile": settings.low_percentile,
-            "high_percentile": settings.high_percentile,
-            "percentiles_measured": "inside the region, after cropping to its bounding box",
-            "resize_mode": settings.resize_mode,
-            "interpolation": settings.interpolation,
-            "region_interpolation": "nearest",
-            "outside_region": 0,
-        },
+        split_settings=_split_settings(settings, split_info),
+        preprocessing=_preprocessing(settings),
         region_detection=asdict(settings.region),
         source_stats={**source.stats(), "options": described["options"],
                       "format_detected": described["format_detected"]},
         skipped=selection.failed[:MAX_SKIPPED_LISTED],
         num_skipped=len(selection.failed),
-        sample_format={
-            "image": sample_format.IMAGE_EXT,
-            "region": sample_format.REGION_EXT,
-            "meta": sample_format.META_EXT,
-            "image_mode": "L (8-bit grayscale)",
-            "region_values": "0 outside, 255 inside",
-            "meta_keys": [*sample_format.REQUIRED_META, *sample_format.BUILD_META],
-            "key": "item key; frames of a multi-frame item: <item key>_f<frame, 5 digits>",
-        },
+        sample_format=dict(SAMPLE_FORMAT),
         tool={"name": "usjepa", "version": usjepa.__version__},
         selection={
             "order": "items sorted by sha256 of (seed, 'process', item key); frames in source order",
@@ -137,6 +94,51 @@ def make_manifest(out: Path, source, described: dict, settings: BuildSettings, s
         sampling_weight=min(splits["train"].count, settings.weight_cap),
         weight_cap=settings.weight_cap,
     )
+
+
+SAMPLE_FORMAT = {
+    "image": sample_format.IMAGE_EXT,
+    "region": sample_format.REGION_EXT,
+    "meta": sample_format.META_EXT,
+    "image_mode": "L (8-bit grayscale)",
+    "region_values": "0 outside, 255 inside",
+    "meta_keys": [*sample_format.REQUIRED_META, *sample_format.BUILD_META],
+    "key": "item key; frames of a multi-frame item: <item key>_f<frame, 5 digits>",
+}
+
+
+def _split_settings(settings: BuildSettings, split_info: dict) -> dict:
+    return {
+        "unit": "group",
+        "seed": settings.seed,
+        "val_fraction": settings.val_fraction,
+        "test_fraction": settings.test_fraction,
+        "fractions_of": "samples (frames), after failures, duplicates and the cap are left out",
+        "stratified_by": "majority class of the group" if settings.stratify else None,
+        "method": "groups sorted by seeded sha256 within their class, classes interleaved, "
+        "filling test, val, train by cumulative image count (group midpoint); a split the "
+        "source prescribes for an item is used as it is",
+        **split_info,
+    }
+
+
+def _preprocessing(settings: BuildSettings) -> dict:
+    return {
+        "grayscale": "colour input: pixels whose channels differ by more than overlay.tolerance are "
+        "colour overlays; inpainted (harmonic fill) when they cover less than overlay.max_fraction "
+        "of the image, else flagged (large_overlay); then ITU-R 601-2 luma; >8-bit scaled "
+        "linearly to 0-255",
+        "overlay": asdict(settings.overlay),
+        "large_overlay": settings.large_overlay,
+        "image_size": settings.image_size,
+        "low_percentile": settings.low_percentile,
+        "high_percentile": settings.high_percentile,
+        "percentiles_measured": "inside the region, after cropping to its bounding box",
+        "resize_mode": settings.resize_mode,
+        "interpolation": settings.interpolation,
+        "region_interpolation": "nearest",
+        "outside_region": 0,
+    }
 
 
 def _by(entries: list[dict], field_name: str) -> dict[str, int]:

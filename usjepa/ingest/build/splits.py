@@ -1,11 +1,5 @@
-"""Deterministic, group-disjoint train/val/test splits and seeded orderings.
-
-Every image of a group (patient, video) lands in one split. Groups are sorted by a seeded
-hash within their (majority) class, the classes are interleaved by relative position, and
-the merged list fills the test, then the val, then the train share by cumulative image count
-(a group goes to the share that holds the midpoint of its images). Same groups + same
-seed -> same splits, on any machine.
-"""
+"""Deterministic, group-disjoint train/val/test splits, stratified by class, and seeded
+orderings: same groups + same seed -> same splits on any machine (docs/data.md#splits)."""
 
 from __future__ import annotations
 
@@ -71,5 +65,3 @@ def assign_splits(
         done += sizes[group]
     return split_of
 
-
-__all__ = ["SPLITS", "assign_splits", "seeded_hash", "seeded_order"]

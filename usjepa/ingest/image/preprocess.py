@@ -1,9 +1,5 @@
-"""Ultrasound preprocessing as pure functions on uint8 grayscale arrays.
-
-`preprocess` chains them: detect the region (unless the source gives one), crop image and
-mask to the region's bounding box, stretch the 2nd-98th percentile measured inside the
-region to 0-255, zero the outside, and resize to a square (mask with nearest neighbour).
-"""
+"""Ultrasound preprocessing on uint8 grayscale arrays: region, crop, percentile stretch inside
+the region, resize (docs/data.md#preprocessing)."""
 
 from __future__ import annotations
 
@@ -13,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from usjepa.ingest.region import RegionSettings, detect_region, region_bbox
+from usjepa.ingest.image.region import RegionSettings, detect_region, region_bbox
 
 RESIZE_MODES = ("pad", "stretch", "short_side")
 INTERPOLATIONS = {

@@ -1,26 +1,5 @@
-"""Colour overlays: find them, inpaint the small ones, flag the large ones; output grayscale.
-
-Ultrasound is grayscale; colour in a frame is something drawn on top of it: Doppler colour
-boxes and flow, coloured calipers, measurement lines, text, arrows. A pixel is "coloured"
-when its channels differ by more than `tolerance` (max - min over R, G, B; 16 by default,
-above JPEG chroma noise on a gray image). Then, per image (US-JEPA paper, section 3):
-
-- no coloured pixel: plain luma, nothing else;
-- coloured pixels cover less than `max_fraction` of the image (5%): the coloured pixels,
-  grown by `dilate` pixels (anti-aliased edges, chroma bleeding of JPEG), are inpainted and
-  the result is recorded as `inpainted: true`;
-- otherwise (a Doppler study, a screenshot in colour): the image is converted to luma as it
-  is and recorded as `overlay_flagged: true`; the builder keeps it (default) or skips it
-  (`BuildSettings.large_overlay = "skip"`), and counts it in the build report.
-
-Inpainting (OpenCV is not a dependency) is harmonic fill restricted to the hole: each hole
-pixel starts at the value of its nearest known pixel (Euclidean distance transform), then
-`iterations` Jacobi sweeps replace every hole pixel by the mean of its 8 neighbours while
-known pixels stay fixed, which converges towards the smooth (Laplace) interpolation of the
-hole's border. It is exact on flat areas, has no seams, and costs a few milliseconds on the
-bounding box of the hole. It does not synthesise speckle: a filled line or blob is smooth,
-which is why only overlays covering under 5% of the image are inpainted.
-"""
+"""Colour overlays (Doppler boxes, calipers, text drawn in colour): the one colour detector,
+inpainting of small overlays, flagging of large ones, grayscale out (docs/data.md#colour-overlays)."""
 
 from __future__ import annotations
 
@@ -58,7 +37,7 @@ class OverlaySettings:
 
 
 def colour_mask(rgb: np.ndarray, tolerance: int = 16) -> np.ndarray:
-    """Boolean (H, W): pixels of a uint8 (H, W, 3) image whose channel spread exceeds `tolerance`."""
+    """Boolean (H, W): pixels of a uint8 (H, W, 3) image whose channel spread (max - min) exceeds `tolerance`."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"colour_mask expects uint8 HxWx3, got {rgb.dtype} {rgb.shape}")
     hi = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
@@ -66,11 +45,21 @@ def colour_mask(rgb: np.ndarray, tolerance: int = 16) -> np.ndarray:
     return (hi - lo) > tolerance
 
 
+def colour_fraction(rgb: np.ndarray, tolerance: int = 16) -> float:
+    """Share of coloured pixels (`colour_mask`)."""
+    return float(colour_mask(rgb, tolerance).mean())
+
+
+def gray_if_uncoloured(rgb: np.ndarray) -> np.ndarray:
+    """(H, W) when the three channels are equal everywhere (gray stored as colour), else `rgb`: lossless."""
+    if colour_mask(rgb, 0).any():
+        return rgb
+    return np.ascontiguousarray(rgb[..., 0])
+
+
 def luma(rgb: np.ndarray) -> np.ndarray:
     """ITU-R 601-2 luma (PIL's "L" conversion: 0.299 R + 0.587 G + 0.114 B), uint8 (H, W)."""
     return np.asarray(Image.fromarray(rgb, "RGB").convert("L"))
-
-
 
 
 def inpaint(gray: np.ndarray, hole: np.ndarray, iterations: int = 40) -> np.ndarray:

@@ -1,42 +1,5 @@
-"""The processed layout that the `ultrabench` package writes (one folder per dataset):
-
-    ROOT/images/<image>                 the images (.png, .jpg, ...)
-    ROOT/masks/scan/<image or stem>.png scan (ultrasound region) mask per image; nonzero = inside
-    ROOT/train.json + ROOT/validation.json + ROOT/test.json     PyPI release 1.0.1
-    ROOT/train_val.json + ROOT/test.json                         the repository's newer CLI
-
-(`val.json` / `valid.json` are read as the validation file; `trainval.json` as train_val.)
-Splits are used as given (every item carries `split`). With train_val.json, or train.json
-without a validation file, the train/val cut is made here: groups (patient, video) are
-assigned deterministically with `usjepa.ingest.splits.assign_splits` (stratified by class,
-`val_fraction` 0.1, `seed` 0). An image listed twice, in one file or in two, is an error.
-
-Accepted JSON shapes, per split file:
-- a list of records: `[{"image": "images/a.png", "label": 1, ...}, ...]` (what ultrabench writes);
-- an object holding that list under one of: records, examples, samples, items, data, images,
-  annotations;
-- an object mapping image path -> record (`{"a.png": {"label": 1}}`) or -> label
-  (`{"a.png": 1}`), the key being the image path.
-
-Record keys (the first present of each role wins):
-- image (required): image, image_path, img, img_path, path, file, filename, file_name,
-  image_file, image_name, name. A path relative to ROOT (`images/a.png`; `\\` separators
-  are accepted), a bare file name looked up in ROOT/images, or an absolute path.
-- label: label, class_id, label_id, target (an integer, or a class name when text) and
-  class name: class, class_name, classname, pathology, diagnosis, category, label_name,
-  view. The classes are ordered by the integer label when there is one (so labels match
-  ultrabench's encoding; names come from the class-name key, else the number as text),
-  else sorted by name. A record with neither is an error naming its keys, unless no
-  record of the set has any (then every item is unlabelled: label -1, class_name "").
-- group: patient, patient_id, patientid, subject, subject_id, video, video_id, source,
-  study, study_id, case, case_id, group (POCUS records name their source video in
-  `source`). Without one: `group_pattern` on the image stem, else each image alone.
-- scan mask: scan_mask, scan_mask_path, scan, region_mask, region (relative to ROOT).
-  Without one, or when that file is absent: masks/scan/<image file name>, else
-  masks/scan/<image stem>.<image suffix>. No mask, or an empty one: region None (the
-  writer detects the region itself); counted in stats().
-Other keys (bboxes, steatosis, tumour masks, ...) are ignored.
-"""
+"""UltraBench source: the processed layout the `ultrabench` package writes (images/, masks/scan/,
+split JSON files); splits as published, scan masks as regions (docs/data.md#sources, "ultrabench")."""
 
 from __future__ import annotations
 
@@ -50,18 +13,12 @@ import numpy as np
 from PIL import Image
 
 from usjepa.errors import UserError
+from usjepa.ingest.build.splits import assign_splits
+from usjepa.ingest.sources.base import UNLABELLED, Loaded, Patterns, Source, SourceItem, register_source
+from usjepa.ingest.sources.imagefile import load_image
+from usjepa.ingest.sources.listed import DirIndex, relative_to_any, require_some_exist
+from usjepa.ingest.sources.walk import IMAGE_SUFFIXES
 from usjepa.shardset.sample import make_key
-from usjepa.ingest.sources import (
-    IMAGE_SUFFIXES,
-    Loaded,
-    Source,
-    SourceItem,
-    compile_pattern,
-    load_image,
-    register_source,
-)
-from usjepa.ingest.splits import assign_splits
-from usjepa.ingest.tabular import UNLABELLED, DirIndex, require_some_exist
 
 TRAIN_VAL_FILES = ("train_val.json", "trainval.json")
 TRAIN_FILES = ("train.json",)
@@ -167,6 +124,33 @@ def read_records(path: Path) -> list[dict]:
     return data
 
 
+def _label_of(record: dict) -> dict:
+    """The record's integer label and class name, where it has them."""
+    label_key, label_value = _first(record, LABEL_KEYS)
+    name_key, name_value = _first(record, NAME_KEYS)
+    number = _as_int(label_value) if label_key is not None else None
+    name = None
+    if name_key is not None:
+        name = str(name_value).strip()
+    elif label_key is not None and number is None:
+        name = str(label_value).strip()  # a class name stored under "label"
+    return {"number": number, "name": name}
+
+
+def _group_and_mask(record: dict) -> dict:
+    _, group = _first(record, GROUP_KEYS)
+    _, mask = _first(record, MASK_KEYS)
+    return {"group": None if group is None else str(group), "mask": mask if isinstance(mask, str) else None}
+
+
+def _groups_in_several_splits(items) -> int:
+    split_groups: dict[str, set] = {}
+    for it in items:
+        split_groups.setdefault(it.split, set()).add(it.group)
+    names = sorted(split_groups)
+    return len({g for i, a in enumerate(names) for b in names[i + 1:] for g in split_groups[a] & split_groups[b]})
+
+
 @register_source("ultrabench")
 class UltraBenchSource(Source):
     """An UltraBench dataset folder (see the module docstring for the layout and shapes)."""
@@ -174,24 +158,30 @@ class UltraBenchSource(Source):
     looks_for: ClassVar[str] = ("an UltraBench dataset folder: images/ plus train.json + validation.json + test.json "
                                 "or train_val.json + test.json")
 
-    def __init__(
-        self,
-        root,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        scan_masks: bool = True,
-        group_pattern: str | None = None,
-        exclude_pattern: str | None = None,
-    ):
-        self.root = Path(root).expanduser().absolute()
-        if not 0 <= val_fraction < 1:
-            raise UserError(f"val_fraction {val_fraction} must be in [0, 1)")
-        self.val_fraction, self.seed, self.scan_masks = val_fraction, seed, scan_masks
-        self.group_pattern, self.exclude_pattern = group_pattern, exclude_pattern
-        self._group_rx = compile_pattern(group_pattern, "group pattern", need_group=True)
-        self._exclude_rx = compile_pattern(exclude_pattern, "exclude pattern", need_group=False)
+    @dataclass(frozen=True)
+    class Options:
+        val_fraction: float = 0.1
+        """Share of train_val.json (or of train.json without a validation file) cut off as val, by group."""
+        seed: int = 0
+        scan_masks: bool = True
+        """masks/scan/<image> is the ultrasound region of each image."""
+        group_pattern: str | None = None
+        """For records without a group key: the first capture group of this regex in the image stem."""
+        exclude_pattern: str | None = None
+
+    def scan(self):
+        if not 0 <= self.options.val_fraction < 1:
+            raise UserError(f"val_fraction {self.options.val_fraction} must be in [0, 1)")
+        self.patterns = Patterns(self.options.group_pattern, self.options.exclude_pattern)
         self.variant, self.files = self._split_files()
-        self._items, self._stats, self.classes = self._scan()
+        index = DirIndex()
+        rows, excluded = self._rows(index)
+        classes, label_of_row = self._labels(rows, any(r["number"] is not None or r["name"] is not None for r in rows))
+        for r in rows:
+            r["rel"] = relative_to_any(r["path"], self.root)
+            if r["group"] is None:
+                r["group"] = self.patterns.group(r["rel"], r["path"], f"{r['where']}: image")
+        return self._items_of(rows, index, classes, label_of_row, excluded)
 
     # -- layout
     def _split_files(self) -> tuple[str, dict[str, Path]]:
@@ -244,92 +234,55 @@ class UltraBenchSource(Source):
             return folder / min(matches, key=lambda n: (not n.lower().endswith(".png"), n))
         return None
 
-    def _scan(self):
-        index = DirIndex()
+    def _rows(self, index: DirIndex) -> tuple[list[dict], int]:
+        """Every record of the split files as a row (split key, where, path, label number and name, group, mask)."""
         rows: list[dict] = []
         seen: dict[Path, str] = {}
         excluded = 0
-        any_label = False
         for split_key, path in self.files.items():
             for i, record in enumerate(read_records(path)):
                 where = f"{path.name} record {i}"
                 image_key, raw = _first(record, IMAGE_KEYS)
-                label_key, label_value = _first(record, LABEL_KEYS)
-                name_key, name_value = _first(record, NAME_KEYS)
                 if image_key is None or not isinstance(raw, str):
                     raise UserError(
                         f"{self.root / path.name} record {i} has no image path (looked for {', '.join(IMAGE_KEYS)}); "
                         f"it has keys: {', '.join(map(str, record)) or 'none'}; fix the split file"
                     )
                 image = self._resolve_image(raw, index)
-                if self._exclude_rx is not None and self._exclude_rx.search(image.stem):
+                if self.patterns.excludes(image):
                     excluded += 1
                     continue
                 if image in seen:
-                    raise UserError(
-                        f"{raw!r} is listed twice in {self.root} ({seen[image]} and {where}); each image may be in "
-                        "one split only: fix the split files"
-                    )
+                    raise UserError(f"{raw!r} is listed twice in {self.root} ({seen[image]} and {where}); each image "
+                                    "may be in one split only: fix the split files")
                 seen[image] = where
-                number = _as_int(label_value) if label_key is not None else None
-                name = None
-                if name_key is not None:
-                    name = str(name_value).strip()
-                elif label_key is not None and number is None:
-                    name = str(label_value).strip()  # a class name stored under "label"
-                any_label = any_label or number is not None or name is not None
-                _, group = _first(record, GROUP_KEYS)
-                _, mask = _first(record, MASK_KEYS)
                 rows.append({"split_key": split_key, "where": where, "file": path, "index": i, "keys": list(record),
-                             "raw": raw, "path": image,
-                             "number": number, "name": name, "group": None if group is None else str(group),
-                             "mask": mask if isinstance(mask, str) else None})
+                             "raw": raw, "path": image, **_label_of(record), **_group_and_mask(record)})
         if not rows:
             raise UserError(f"the split files of {self.root} list no images (or all were excluded by "
-                            f"'{self.exclude_pattern}'); regenerate the dataset with ultrabench")
+                            f"'{self.options.exclude_pattern}'); regenerate the dataset with ultrabench")
+        return rows, excluded
+
+    def _items_of(self, rows: list[dict], index: DirIndex, classes: list[str], label_of_row: dict, excluded: int):
         exists = [index.exists(r["path"]) for r in rows]
         require_some_exist([(r["raw"], r["path"]) for r in rows], exists, f"the split files of {self.root}",
                            "image paths are read relative to the dataset folder (or its images/ folder); point SRC at "
                            "the folder that holds images/ and the JSON files")
-        classes, label_of_row = self._labels(rows, any_label)
-
-        for r in rows:
-            rel = self._relative(r["path"])
-            r["rel"] = rel
-            if r["group"] is None:
-                if self._group_rx is not None:
-                    match = self._group_rx.search(r["path"].stem)
-                    if match is None or match.group(1) is None:
-                        raise UserError(f"{r['where']}: image {rel!r} does not match the group pattern "
-                                        f"'{self.group_pattern}'; fix the pattern")
-                    r["group"] = match.group(1)
-                else:
-                    r["group"] = rel
         train_val = [r for r in rows if r["split_key"] == "train_val"]
-        val_of_group = assign_splits(((r["group"], label_of_row[id(r)]) for r in train_val), self.val_fraction, 0.0,
-                                     self.seed) if train_val else {}
-
+        val_of_group = assign_splits(((r["group"], label_of_row[id(r)]) for r in train_val), self.options.val_fraction,
+                                     0.0, self.options.seed) if train_val else {}
         items: list[ScanMaskItem] = []
-        masks_found = 0
         for r in rows:
             split = val_of_group[r["group"]] if r["split_key"] == "train_val" else r["split_key"]
-            mask = self._find_mask(r["mask"], r["path"], index) if self.scan_masks else None
-            masks_found += mask is not None
+            mask = self._find_mask(r["mask"], r["path"], index) if self.options.scan_masks else None
             label = label_of_row[id(r)]
             items.append(ScanMaskItem(
                 key=make_key(r["rel"]), source=r["rel"], label=label,
                 class_name=classes[label] if label >= 0 else UNLABELLED, group=r["group"], split=split,
                 path=r["path"], mask_path=mask,
             ))
-        split_groups: dict[str, set] = {}
-        for it in items:
-            split_groups.setdefault(it.split, set()).add(it.group)
-        shared = set()
-        names = sorted(split_groups)
-        for a in range(len(names)):
-            for b in range(a + 1, len(names)):
-                shared |= split_groups[names[a]] & split_groups[names[b]]
         missing = [r["rel"] for r, ok in zip(rows, exists) if not ok]
+        masks_found = sum(it.mask_path is not None for it in items)
         stats = {
             "layout": self.variant,
             "split_files": {k: p.name for k, p in self.files.items()},
@@ -338,18 +291,12 @@ class UltraBenchSource(Source):
             "missing_files": len(missing),
             "missing_examples": missing[:10],
             "scan_masks_found": masks_found,
-            "scan_masks_missing": len(items) - masks_found if self.scan_masks else None,
+            "scan_masks_missing": len(items) - masks_found if self.options.scan_masks else None,
             "excluded": excluded,
-            "exclude_pattern": self.exclude_pattern,
-            "groups_in_several_splits": len(shared),
+            "exclude_pattern": self.options.exclude_pattern,
+            "groups_in_several_splits": _groups_in_several_splits(items),
         }
         return items, stats, classes
-
-    def _relative(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return path.as_posix()
 
     def _labels(self, rows: list[dict], any_label: bool) -> tuple[list[str], dict[int, int]]:
         """(classes, id(row) -> label index); see the module docstring for the rules."""
@@ -399,17 +346,15 @@ class UltraBenchSource(Source):
         out = {
             "mode": "ultrabench",
             "prescribed_splits": self.variant,
-            "group": keys if self._group_rx is None else f"{keys}, else pattern {self.group_pattern} on the image stem",
-            "without_group": "each image is its own group" if self._group_rx is None else None,
+            "group": keys if self.patterns.group_rx is None else f"{keys}, else pattern {self.options.group_pattern} on the image stem",
+            "without_group": "each image is its own group" if self.patterns.group_rx is None else None,
         }
         if "train_val" in self.files:
             out["val_from_train"] = {
                 "file": self.files["train_val"].name,
-                "val_fraction": self.val_fraction,
-                "seed": self.seed,
-                "method": "usjepa.ingest.splits.assign_splits by group, stratified by majority class",
+                "val_fraction": self.options.val_fraction,
+                "seed": self.options.seed,
+                "method": "usjepa.ingest.build.splits.assign_splits by group, stratified by majority class",
             }
         return out
 
-
-__all__ = ["ScanMaskItem", "UltraBenchSource", "load_mask", "read_records"]

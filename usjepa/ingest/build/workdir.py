@@ -1,11 +1,7 @@
-"""`OUT/.work`: where phase 1 keeps one result file per item so an interrupted build resumes.
-
-It holds `settings.json` (the work fingerprint: every setting that changes a result), an
-exclusive lock (one build per OUT) and `items/<h[:2]>/<h>.res`, where h hashes the
-fingerprint, the item key and the item file's size and mtime: a changed input or setting
-never reuses an old result. A rerun with a different fingerprint is refused (or, with
---overwrite, starts over) so results of different settings never mix.
-"""
+"""`OUT/.work`: one result file per processed item, under an exclusive lock, keyed by the work
+fingerprint (every setting that changes a result), the item and its file's size and mtime, so
+an interrupted build resumes and results of other settings never mix
+(docs/data.md#resumable-and-parallel-builds)."""
 
 from __future__ import annotations
 
@@ -13,14 +9,19 @@ import hashlib
 import json
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 from usjepa.config import changed_settings, flatten
 from usjepa.errors import UserError
 from usjepa.fileio import atomic_write_text
-from usjepa.ingest.sources import SourceItem
+from usjepa.ingest.sources.base import SourceItem
 
 WORK_DIR = ".work"
+WORK_FORMAT = 1  # bump when a result file's content or meaning changes
+RESULT_MAGIC = b"USJWRES1"
+_FIXED = struct.Struct("<IIQ")  # header length, header crc32, payload length
 
 
 class WorkDir:
@@ -95,3 +96,44 @@ class WorkDir:
     def remove(self) -> None:
         self.release()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_result(path: Path, header: dict, payload: bytes) -> int:
+    """Write a result file atomically (temporary name, rename); returns the payload's offset.
+
+    Layout: magic, (header length, header crc32, payload length), header JSON, payload. No
+    fsync per file: a killed process leaves whole files (the rename is atomic); after a
+    power loss a damaged file fails its length or crc check and is simply redone."""
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(RESULT_MAGIC + _FIXED.pack(len(head), zlib.crc32(head), len(payload)))
+        f.write(head)
+        f.write(payload)
+    os.replace(tmp, path)
+    return len(RESULT_MAGIC) + _FIXED.size + len(head)
+
+
+def read_result(path: Path) -> tuple[dict, int] | None:
+    """(header, payload offset) of a complete, intact result file; None when it is missing
+    or damaged (a damaged one is deleted so it is redone)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    with f:
+        fixed = f.read(len(RESULT_MAGIC) + _FIXED.size)
+        ok = len(fixed) == len(RESULT_MAGIC) + _FIXED.size and fixed.startswith(RESULT_MAGIC)
+        if ok:
+            head_len, head_crc, payload_len = _FIXED.unpack(fixed[len(RESULT_MAGIC) :])
+            head = f.read(head_len)
+            base = len(fixed) + head_len
+            ok = (
+                len(head) == head_len
+                and zlib.crc32(head) == head_crc
+                and os.fstat(f.fileno()).st_size == base + payload_len
+            )
+    if not ok:
+        path.unlink(missing_ok=True)
+        return None
+    return json.loads(head), base

@@ -1,10 +1,5 @@
-"""Phase 2 of a build, writing: the kept samples of each split into WebDataset tars
-(byte copies out of the result files, so cheap).
-
-Per split, samples in a seeded order go into `OUT/{split}-{index:06d}.tar`, at most
-`shard_size` per tar, each written under a hidden temporary name and renamed when complete,
-so a tar under its final name is always whole.
-"""
+"""Phase 2, writing: each split's samples, in a seeded order, into WebDataset tars (byte copies
+out of the result files); a tar appears under its final name only when complete."""
 
 from __future__ import annotations
 
@@ -16,19 +11,15 @@ import re
 import tarfile
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from tqdm import tqdm
 
 from usjepa.errors import UserError
+from usjepa.ingest.build.select import Kept, Selection
+from usjepa.ingest.build.splits import seeded_order
+from usjepa.ingest.settings import BuildSettings
+from usjepa.ingest.sources.base import SourceItem
 from usjepa.shardset import sample as sample_format
 from usjepa.shardset.manifest import SPLITS, ShardInfo, SplitInfo
-from usjepa.ingest.selection import Kept, Selection
-from usjepa.ingest.sources import SourceItem
-from usjepa.ingest.splits import seeded_order
-
-if TYPE_CHECKING:  # writer.py imports this module
-    from usjepa.ingest.writer import BuildSettings
 
 SHARD_PATTERN = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TEMP_PATTERN = re.compile(r"^\.(train|val|test)-\d{6}\.tar\.tmp-\d+$")

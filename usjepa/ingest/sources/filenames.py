@@ -1,0 +1,108 @@
+"""File-name source: images and videos under given folders, the class from the file-name prefix
+(e.g. the raw POCUS repository; docs/data.md#sources, "filenames")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from usjepa.errors import UserError
+from usjepa.ingest.sources.base import Patterns, Source, label_indices, register_source
+from usjepa.ingest.sources.listed import MediaItems
+from usjepa.ingest.sources.walk import IMAGE_SUFFIXES, VIDEO_SUFFIXES, walk
+from usjepa.shardset.sample import make_key
+
+
+@register_source("filenames")
+class FilenameSource(Source):
+    """Files under `images` / `videos` folders of SRC labelled by their name prefix."""
+
+    @dataclass(frozen=True)
+    class Options:
+        label_from_prefix: dict[str, str] = field(default_factory=dict)
+        """File-name prefix -> class (case-insensitive; the longest matching prefix wins)."""
+        images: tuple[str, ...] | str = ()
+        """Folders of images, relative to SRC, searched recursively."""
+        videos: tuple[str, ...] | str = ()
+        """Folders of videos, relative to SRC, searched recursively."""
+        group_pattern: str | None = None
+        exclude_pattern: str | None = None
+        unmatched: Literal["skip", "error"] = "skip"
+        """Files matching no prefix: skipped and counted, or an error."""
+        fps: float | None = None
+        max_frames: int | None = None
+
+    looks_for: ClassVar[str] = "never detected: needs label_from_prefix and images/videos folders (use a recipe)"
+
+    def scan(self):
+        o = self.options
+        if not self.root.is_dir():
+            raise UserError(f"source folder {self.root} does not exist or is not a folder; check the path")
+        if not o.label_from_prefix:
+            raise UserError("the filenames source needs label_from_prefix, a mapping of file-name prefix to class, "
+                            "e.g. {cov: covid, pneu: pneumonia, reg: regular}")
+        self.prefixes = {str(k).lower(): str(v) for k, v in o.label_from_prefix.items()}
+        self.images = [o.images] if isinstance(o.images, str) else list(o.images)
+        self.videos = [o.videos] if isinstance(o.videos, str) else list(o.videos)
+        if not self.images and not self.videos:
+            raise UserError("the filenames source needs `images` and/or `videos`: folders (relative to "
+                            f"{self.root}) to search, e.g. images: [data/pocus_images/convex]")
+        self.patterns = Patterns(o.group_pattern, o.exclude_pattern)
+        media = MediaItems(o.fps, o.max_frames)
+        found, unmatched, excluded, ignored = self._find()
+        classes = sorted({c for _, _, c in found})
+        label_of = label_indices(classes)
+        items = []
+        for path, video, cls in found:
+            rel = path.relative_to(self.root).as_posix()
+            items.append(media(path, video=video, key=make_key(rel), source=rel, label=label_of[cls], class_name=cls,
+                               group=self.patterns.group(rel, path, "file")))
+        stats = {
+            "files_found": len(items),
+            "videos": sum(v for _, v, _ in found),
+            "unmatched": len(unmatched),
+            "unmatched_examples": unmatched[:10],
+            "excluded": excluded,
+            "exclude_pattern": o.exclude_pattern,
+            "other_files": ignored,
+            "label_from_prefix": dict(self.prefixes),
+        }
+        return items, stats, classes
+
+    def _class_of(self, name: str) -> str | None:
+        lower = name.lower()
+        best = max((p for p in self.prefixes if lower.startswith(p)), key=len, default=None)
+        return None if best is None else self.prefixes[best]
+
+    def _find(self):
+        """((path, is video, class) of every matched file, unmatched files, excluded, of other types)."""
+        found, unmatched, excluded, ignored = [], [], 0, 0
+        for folders, video, suffixes in ((self.images, False, IMAGE_SUFFIXES), (self.videos, True, VIDEO_SUFFIXES)):
+            for folder in folders:
+                top = self.root / folder
+                if not top.is_dir():
+                    raise UserError(f"folder {folder!r} ({top}) does not exist; fix the images/videos option")
+                listing = walk(top, lambda p, s=suffixes: p.name.lower().endswith(s), self.patterns)
+                excluded, ignored = excluded + listing.excluded, ignored + len(listing.other)
+                for path in listing.files:
+                    cls = self._class_of(path.name)
+                    if cls is None:
+                        unmatched.append(path.relative_to(self.root).as_posix())
+                    else:
+                        found.append((path, video, cls))
+        if unmatched and self.options.unmatched == "error":
+            raise UserError(
+                f"{len(unmatched)} file(s) under {self.root} match no prefix of label_from_prefix "
+                f"({', '.join(self.prefixes)}), e.g. {unmatched[0]!r}; add a prefix or set unmatched: skip"
+            )
+        if not found:
+            raise UserError(
+                f"no files under {self.root} ({', '.join(self.images + self.videos)}) start with a prefix of "
+                f"label_from_prefix ({', '.join(self.prefixes)}); {len(unmatched)} unmatched, {excluded} excluded, "
+                f"{ignored} of other types; check the folders and prefixes"
+            )
+        return found, unmatched, excluded, ignored
+
+    def grouping(self) -> dict:
+        return self.patterns.grouping("file", "each image and each video is its own group (a video's frames stay "
+                                      "together)")

@@ -1,0 +1,170 @@
+"""Video source: a folder tree of cine loops; each video is one item whose frames are sampled
+by `video_frames` (docs/data.md#sources, "video")."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from PIL import Image
+
+from usjepa.errors import UserError
+from usjepa.ingest.sources.base import (
+    DEFAULT_EXCLUDE,
+    UNLABELLED,
+    Loaded,
+    Patterns,
+    Source,
+    SourceItem,
+    check_folder,
+    label_indices,
+    register_source,
+)
+from usjepa.ingest.sources.video_frames import COLOR_MIN_FRACTION, THUMB_SIZE, VideoSettings, read_video
+from usjepa.ingest.sources.walk import VIDEO_SUFFIXES, files_below, is_video, subfolders, walk
+from usjepa.shardset.sample import make_key
+
+LOOKS_LIKE_SAMPLE = 200  # files looked at by `looks_like`
+# first-level folder names that are identifiers, not classes (auto label mode)
+_ID_FOLDER = re.compile(r"^(?:(?:patient|subject|case|study|pt|id|p)[\s_-]*)?\d+$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class VideoItem(SourceItem):
+    path: Path = field(default=Path(), compare=False)
+    settings: VideoSettings = field(default_factory=VideoSettings, compare=False)
+
+    def frames(self) -> Iterator[Loaded]:
+        """The kept frames (the whole video is decoded first: the region needs every frame)."""
+        yield from read_video(self.path, self.settings, self.source)
+
+    def load(self) -> Loaded:
+        return read_video(self.path, self.settings, self.source)[0]
+
+
+def video_settings(options) -> VideoSettings:
+    """The VideoSettings part of a format's options; UserError naming the bad values."""
+    settings = VideoSettings(**{f.name: getattr(options, f.name) for f in dataclasses.fields(VideoSettings)})
+    problems = settings.problems()
+    if problems:
+        raise UserError("invalid video options: " + "; ".join(problems))
+    return settings
+
+
+@register_source("video")
+class VideoSource(Source):
+    """A folder tree of videos, in class folders or unlabelled."""
+
+    @dataclass(frozen=True)
+    class Options(VideoSettings):
+        labels: Literal["auto", "folders", "none"] = "auto"
+        """'folders': root/<class>/...; 'none': unlabelled; 'auto': folders when the root holds
+        several folders, none named like an identifier, fewer than half the videos."""
+        group_pattern: str | None = None
+        """Regex; its first capture group in the file stem is the group (e.g. r'^patient_(\\d+)_')."""
+        exclude_pattern: str | None = DEFAULT_EXCLUDE
+
+    looks_for: ClassVar[str] = (
+        "mostly video files (" + ", ".join(VIDEO_SUFFIXES) + "; GIFs only when animated) anywhere below the root"
+    )
+
+    def scan(self):
+        opts, root = self.options, self.root
+        self.settings = video_settings(opts)
+        self.patterns = Patterns(opts.group_pattern, opts.exclude_pattern)
+        how = f"put the videos ({', '.join(VIDEO_SUFFIXES)}) under {root}, in one subfolder per class or unlabelled"
+        check_folder(root, how)
+        listing = walk(root, lambda p: is_video(p.name), self.patterns)
+        found = [(p.relative_to(root).as_posix(), p) for p in listing.files]
+        if not found:
+            raise UserError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) found under {root} ({len(listing.other)} other "
+                            f"file(s), {listing.excluded} excluded by {opts.exclude_pattern!r}); {how}")
+        self.label_mode, label_note = self._label_mode(found)
+        folders = self.label_mode == "folders"
+        classes = sorted({rel.split("/", 1)[0] for rel, _ in found}) if folders else []
+        labels = label_indices(classes)
+        items = []
+        for rel, path in found:
+            cls = rel.split("/", 1)[0] if folders else UNLABELLED
+            items.append(VideoItem(key=make_key(rel), source=rel, label=labels[cls] if folders else -1, class_name=cls,
+                                   group=self.patterns.group(rel, path, "video"), path=path, settings=self.settings))
+        stats = {
+            "videos_found": len(items),
+            "extensions": dict(sorted(Counter(p.suffix.lower() for _, p in found).items())),
+            "non_video_files": len(listing.other),
+            "excluded": listing.excluded,
+            "exclude_pattern": opts.exclude_pattern,
+            "labels": self.label_mode,
+            "label_note": label_note,
+            "sampling": {**asdict(self.settings), "thumbnail": f"{THUMB_SIZE}x{THUMB_SIZE} box-averaged grayscale",
+                         "colour_min_fraction": COLOR_MIN_FRACTION},
+        }
+        if folders:
+            stats["empty_class_folders"] = [d.name for d in subfolders(root) if d.name not in labels]
+        return items, stats, classes
+
+    def _label_mode(self, found) -> tuple[str, str]:
+        loose = [rel for rel, _ in found if "/" not in rel]
+        labels = self.options.labels
+        if labels == "none":
+            return "none", "unlabelled (labels='none')"
+        if labels == "folders":
+            if loose:
+                raise UserError(
+                    f"labels='folders' needs one subfolder per class in {self.root}, but {len(loose)} video(s) sit "
+                    f"directly in it (e.g. {loose[0]!r}); move them into class folders ({self.root}/<class>/...) or "
+                    "use labels='none'"
+                )
+            return "folders", "first-level folder names (labels='folders')"
+        folders = sorted({rel.split("/", 1)[0] for rel, _ in found})
+        if loose:
+            return "none", "unlabelled: videos sit directly in the root, not only in class folders"
+        if len(folders) < 2:
+            return "none", "unlabelled: the videos sit in a single folder (an export folder, not classes)"
+        if any(_ID_FOLDER.match(f) for f in folders):
+            return "none", "unlabelled: first-level folders are named like identifiers (patients, cases), not classes"
+        if len(folders) * 2 > len(found):
+            return "none", "unlabelled: about one video per first-level folder (patient folders, not classes)"
+        return "folders", "first-level folder names (auto: every video sits in one of several folders)"
+
+    @classmethod
+    def looks_like(cls, root) -> bool:
+        """Most files (of the first 200) are videos; GIFs count only when animated."""
+        root = Path(root)
+        if not root.is_dir():
+            return False
+        videos = others = 0
+        gifs = []
+        for n, path in enumerate(files_below(root)):
+            if n >= LOOKS_LIKE_SAMPLE:
+                break
+            name = path.name.lower()
+            if name.endswith(".gif"):
+                gifs.append(path)
+            elif is_video(name):
+                videos += 1
+            else:
+                others += 1
+        animated = sum(_is_animated_gif(p) for p in gifs[:20])
+        if gifs and animated * 2 > min(len(gifs), 20):
+            videos += len(gifs)
+        else:
+            others += len(gifs)
+        return videos > 0 and videos * 2 > videos + others
+
+    def grouping(self) -> dict:
+        return self.patterns.grouping("video", "no group_pattern given: each video is its own group (its frames "
+                                      "stay in one split), but videos of one patient can fall on both sides of a split")
+
+
+def _is_animated_gif(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            return getattr(img, "n_frames", 1) > 1
+    except (OSError, ValueError, SyntaxError):  # an unreadable GIF is no evidence either way
+        return False
