@@ -27,6 +27,29 @@ from usjepa.data.streams import ShardSet, StreamPlan  # noqa: E402
 from usjepa.errors import UserError  # noqa: E402
 
 
+_SLURM_TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                         r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
+
+
+def slurm_minutes(text: str) -> int:
+    """A time limit as `sbatch --time` writes it (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM,
+    D-HH:MM:SS) in whole minutes, rounded up as Slurm rounds it."""
+    m = _SLURM_TIME.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a Slurm time limit; write minutes (90), MM:SS, "
+                                         "HH:MM:SS (01:30:00), D-HH, D-HH:MM or D-HH:MM:SS (2-00:00:00)")
+    g = {k: int(v) if v else 0 for k, v in m.groupdict().items()}
+    if m["days"] is not None:
+        seconds = ((g["days"] * 24 + g["dh"]) * 60 + g["dm"]) * 60 + g["ds"]
+    elif m["c"] is not None:  # HH:MM:SS
+        seconds = (g["a"] * 60 + g["b"]) * 60 + g["c"]
+    else:  # minutes, or MM:SS
+        seconds = g["a"] * 60 + g["b"]
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"time limit '{text}' must be longer than zero")
+    return -(-seconds // 60)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config, e.g. configs/salt_vitb16.yaml")
@@ -39,7 +62,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
-    p.add_argument("--time", type=int, default=60, help="time limit per job, minutes (requeues continue the run)")
+    p.add_argument("--time", type=slurm_minutes, default=60, metavar="LIMIT",
+                   help="time limit per job as sbatch takes it: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                        "D-HH:MM:SS (default 60 minutes; requeues continue the run)")
     p.add_argument("--job-name", default=None, help="default: the run dir's name")
     p.add_argument("--signal-delay", type=int, default=90,
                    help="seconds before the time limit at which SIGUSR2 asks the job to save and requeue")

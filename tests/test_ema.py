@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from usjepa.config import ModelConfig
 from usjepa.data.pipeline import make_train_loader
 from usjepa.models.vit import build_encoder
-from usjepa.train import checkpoint as ckpt
+from usjepa import rundir
 from usjepa.train.ema import ema_update, make_target
 from usjepa.train.flops import sample_flops
 from usjepa.train.loop import Trainer, train
@@ -82,7 +82,7 @@ def test_an_ema_run_resumes_exactly_with_its_target(tiny_config, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical: the target was restored, not re-copied
     from torch.distributed.checkpoint import FileSystemReader
-    keys = FileSystemReader(str(ckpt.latest_checkpoint(tmp_path / "full"))).read_metadata().state_dict_metadata
+    keys = FileSystemReader(str(rundir.latest_checkpoint(tmp_path / "full"))).read_metadata().state_dict_metadata
     assert any(k.startswith("target.blocks.0.") for k in keys) and not any("teacher" in k for k in keys)
     targets = [Trainer(tiny_config(*common, f"run.dir={tmp_path / run}")).ema_target.state_dict()
                for run in ("full", "split")]
@@ -99,7 +99,7 @@ def test_every_objective_logs_the_flops_of_its_steps(tiny_config, tmp_path):
         assert sorted(tflops) == [1, 2] and all(v > 0 for v in tflops.values())
         total = scalars(run, "perf/total_pflops")
         assert total[2] == pytest.approx((tflops[1] + tflops[2]) / 1000, rel=1e-6)
-        assert ckpt.read_meta(ckpt.latest_checkpoint(run))["counters"]["flops"] == pytest.approx(1e12 * total[2] * 1e3)
+        assert rundir.read_meta(rundir.latest_checkpoint(run))["counters"]["flops"] == pytest.approx(1e12 * total[2] * 1e3)
 
 
 def test_probe_backbones_of_an_ema_run(tiny_config, tmp_path):

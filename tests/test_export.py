@@ -20,7 +20,7 @@ from usjepa.eval.backbones import load_backbone
 from usjepa.export import export_encoder
 from usjepa.models.teacher import load_teacher
 from usjepa.train.loop import train
-from usjepa.train.rundir import prepare_run_dir
+from usjepa.rundir import prepare_run_dir
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]

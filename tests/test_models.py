@@ -172,7 +172,7 @@ def test_teacher_errors_are_one_line_hints(tmp_path):
     with pytest.raises(UserError, match="patch size 16 != model.patch_size 8"):
         load_teacher(load_config(None, [f"teacher.checkpoint={path}", "model.patch_size=8", "data.image_size=64"]),
                      torch.device("cpu"))
-    with pytest.raises(UserError, match="not a stage-1 run dir"):
+    with pytest.raises(UserError, match="not a run dir"):
         load_teacher(load_config(None, [f"teacher.checkpoint={tmp_path / 'missing.pth'}"]), torch.device("cpu"))
     torch.save({"foo": torch.zeros(1)}, tmp_path / "junk.pth")
     with pytest.raises(UserError, match="not a timm-style ViT state dict"):

@@ -14,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from slurm_util import run, wait_for
-from usjepa.train import checkpoint as ckpt
+from usjepa import rundir
 from usjepa.train.provenance import read_records
 
 pytestmark = pytest.mark.slow
@@ -42,8 +42,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def latest_step(run_dir: Path) -> int:
-    path = ckpt.latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
-    return ckpt.read_meta(path)["step"] if path else 0
+    path = rundir.latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    return rundir.read_meta(path)["step"] if path else 0
 
 
 def logged_steps(run_dir: Path) -> int:

@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from usjepa.errors import UserError
-from usjepa.train import checkpoint as ckpt
+from usjepa import rundir
 from usjepa.train.loop import train
 
 
@@ -35,7 +35,7 @@ def test_checkpoints_keep_the_last_k_and_never_hold_the_teacher(tiny_config, tmp
     cfg = tiny_config("train.total_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=2")
     train(cfg)
     run = tmp_path / "run"
-    names = [p.name for p in ckpt.list_checkpoints(run)]
+    names = [p.name for p in rundir.list_checkpoints(run)]
     assert names == ["step_000006", "step_000008"]
     assert (run / "checkpoints" / "latest").read_text() == "step_000008"
     meta = json.loads((run / "checkpoints" / "step_000008" / "meta.json").read_text())
@@ -71,7 +71,7 @@ def test_mae_stage_then_salt_against_it(tiny_config, tmp_path):
     result = train(tiny_config("train.total_steps=3", f"teacher.checkpoint={teacher_dir}",
                                f"run.dir={tmp_path / 'student'}"))
     assert result.step == 3 and result.loss == result.loss  # finite
-    meta = ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "student"))
+    meta = rundir.read_meta(rundir.latest_checkpoint(tmp_path / "student"))
     assert meta["teacher"]["source"] == str(teacher_dir.resolve()) and len(meta["teacher"]["sha256"]) == 64
 
 
@@ -91,7 +91,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path):
     skipped = scalars(tmp_path / "run", "train/nonfinite_skipped")
     assert max(skipped.values()) == 3
     # the parameters on disk are finite: skipped steps never reached the optimizer
-    path = ckpt.latest_checkpoint(tmp_path / "run")
+    path = rundir.latest_checkpoint(tmp_path / "run")
     from usjepa.eval.backbones import load_backbone
     encoder, _ = load_backbone("student", tmp_path / "run", torch.device("cpu"))
     assert path is not None and all(torch.isfinite(p).all() for p in encoder.parameters())
@@ -103,11 +103,11 @@ def test_validation_loss_at_checkpoints_and_best_is_kept(tiny_config, tmp_path):
     val = scalars(run, "val/loss")
     assert sorted(val) == [2, 4, 6, 8]
     best_step = min(val, key=val.get)
-    best = ckpt.best_checkpoint(run)
+    best = rundir.best_checkpoint(run)
     assert best.name == f"step_{best_step:06d}"
-    assert ckpt.read_meta(best)["val_loss"] == pytest.approx(val[best_step])
+    assert rundir.read_meta(best)["val_loss"] == pytest.approx(val[best_step])
     # pruning keeps the newest and the best
-    assert {p.name for p in ckpt.list_checkpoints(run)} == {best.name, "step_000008"}
+    assert {p.name for p in rundir.list_checkpoints(run)} == {best.name, "step_000008"}
     # the same masks and inputs every time: validating twice gives the same number
     from usjepa.train.loop import Trainer
     trainer = Trainer(tiny_config("train.total_steps=8", "checkpoint.every_steps=2"))
@@ -154,10 +154,10 @@ def test_probes_load_the_best_checkpoint_by_default_else_the_latest(tiny_config,
 
     def encoder_at(path):
         encoder = build_encoder(cfg.model, cfg.data.image_size)
-        ckpt.load_module_weights(path, encoder, prefix="encoder.")
+        rundir.load_module_weights(path, encoder, prefix="encoder.")
         return encoder.state_dict()
 
-    best, latest = ckpt.best_checkpoint(run), ckpt.latest_checkpoint(run)
+    best, latest = rundir.best_checkpoint(run), rundir.latest_checkpoint(run)
     loaded = load_backbone("student", run, torch.device("cpu"))[0].state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in encoder_at(best).items())
     assert best != latest  # at this lr the validation loss is lowest before the end
@@ -165,5 +165,5 @@ def test_probes_load_the_best_checkpoint_by_default_else_the_latest(tiny_config,
     unvalidated = tmp_path / "unvalidated"
     train(tiny_config("train.total_steps=2", "train.validate=false", f"run.dir={unvalidated}"))
     loaded = load_backbone("student", unvalidated, torch.device("cpu"))[0].state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in encoder_at(ckpt.latest_checkpoint(unvalidated)).items())
+    assert all(torch.equal(loaded[k], v) for k, v in encoder_at(rundir.latest_checkpoint(unvalidated)).items())
     assert "no checkpoint was validated" in capsys.readouterr().err

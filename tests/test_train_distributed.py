@@ -17,7 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from usjepa.config import load_config
-from usjepa.train import checkpoint as ckpt
+from usjepa import rundir
 from usjepa.train.loop import Trainer
 from usjepa.train.meter import module_gib
 
@@ -138,7 +138,7 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(reference, 
                                    rtol=1e-4, atol=1e-6, msg=key)
     for tag in ("perf/data_s", "perf/teacher_s", "perf/student_s", "perf/optimizer_s", "perf/peak_memory_gib"):
         assert len(losses(reference, tag)) == STEPS, tag
-    meta = ckpt.read_meta(ckpt.latest_checkpoint(reference))
+    meta = rundir.read_meta(rundir.latest_checkpoint(reference))
     assert meta["world_size"] == 2 and len(meta["rng"]) == 2 and meta["samples_seen"] == STEPS * 8
 
 
@@ -152,7 +152,7 @@ def test_kill_9_then_restart_gives_the_uninterrupted_losses(request, tiny_overri
     for pid in [*worker_ranks(proc.pid).values(), proc.pid]:  # the whole job at once, like a lost node
         os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    killed_at = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["step"]
+    killed_at = rundir.read_meta(rundir.latest_checkpoint(run_dir))["step"]
     assert killed_at < STEPS
     out = run(2, overrides)
     assert out.returncode == 0, out.stdout[-3000:]
@@ -181,7 +181,7 @@ def test_a_stop_signal_saves_the_current_step_on_every_rank(reference, tiny_over
     name = "SIGUSR2" if target == "usr2-to-rank-1" else "SIGTERM"
     if target == "usr2-to-rank-1":
         assert proc.returncode == 0, out[-3000:]  # torchrun itself reports its SIGTERM as a failure
-    saved = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["step"]
+    saved = rundir.read_meta(rundir.latest_checkpoint(run_dir))["step"]
     assert 0 < saved < STEPS, out[-2000:]  # stopped early, at a step that is not a checkpoint step
     assert max(losses(run_dir)) == saved  # the last logged step is in the checkpoint: nothing lost
     assert f"{name} received; saved step {saved} and stopped" in out

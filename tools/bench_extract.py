@@ -17,7 +17,7 @@ import torch
 
 from usjepa.bench.loaders import load_external
 from usjepa.eval.features import extract_features
-from usjepa.train.loop import resolve_device
+from usjepa.rundir import resolve_device
 
 # Images per set (train + val + test) and test images, from the recipes in shards/.
 ULTRABENCH = {"aul": (735, 147), "busbra": (1064, 213), "butterfly": (41076, 6751), "fatty_liver": (550, 110),

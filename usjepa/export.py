@@ -19,47 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
-from usjepa import __version__
-from usjepa.config import ModelConfig, load_config
+from usjepa import __version__, rundir
+from usjepa.config import ModelConfig
 from usjepa.data.augment import PIXEL_MEAN, PIXEL_STD
 from usjepa.errors import UserError
 from usjepa.fileio import atomic_write, atomic_write_text
-from usjepa.models.vit import Encoder, build_encoder
-from usjepa.train import checkpoint as ckpt
-from usjepa.train.rundir import RESOLVED_CONFIG
+from usjepa.models.loading import EXPORT_CONFIG as CONFIG
+from usjepa.models.loading import EXPORT_WEIGHTS as WEIGHTS
+from usjepa.models.loading import load_encoder
 
-WEIGHTS = "encoder.safetensors"
-CONFIG = "config.json"
 # Any timm ViT entry point rebuilds the encoder: model_args set every architecture field.
 ARCHITECTURE = "vit_base_patch16_224"
-_STEP = re.compile(r"^step_(\d+)$")
-
-
-def _find_checkpoint(run_dir: Path, name: str) -> Path:
-    existing = ckpt.list_checkpoints(run_dir)
-    if not existing:
-        raise UserError(f"{run_dir}: no checkpoint yet; train it first (usjepa train CONFIG run.dir={run_dir}) "
-                        "or wait for its first checkpoint (every checkpoint.every_steps steps)")
-    if name == "latest":
-        return ckpt.latest_checkpoint(run_dir) or existing[-1]
-    if name == "best":
-        best = ckpt.best_checkpoint(run_dir)
-        if best is None:
-            raise UserError(f"{run_dir}: no best checkpoint (no validation loss recorded; train with "
-                            "train.validate=true and a val split); use --checkpoint latest")
-        return best
-    match = _STEP.match(name)
-    for path in existing:
-        if match and int(path.name.removeprefix("step_")) == int(match.group(1)):
-            return path
-    raise UserError(f"{run_dir}: no checkpoint '{name}'; choose latest, best or one of "
-                    f"{', '.join(p.name for p in existing)}")
 
 
 def timm_config(model: ModelConfig, image_size: int) -> dict[str, Any]:
@@ -94,23 +69,22 @@ def export_encoder(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoin
                    force: bool = False) -> Path:
     """Write checkpoint `checkpoint` (latest, best or step_N) of `run_dir`'s encoder to `out`."""
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / RESOLVED_CONFIG).is_file():
-        raise UserError(f"{run_dir}: not a run dir (no {RESOLVED_CONFIG}); pass the run.dir of a `usjepa train` run")
-    cfg = load_config(run_dir / RESOLVED_CONFIG)
-    path = _find_checkpoint(run_dir, checkpoint)
+    if not rundir.is_run_dir(run_dir):
+        raise UserError(f"{run_dir}: not a run dir (no {rundir.RESOLVED_CONFIG}); pass the run.dir of a "
+                        "`usjepa train` run")
     _check_out(out, force)
-    meta = ckpt.read_meta(path)
-    encoder = build_encoder(cfg.model, cfg.data.image_size, attention="sdpa")
-    ckpt.load_module_weights(path, encoder, prefix="encoder.")
+    loaded = load_encoder(run_dir, checkpoint=checkpoint)
+    cfg, meta = loaded.config, rundir.read_meta(rundir.checkpoint_dir(run_dir) / loaded.checkpoint)
     # The file promises fp32 whatever the module is built in; safetensors needs contiguous tensors.
-    weights = {k: v.float().contiguous() for k, v in encoder.state_dict().items()}
+    weights = {k: v.float().contiguous() for k, v in loaded.encoder.state_dict().items()}
     description = timm_config(cfg.model, cfg.data.image_size)
-    source = dict(version=__version__, run_dir=str(run_dir.resolve()), checkpoint=path.name, step=meta["step"],
+    source = dict(version=__version__, run_dir=str(run_dir.resolve()), checkpoint=loaded.checkpoint,
+                  step=meta["step"],
                   objective=cfg.train.objective, teacher=meta.get("teacher"), weights=WEIGHTS,
                   features="forward_features(x) -> [B, N, D] final-normed patch tokens, no class token; "
                            "the probe mean-pools them")
     metadata = {"format": "pt", "step": str(meta["step"]), "run_dir": source["run_dir"],
-                "checkpoint": path.name, "usjepa_version": __version__,
+                "checkpoint": loaded.checkpoint, "usjepa_version": __version__,
                 "model_args": json.dumps(description["model_args"])}
     blob = save(weights, metadata=metadata)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,23 +94,6 @@ def export_encoder(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoin
     atomic_write(out / WEIGHTS, lambda f: f.write(blob))
     atomic_write_text(out / CONFIG, json.dumps({**description, "usjepa": source}, indent=2) + "\n")
     return out
-
-
-def is_export(path: Path) -> bool:
-    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
-
-
-def load_export(path: str | os.PathLike) -> tuple[Encoder, dict[str, Any]]:
-    """The project's Encoder with the weights of export folder `path`, and its config.json."""
-    path = Path(path)
-    if not is_export(path):
-        raise UserError(f"{path}: not an export folder (needs {CONFIG} and {WEIGHTS}); write one with usjepa export")
-    config = json.loads((path / CONFIG).read_text())
-    args = config["model_args"]
-    encoder = Encoder(img_size=args["img_size"], patch_size=args["patch_size"], embed_dim=args["embed_dim"],
-                      depth=args["depth"], num_heads=args["num_heads"], mlp_ratio=args["mlp_ratio"])
-    encoder.load_state_dict(load_file(str(path / WEIGHTS)))
-    return encoder, config
 
 
 def _run(args: argparse.Namespace) -> int:

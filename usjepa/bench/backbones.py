@@ -14,10 +14,9 @@ from usjepa.bench.loaders import EXTERNAL_KINDS, load_external
 from usjepa.bench.spec import BackboneSpec, BenchSpec
 from usjepa.data.augment import PIXEL_MEAN, PIXEL_STD
 from usjepa.errors import UserError
-from usjepa.fileio import files_sha256
-from usjepa.eval.backbones import find_checkpoint, load_backbone
-from usjepa.export import CONFIG, WEIGHTS, load_export
-from usjepa.train import checkpoint as ckpt
+from usjepa.eval.backbones import load_backbone
+from usjepa.models.loading import load_encoder
+
 
 
 @dataclass
@@ -34,27 +33,23 @@ class Backbone:
                 "preprocess": {k: self.provenance.get(k) for k in ("pooling", "mean", "std", "in_chans")}}
 
 
-def _checkpoint_step(run_dir: Path, which: str) -> dict:
-    path = find_checkpoint(run_dir, which)
-    return {"checkpoint": path.name, "step": ckpt.read_meta(path).get("step")}
-
-
 def _ours(spec: BackboneSpec, device: torch.device) -> tuple[torch.nn.Module, int, dict]:
     """A backbone this project trained: a run's encoder, an export, or a random init like a run."""
-    if spec.kind == "export":
-        module, config = load_export(spec.path)
-        usjepa = config.get("usjepa", {})
-        return module.to(device).eval().requires_grad_(False), config["model_args"]["img_size"], {
-            "source": str(Path(spec.path).resolve()), "source_sha256": files_sha256([Path(spec.path) / WEIGHTS]),
-            "config": CONFIG, "step": usjepa.get("step"), "run": usjepa.get("run")}
+    if spec.kind == "export" or (spec.kind == "run" and spec.encoder in ("student", "target")):
+        loaded = load_encoder(spec.path, which=spec.encoder, checkpoint=spec.checkpoint)
+        info = {"source": str(loaded.path.resolve()), "source_sha256": loaded.sha256, "step": loaded.step}
+        if loaded.kind == "run":
+            info.update(encoder=spec.encoder, checkpoint=loaded.checkpoint)
+        else:
+            info["run"] = loaded.export_config.get("usjepa", {}).get("run")
+        size = loaded.encoder.patch_embed.img_size[0]
+        return loaded.encoder.to(device).eval().requires_grad_(False), size, info
     run_dir = Path(spec.like or spec.path)
     which = "random" if spec.kind == "random" else spec.encoder
     overrides = [f"run.seed={spec.seed}"] if spec.kind == "random" else []
-    module, cfg = load_backbone(which, run_dir, device, overrides, spec.checkpoint)
+    module, cfg = load_backbone(which, run_dir, device, overrides)
     info = {"source": str(run_dir.resolve()), "encoder": which}
-    if which in ("student", "target"):
-        info.update(_checkpoint_step(run_dir, spec.checkpoint))
-    elif which == "teacher":
+    if which == "teacher":
         info["teacher"] = cfg.teacher.checkpoint
     else:
         info["seed"] = spec.seed

@@ -27,18 +27,14 @@ other stems get the gray image repeated on their channels and normalised in fron
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
-import pickle
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
-from safetensors import SafetensorError, safe_open
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from torch import nn
@@ -46,15 +42,12 @@ from torch import nn
 from usjepa.data.augment import PIXEL_MEAN, PIXEL_STD
 from usjepa.errors import UserError
 from usjepa.fileio import files_sha256
-from usjepa.models.teacher import (STATE_DICT_SUFFIXES, check_normalisation, fold_input_normalisation,
-                                   recorded_normalisation)
+from usjepa.models.loading import (check_normalisation, fold_input_normalisation,
+                                   read_checkpoint, recorded_normalisation, strip_prefix)
 
 EXTERNAL_KINDS = ("timm", "open_clip", "mae", "beit")
 POOLINGS = ("mean", "cls", "model")
 DEFAULT_MODELS = {"mae": "vit_base_patch16_224", "beit": "beit_base_patch16_224"}
-_WRAPPERS = ("model", "state_dict", "module", "teacher", "encoder")
-# `module.` first: DDP wraps whatever the training code called its parts.
-_PREFIXES = ("module.", "backbone.", "encoder.")
 # Parts only pretraining uses: MAE's pixel decoder and mask token, BEiT's visual-token head.
 _PRETRAINING_ONLY = {"mae": ("decoder_", "mask_token"), "beit": ("lm_head.", "mask_token")}
 _SHARED_BIAS = "rel_pos_bias.relative_position_bias_table"
@@ -94,71 +87,9 @@ class GrayTokens(nn.Module):
         return self.model.forward_head(tokens, pre_logits=True).unsqueeze(1)
 
 
-def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _unwrap(obj: object) -> dict[str, torch.Tensor]:
-    """The tensors of the state dict inside a training checkpoint's common wrappers."""
-    while isinstance(obj, dict):
-        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
-    for prefix in _PREFIXES:
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = _strip(sd, prefix)
-    return sd
-
-
-def _recorded_step(obj: object) -> int | None:
-    if not isinstance(obj, dict):
-        return None
-    step = next((obj[k] for k in ("step", "global_step") if k in obj), None)
-    return int(step) if isinstance(step, (int, str)) and str(step).isdigit() else None
-
-
-def _load_file(path: Path) -> object:
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as f:
-            # A `usjepa export` records its step in the metadata.
-            return {"state_dict": {k: f.get_tensor(k) for k in f.keys()}, **(f.metadata() or {})}
-    # MAE-style training checkpoints pickle their argparse settings beside the weights.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
-    """The state dict in checkpoint file `path` and the step it records (else None)."""
-    if path.suffix not in STATE_DICT_SUFFIXES:
-        raise UserError(f"{path}: not a checkpoint file ({', '.join(STATE_DICT_SUFFIXES)}); pass the weights "
-                        "file itself")
-    try:
-        obj = _load_file(path)
-    except pickle.UnpicklingError as e:
-        # A dotted name: bytes that merely look like a GLOBAL opcode name no class.
-        found = re.search(r"Unsupported global: GLOBAL (\w+(?:\.\w+)+)", str(e))
-        if not found:
-            raise UserError(f"{path}: not a readable checkpoint (not a torch pickle); is the file complete and "
-                            "a torch or safetensors file?") from None
-        raise UserError(f"{path}: pickles a {found.group(1)}, which a weights-only load refuses; if you trust the "
-                        "file, re-save its state dict: torch.save(torch.load(F, weights_only=False)['model'], "
-                        "'weights.pth')") from None
-    except (RuntimeError, EOFError, ValueError, OSError, SafetensorError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"{path}: not a readable checkpoint ({why}); is the file complete and a torch or "
-                        "safetensors file?") from None
-    sd = _unwrap(obj)
-    if not sd:
-        raise UserError(f"{path}: holds no state dict (no tensors found, also not under "
-                        f"{', '.join(_WRAPPERS)}); save one with torch.save(model.state_dict(), F)")
-    return sd, _recorded_step(obj)
-
-
 def _vision_tower(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """The image encoder of an open_clip checkpoint, without its projection into the joint space."""
-    trunk = _strip(sd, "visual.trunk.")
+    trunk = strip_prefix(sd, "visual.trunk.")
     if trunk:
         return trunk
     # Native layout: timm's ViT converter recognises it by the `visual.` keys and renames them.

@@ -1,4 +1,5 @@
-"""The US-JEPA paper (2026), table of linear-probe results: test macro-F1 (%), mean of 5 seeds."""
+"""Published linear-probe results of Radhachandran et al., US-JEPA (2026), arXiv:2602.19322:
+test macro-F1 (%), mean of 5 seeds, on the eight UltraBench datasets (docs/method.md#bench-protocols)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The benchmark's evaluation protocols (US-JEPA paper, section 4): few-shot label subsets,
+"""The benchmark's evaluation protocols (docs/method.md#bench-protocols): few-shot label subsets,
 degraded test images, and frame-to-video aggregation.
 
 Pure functions: arrays in, arrays out, and every random choice from the seed passed in (never

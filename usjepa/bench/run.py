@@ -29,7 +29,7 @@ from usjepa.eval.metrics import scores
 from usjepa.eval.probe import SPLITS, class_probabilities, predict, run_probe, train_probe
 from usjepa.fileio import atomic_write_text, files_sha256
 from usjepa.shardset.manifest import Manifest, load_manifest
-from usjepa.train.loop import resolve_device
+from usjepa.rundir import resolve_device
 from usjepa.train.provenance import code_state
 
 RESULTS = "results.json"

@@ -23,7 +23,7 @@ class BackboneSpec:
     # a checkpoint file (.pth, .pt, .bin, .safetensors).
     path: str = ""
     encoder: typing.Literal["student", "teacher", "target"] = "student"  # which encoder of a run
-    checkpoint: typing.Literal["best", "latest"] = "best"  # of a run's student or EMA target
+    checkpoint: str = "best"  # of a run's student or EMA target: best, latest or step_N
     # The timm architecture of a checkpoint file or of a random init, e.g. vit_base_patch16_224.
     model: str = ""
     like: str = ""  # random: take the architecture of this run dir's encoder instead of `model`

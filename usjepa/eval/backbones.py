@@ -3,21 +3,18 @@ written by `usjepa export` (given as its folder), or a non-learned baseline (bas
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from usjepa.config import Config, load_config
+from usjepa.config import Config
 from usjepa.errors import UserError
 from usjepa.eval.baselines import BASELINES, build_baseline
-from usjepa.export import is_export, load_export
+from usjepa.models.loading import is_export, load_encoder
 from usjepa.models.teacher import load_teacher
 from usjepa.models.vit import build_encoder
-from usjepa.train import checkpoint as ckpt
-from usjepa.train.rundir import RESOLVED_CONFIG
+from usjepa.rundir import run_config
 
 BACKBONES = ("student", "teacher", "target", "random", *BASELINES)
 CHECKPOINTS = ("best", "latest")
@@ -32,35 +29,12 @@ def backbone_name(spec: str) -> str:
     return spec if spec in BACKBONES else Path(spec).resolve().name
 
 
-def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
-    path = Path(run_dir) / RESOLVED_CONFIG
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no {RESOLVED_CONFIG}; pass the run.dir of a `usjepa train` run")
-    return load_config(path, overrides)
-
-
-def find_checkpoint(run_dir: Path, checkpoint: str) -> Path:
-    """The checkpoint dir of run `run_dir` that `checkpoint` (best or latest) names; `best`
-    falls back to the latest, with a note, where no checkpoint was validated."""
-    if checkpoint not in CHECKPOINTS:
-        raise UserError(f"unknown checkpoint '{checkpoint}'; choose one of {', '.join(CHECKPOINTS)}")
-    find = ckpt.latest_checkpoint if checkpoint == "latest" else ckpt.best_checkpoint
-    path = find(run_dir)
-    if path is None and checkpoint == "best" and (path := ckpt.latest_checkpoint(run_dir)):
-        print(f"usjepa: {run_dir}: no checkpoint was validated (no val split, or train.validate=false); "
-              f"probing the latest, {path.name}", file=sys.stderr)
-    if path is None:
-        raise UserError(f"{run_dir}: no {checkpoint} checkpoint yet; train the run first"
-                        + (" with train.validate=true and a val split" if checkpoint == "best" else ""))
-    return path
-
-
 def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Sequence[str] = (),
                   checkpoint: str = "best") -> tuple[torch.nn.Module, Config]:
     """The encoder `kind` of run `run_dir` (frozen, eval mode) and that run's config.
 
-    - student: the run's encoder at its `best` checkpoint (lowest validation loss, as the paper
-      selects; `latest` where no checkpoint was validated) or at its `latest`; a stage-1 run's
+    - student: the run's encoder at its `best` checkpoint (lowest validation loss, docs/method.md#model-selection;
+      `latest` where no checkpoint was validated) or at its `latest`; a stage-1 run's
       encoder is its teacher;
     - teacher: the frozen teacher a SALT run trained against;
     - target: the EMA target encoder of an EMA (I-JEPA) run, at the same checkpoint as `student`
@@ -73,15 +47,12 @@ def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Seq
     cfg = run_config(run_dir, overrides)
     objective = cfg.train.objective
     if kind in ("student", "target"):
+        if checkpoint not in CHECKPOINTS:
+            raise UserError(f"unknown checkpoint '{checkpoint}'; choose one of {', '.join(CHECKPOINTS)}")
         if kind == "target" and objective != "ema":
             raise UserError(f"{run_dir} is a {objective} run: only an EMA run (train.objective=ema) has a "
                             "target encoder; probe --backbone student" + (" or teacher" if objective == "salt" else ""))
-        path = find_checkpoint(Path(run_dir), checkpoint)
-        encoder = build_encoder(cfg.model, cfg.data.image_size)
-        if kind == "student":
-            ckpt.load_module_weights(path, encoder, prefix="encoder.")
-        else:
-            ckpt.load_module_weights(path, encoder, prefix="", key="target")
+        encoder = load_encoder(run_dir, which=kind, checkpoint=checkpoint).encoder
     elif kind == "teacher":
         if objective != "salt":
             hint = ("its encoder is the teacher; probe it with --backbone student" if objective == "mae" else
@@ -95,10 +66,7 @@ def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Seq
     elif kind in BASELINES:
         encoder = build_baseline(kind, cfg)
     elif is_export(Path(kind)):
-        encoder, config = load_export(kind)
-        if config["model_args"]["img_size"] != cfg.data.image_size:
-            raise UserError(f"export {kind} takes {config['model_args']['img_size']} px images but run {run_dir} "
-                            f"probes at data.image_size={cfg.data.image_size}; probe it with a run of the same size")
+        encoder = load_encoder(kind, image_size=cfg.data.image_size).encoder
     else:
         raise UserError(f"unknown backbone '{kind}'; choose one of {', '.join(BACKBONES)} or an export folder")
     return encoder.to(device).eval().requires_grad_(False), cfg

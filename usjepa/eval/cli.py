@@ -16,7 +16,7 @@ from usjepa.eval.probe import ProbeSplit, run_probe
 from usjepa.eval.report import format_table, write_probe_report
 from usjepa.errors import UserError
 from usjepa.shardset.manifest import load_manifest
-from usjepa.train.loop import resolve_device
+from usjepa.rundir import resolve_device
 
 SPLITS = ("train", "val", "test")
 
@@ -81,7 +81,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "probe", description="Frozen encoder -> mean-pooled last-layer tokens -> one linear layer "
                     "(AdamW 1e-3, wd 1e-4, batch 32, cosine, early stopping on val loss, 5 seeds), "
-                    "as in the US-JEPA paper, section 4, and a weighted kNN probe (DINO; probe.knn_k, default 20, "
+                    "as in the US-JEPA paper (docs/method.md#probe-protocol), and a weighted kNN probe (DINO; probe.knn_k, default 20, "
                     "probe.knn_temperature, default 0.07), both scored on val and test. "
                     "Writes <out>/<backbone>.json and a confusion-matrix PNG.")
     p.add_argument("run", help="run dir of a `usjepa train` run (its config gives the architecture and image size)")

@@ -19,7 +19,7 @@ from usjepa.ingest.recipes import load_recipe
 from usjepa.ingest.writer import build_shards
 from usjepa.study.jobs import Job
 from usjepa.study.spec import StudySpec
-from usjepa.train import checkpoint as ckpt
+from usjepa import rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +67,8 @@ def _train_overrides(spec: StudySpec, paths: Paths, arm: str, seed: int) -> list
 
 def _trained(config: str, overrides: list[str]) -> bool:
     cfg = load_config(config, overrides)
-    latest = ckpt.latest_checkpoint(Path(cfg.run.dir)) if Path(cfg.run.dir).is_dir() else None
-    return latest is not None and ckpt.read_meta(latest)["step"] >= cfg.train.total_steps
+    latest = rundir.latest_checkpoint(Path(cfg.run.dir)) if Path(cfg.run.dir).is_dir() else None
+    return latest is not None and rundir.read_meta(latest)["step"] >= cfg.train.total_steps
 
 
 def _probe_job(spec: StudySpec, paths: Paths, key: str, run: Path, backbone: str, task: str, out: Path,

@@ -13,7 +13,7 @@ from usjepa.fileio import atomic_write_text
 from usjepa.study.jobs import job_seconds, write_json
 from usjepa.study.plan import Paths
 from usjepa.study.spec import StudySpec
-from usjepa.train import checkpoint as ckpt
+from usjepa import rundir
 
 
 def _stats(values: list[float]) -> dict:
@@ -47,7 +47,7 @@ def _compute(spec: StudySpec, paths: Paths, arm: str, seconds: dict[str, float])
     a = spec.arms[arm]
     if a.probe == "random":
         return {"gflops": 0.0, "gflops_with_teacher": 0.0, "train_minutes": 0.0, "train_minutes_with_teacher": 0.0}
-    flops = [ckpt.read_meta(ckpt.latest_checkpoint(paths.run(arm, s)))["counters"]["flops"] / 1e9 for s in spec.seeds]
+    flops = [rundir.read_meta(rundir.latest_checkpoint(paths.run(arm, s)))["counters"]["flops"] / 1e9 for s in spec.seeds]
     minutes = [seconds.get(f"train/{arm}/seed{s}", 0.0) / 60 for s in spec.seeds]
     own = {"gflops": float(np.mean(flops)), "train_minutes": float(np.mean(minutes))}
     teacher = _compute(spec, paths, a.teacher, seconds) if a.teacher else {"gflops_with_teacher": 0.0,

@@ -30,6 +30,7 @@ from usjepa.data.masks import mask_lengths
 from usjepa.data.pipeline import collate_batch, make_train_loader, validation_batch_count, validation_batches
 from usjepa.data.streams import ShardSet
 from usjepa.errors import UserError
+from usjepa.rundir import latest_checkpoint, prepare_run_dir, resolve_device
 from usjepa.models.predictor import Predictor, build_predictor
 from usjepa.models.teacher import TeacherInfo, load_teacher
 from usjepa.models.vit import Encoder, build_encoder
@@ -44,7 +45,6 @@ from usjepa.train.objectives import latent_targets, pixel_targets, regression_lo
 from usjepa.train.parallel import (World, as_float, micro_batches_per_step, prepare_student, prepare_target,
                                    reshard_target, set_gradient_sync, split_sizes)
 from usjepa.train.provenance import record_start
-from usjepa.train.rundir import prepare_run_dir
 from usjepa.train.schedules import cosine, ema_momentum, warmup_cosine
 
 
@@ -104,14 +104,6 @@ def masked_mean(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
     weight = valid.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weight).sum(1) / weight.sum(1)
 
-
-def resolve_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"run.device={setting}: no CUDA device is visible; use run.device=cpu or auto")
-    return device
 
 
 def build_student(cfg: Config, out_dim: int, device: torch.device) -> Student:
@@ -195,7 +187,7 @@ class Trainer:
         # Run totals, kept across resumes (flops: model FLOPs of every step so far, train/flops.py).
         self.counters = {"nonfinite_skipped": 0, "corrupt_skipped": 0, "flops": 0.0}
         torch.manual_seed(cfg.run.seed + self.world.rank)  # drop-path differs between ranks
-        latest = ckpt.latest_checkpoint(self.run_dir)
+        latest = latest_checkpoint(self.run_dir)
         if latest is not None:
             self._resume(latest, drift)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,

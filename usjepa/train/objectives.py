@@ -18,8 +18,8 @@ from usjepa.models.vit import gather_tokens
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, n_targets: int,
                     cfg: TrainConfig) -> torch.Tensor:
-    """The paper's loss: per target block the mean over its tokens and features, then the
-    mean over the blocks of a sample, then over the samples.
+    """The paper's loss (docs/method.md#objective): per target block the mean over its tokens
+    and features, then the mean over the blocks of a sample, then over the samples.
 
     pred, target [T*B, Kt, F] (block-major); valid [T*B, Kt] excludes padding, so a block
     counts as one block whatever its size and however far it was padded (None: no padding).
