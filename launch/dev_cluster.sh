@@ -5,7 +5,7 @@
 # Debian 12's Slurm (22.05) is built with MULTIPLE_SLURMD, so two slurmd processes act as
 # nodes n1 and n2. Partitions: `debug` (default, low priority, PreemptMode=REQUEUE) and
 # `high` (preempts `debug`), so that requeue and preemption paths run for real.
-# How it is set up and used: README, "Local Slurm cluster".
+# How it is set up and used: docs/slurm.md#a-local-slurm-cluster-for-development.
 #
 # Everything the cluster writes lives under USJEPA_CLUSTER_DIR (default /tmp/usjepa-slurm):
 # config, munge key and socket, MariaDB datadir and socket, Slurm state, pid files, logs.

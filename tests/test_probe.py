@@ -1,4 +1,4 @@
-"""Linear probe (US-JEPA paper, section 4): feature extraction, training, metrics, reports."""
+"""Linear probe (docs/method.md#probe-protocol): feature extraction, training, metrics, reports."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ two ceilings, measured in one run on this machine, plus the data path alone.
 
 Rows, for each model and precision:
 - salt per_block / salt shared_context: `Trainer.train_step` of a SALT run (frozen teacher of
-  the student's size, the paper's masks: 4 target blocks of 15-20% of the grid, a context of
+  the student's size, I-JEPA's masks: 4 target blocks of 15-20% of the grid, a context of
   85-100%), on one prefetched batch;
 - mae: the stage-1 step (pixel targets, same masks and decoder);
 - dense ceiling: forward + backward + AdamW of the same encoder on every patch (timm blocks,
@@ -40,7 +40,8 @@ from usjepa.models.vit import build_encoder
 from usjepa.train.flops import encoder_forward_flops
 
 MODELS = {"tiny": dict(embed_dim=192, depth=12, num_heads=3), "small": dict(embed_dim=384, depth=12, num_heads=6)}
-# The paper's masks (I-JEPA's): 4 target blocks of 15-20%, a context block of 85-100%.
+# I-JEPA's masks: 4 target blocks of 15-20%, a context block of 85-100% (the US-JEPA defaults,
+# docs/method.md#masks, use smaller targets of 7.5-12.5%).
 MASKS = ["mask.target_scale=[0.15,0.2]", "mask.context_scale=[0.85,1.0]", "mask.min_keep=10"]
 
 

@@ -54,7 +54,7 @@ class AugmentConfig:
 class MixtureEntry:
     shards: str  # a folder written by `usjepa shards build`
     # Relative share of the samples drawn from this set; 0 = the manifest's sampling_weight,
-    # min(train samples, 50,000) as in the paper.
+    # min(train samples, 50,000) as in the paper (docs/method.md#mixture-weights).
     weight: float = 0.0
 
 
@@ -164,7 +164,8 @@ class TeacherConfig:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     # LayerNorm (no affine) over the feature dim of the target latents, the frozen teacher's
-    # and the EMA target's alike, as I-JEPA's code does (the SALT papers do not say).
+    # and the EMA target's alike, as I-JEPA's code does (the SALT papers do not say; see
+    # docs/method.md#choices-where-the-paper-is-silent).
     layernorm_targets: bool = True
 
 
@@ -183,7 +184,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype for student and predictor
     max_nonfinite: int = 5  # consecutive skipped steps (NaN/Inf loss or grad) before stopping
     # At every checkpoint, the loss on the `val` split (un-augmented, fixed masks) is logged as
-    # val/loss and `checkpoints/best` names the lowest (US-JEPA paper, section 2).
+    # val/loss and `checkpoints/best` names the lowest (docs/method.md#validation-and-model-selection).
     validate: bool = True
     # Batches validated at each checkpoint: -1 = sized to 5% of the steps between checkpoints
     # (a validation batch runs no backward, so it costs a few percent of the training time),
@@ -236,7 +237,7 @@ class LogConfig:
 
 @dataclass
 class ProbeConfig:
-    """Linear probe (US-JEPA paper, section 4), kNN probe and the non-learned baselines."""
+    """Linear probe, kNN probe and the non-learned baselines (docs/method.md#probe-protocol)."""
 
     lr: float = 1e-3
     weight_decay: float = 1e-4

@@ -1,4 +1,4 @@
-"""The paper's augmentations (US-JEPA paper, section 2), driven by an explicit generator.
+"""The paper's augmentations (docs/method.md#augmentations), driven by an explicit generator.
 
 Every random choice comes from the numpy Generator passed in, never from global RNG state,
 so a sample's augmentation is a pure function of (seed, stream, step, sample) and a resumed

@@ -94,7 +94,8 @@ class ShardSet:
                                 f"{', '.join(f'{k}: {v.count}' for k, v in manifest.splits.items()) or 'none'}); "
                                 "set data.split or rebuild the shards")
             manifests.append(manifest)
-            # the US-JEPA paper: a set's default weight is min(size, 50,000), the manifest's sampling_weight.
+            # docs/method.md#mixture-weights: a set's default weight is min(train samples, 50,000), the
+            # manifest's sampling_weight.
             weights.append(entry.weight or manifest.sampling_weight or manifest.count(split))
         total_weight = sum(weights)
         for manifest, weight in zip(manifests, weights):

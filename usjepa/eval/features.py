@@ -1,4 +1,4 @@
-"""Frozen-encoder feature extraction for the probes (US-JEPA paper, section 4), and the train-split
+"""Frozen-encoder feature extraction for the probes (docs/method.md#probe-protocol), and the train-split
 standardiser the linear and kNN probes share.
 
 The probes see one vector per image: the mean over the encoder's last-layer tokens. A JEPA

@@ -1,4 +1,4 @@
-"""Linear probe on frozen features (US-JEPA paper, section 4).
+"""Linear probe on frozen features (docs/method.md#probe-protocol).
 
 One linear layer trained with cross-entropy, AdamW (lr 1e-3, wd 1e-4), batch 32 and a
 per-step cosine schedule over up to 150 epochs, early-stopped on validation loss (patience
