@@ -126,7 +126,8 @@ def test_killed_build_resumes_to_the_same_bytes(tmp_path):
 
     assert cli("build", str(src), str(out), *flags) == 0
     report = json.loads((out / REPORT_NAME).read_text())
-    assert report["run"]["items_reused"] >= done and report["run"]["items_processed"] == 140 - report["run"]["items_reused"]
+    run = report["run"]
+    assert run["items_reused"] >= done and run["items_processed"] == 140 - run["items_reused"]
     assert shard_bytes(out) == shard_bytes(tmp_path / "whole") and len(shard_bytes(out)) > 3
     assert manifest_json(out) == manifest_json(tmp_path / "whole")
     assert not (out / ".work").exists() and not list(out.glob(".*"))
@@ -256,7 +257,8 @@ def test_small_colour_overlay_is_inpainted_and_large_one_flagged(tmp_path):
     skipped = run_build(src.parent, tmp_path / "skip", BuildSettings(image_size=64, large_overlay="skip"),
                         progress=False)
     assert skipped.manifest.total == 2 and skipped.manifest.build_summary["overlay_skipped"] == 1
-    assert skipped.report["skipped"][0]["stage"] == "overlay" and "large_overlay=skip" in skipped.report["skipped"][0]["reason"]
+    first = skipped.report["skipped"][0]
+    assert first["stage"] == "overlay" and "large_overlay=skip" in first["reason"]
 
 
 def test_overlay_inpainting_fills_from_the_surroundings():
@@ -378,7 +380,8 @@ def test_frames_prescribed_splits_and_unlabelled(tmp_path, monkeypatch):
     assert f"{make_key('v3')}_f00002" in keys and make_key("v3") not in keys
     assert len(got) == 8 * 3 - 1  # v5 breaks after 2 frames: those 2 are kept, the failure listed
     failed = result.report["skipped"]
-    assert [(f["source"], f["stage"]) for f in failed] == [("v5.mp4", "read")] and "after 2 frame(s)" in failed[0]["reason"]
+    assert [(f["source"], f["stage"]) for f in failed] == [("v5.mp4", "read")]
+    assert "after 2 frame(s)" in failed[0]["reason"]
     split_of_video = {}
     for _, _, _, meta in got:
         split_of_video.setdefault(meta["source"], set()).add(meta["split"])
@@ -453,3 +456,43 @@ def test_recipe_flag_with_overrides(tmp_path, capsys):
     assert m.image_size == 32 and m.count("train") == 6 and m.grouping["mode"] == "pattern"
     assert main(["shards", "build", str(tmp_path / "out2"), "--no-progress"]) == 2
     assert "no source given" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- source options
+def test_source_options_are_typed_and_checked_through_the_cli(tmp_path, capsys):
+    from usjepa.cli import main
+
+    src = image_folder(tmp_path / "src", per_class=2)
+    out = str(tmp_path / "out")
+    assert main(["shards", "build", str(src), out, "--source-option", "group_patern=^(p\\d+)_", "--no-progress"]) == 2
+    assert ("source format 'imagefolder': unknown key 'options.group_patern'; did you mean 'options.group_pattern'?"
+            in capsys.readouterr().err)
+    assert main(["shards", "build", str(src), out, "--format", "video", "--source-option", "fps=fast",
+                 "--no-progress"]) == 2
+    assert "source format 'video': options.fps: expected float, got 'fast'" in capsys.readouterr().err
+    assert main(["shards", "build", str(src), out, "--format", "dicom", "--source-option", "group_by=hospital",
+                 "--no-progress"]) == 2
+    assert "options.group_by: 'hospital' is not one of patient, study, series, file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        main(["shards", "build", "--help"])
+    assert "video: fps=3.0, max_frames=30" in " ".join(capsys.readouterr().out.split())
+
+
+def test_source_options_are_typed_and_checked_in_a_recipe(tmp_path):
+    from usjepa.ingest.recipes import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("format: video\nsource: /x\noptions: {fsp: 3}\n")
+    with pytest.raises(UserError, match=r"recipe .*r.yaml: source format 'video': unknown key 'options.fsp'; did you "
+                                        r"mean 'options.fps'\?"):
+        load_recipe(recipe, {}, environ={})
+    recipe.write_text("format: video\nsource: /x\nbuild: {max_frames: many}\n")
+    with pytest.raises(UserError, match=r"options.max_frames: expected int, got 'many'"):
+        load_recipe(recipe, {}, environ={})
+    recipe.write_text("format: csv\nsource: /x.csv\noptions: {label_column: [a, b]}\n")
+    with pytest.raises(UserError, match=r"options.label_column: expected str"):
+        load_recipe(recipe, {}, environ={})
+    recipe.write_text("format: video\nsource: /x\noptions: {fps: 2, region: {work_size: 64}}\n")
+    _, settings, options = load_recipe(recipe, {}, environ={})
+    assert options == {"fps": 2, "region": {"work_size": 64}} and settings.source_options == options

@@ -11,6 +11,7 @@ from usjepa.ingest.build.run import run_build
 from usjepa.ingest.build.workdir import WORK_DIR
 from usjepa.ingest.build.workers import resolve_workers
 from usjepa.ingest.image.overlay import LARGE_OVERLAY_ACTIONS
+from usjepa.ingest.inspect import contents_lines, contact_sheet, summary_lines
 from usjepa.ingest.image.preprocess import RESIZE_MODES
 from usjepa.ingest.recipes import load_recipe, parse_assignments
 from usjepa.ingest.settings import BuildSettings
@@ -18,7 +19,7 @@ from usjepa.ingest.sources import SOURCES
 from usjepa.ingest.sources.base import describe_options
 from usjepa.ingest.sources.detect import AUTO, format_choices
 from usjepa.ingest.verify import verify_shards
-from usjepa.shardset.manifest import REPORT_NAME, Manifest
+from usjepa.shardset.manifest import REPORT_NAME, load_manifest
 
 _DEFAULTS = BuildSettings()
 
@@ -86,10 +87,11 @@ def _add_build(sub) -> None:
                        help="pad: pad the region crop to a square, then resize (keeps the aspect ratio); "
                        "stretch: resize the crop to a square; short_side: shorter side to --size, aspect "
                        f"kept, not square (default: {d.resize_mode})")
-    build.add_argument("--shard-size", type=int, default=None, help=f"at most this many samples per tar (default: {d.shard_size})")
-    build.add_argument("--val-fraction", type=float, default=None, help=f"share of samples for validation (default: {d.val_fraction})")
-    build.add_argument("--test-fraction", type=float, default=None, help=f"share of samples for test (default: {d.test_fraction})")
-    build.add_argument("--seed", type=int, default=None, help=f"seed of the splits, the sample order and the --max-samples choice (default: {d.seed})")
+    build.add_argument("--shard-size", type=int, help=f"at most this many samples per tar (default: {d.shard_size})")
+    build.add_argument("--val-fraction", type=float, help=f"share of samples for val (default: {d.val_fraction})")
+    build.add_argument("--test-fraction", type=float, help=f"share of samples for test (default: {d.test_fraction})")
+    build.add_argument("--seed", type=int,
+                       help=f"seed of the splits, the sample order and the --max-samples choice (default: {d.seed})")
     build.add_argument(
         "--group-pattern",
         default=None,
@@ -104,7 +106,8 @@ def _add_build(sub) -> None:
     )
     build.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
                        help="option of the source format, repeatable, e.g. fps=3, max_frames=30, "
-                       "group_by=patient; the formats' options are listed below (VALUE is read as JSON when it parses: numbers, true/false, null, lists)")
+                       "group_by=patient; the formats' options are listed below (VALUE is read as YAML: numbers, "
+                       "true/false, null, lists)")
     _add_selection_and_output_flags(build)
 
 
@@ -114,14 +117,17 @@ def _add_selection_and_output_flags(build) -> None:
                        help="keep at most this many samples (deterministic: the first ones in a seeded order of "
                        "the items, after failures and duplicates; default: all)")
     build.add_argument("--weight-cap", type=int, default=None,
-                       help=f"manifest sampling_weight = min(train samples, this) for dataset mixing (default: {d.weight_cap})")
+                       help="manifest sampling_weight = min(train samples, this) for dataset mixing "
+                       f"(default: {d.weight_cap})")
     build.add_argument("--overlay-max-fraction", type=float, default=None,
                        help="colour overlays covering less than this share of an image are inpainted, larger ones "
                        f"flagged (default: {d.overlay.max_fraction})")
     build.add_argument("--overlay-tolerance", type=int, default=None,
-                       help=f"a pixel is coloured when its channels differ by more than this (default: {d.overlay.tolerance})")
+                       help="a pixel is coloured when its channels differ by more than this "
+                       f"(default: {d.overlay.tolerance})")
     build.add_argument("--large-overlay", choices=LARGE_OVERLAY_ACTIONS, default=None,
-                       help=f"images with large colour overlays: keep and flag them, or skip them (default: {d.large_overlay})")
+                       help="images with large colour overlays: keep and flag them, or skip them "
+                       f"(default: {d.large_overlay})")
     build.add_argument("--no-dedup", dest="dedup", action="store_const", const=False, default=None,
                        help="keep identical images (default: each distinct preprocessed image is written once)")
     build.add_argument("--overwrite", action="store_true",
@@ -157,7 +163,7 @@ def _add_inspect(sub) -> None:
     inspect.add_argument("out", metavar="OUT", help="folder holding manifest.json and the shards")
     inspect.add_argument("--grid", metavar="PNG", default=None, help="write the contact sheet to this PNG file")
     inspect.add_argument("--split", default="train", help="split to draw from (default: train)")
-    inspect.add_argument("--n", type=int, default=32, help="number of samples to draw, the first of the split (default: 32)")
+    inspect.add_argument("--n", type=int, default=32, help="samples to draw, the first of the split (default: 32)")
     inspect.add_argument("--columns", type=int, default=None, help="tiles per row (default: about sqrt(n))")
     inspect.set_defaults(func=_inspect)
 
@@ -170,10 +176,12 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 def settings_from_args(args, base: BuildSettings | None = None) -> BuildSettings:
     """BuildSettings from `base` (defaults or a recipe's) and the flags given explicitly."""
     base = base or BuildSettings()
-    given = {field: getattr(args, dest) for dest, field in _SETTING_FLAGS.items() if getattr(args, dest, None) is not None}
+    given = {field: getattr(args, dest) for dest, field in _SETTING_FLAGS.items()
+             if getattr(args, dest, None) is not None}
     if "exclude_pattern" in given and given["exclude_pattern"] == "":
         given["exclude_pattern"] = None
-    overlay = {field: getattr(args, dest) for dest, field in _OVERLAY_FLAGS.items() if getattr(args, dest, None) is not None}
+    overlay = {field: getattr(args, dest) for dest, field in _OVERLAY_FLAGS.items()
+               if getattr(args, dest, None) is not None}
     options = {**base.source_options, **dict(parse_override(pair) for pair in args.source_option)}
     return replace(base, **given, overlay=replace(base.overlay, **overlay), source_options=options,
                    overwrite=args.overwrite or base.overwrite)
@@ -202,7 +210,7 @@ def _build(args) -> int:
     summary, run = report["summary"], report["run"]
     print(f"built {manifest.total} samples into {manifest.root} ({manifest.image_size} px, format "
           f"{manifest.source_format}{' (detected)' if report['source']['format_detected'] else ''})")
-    print(summarize(manifest))
+    print("\n".join(contents_lines(manifest)))
     print(f"skipped {summary['skipped']}", end="")
     for s in report["skipped"][:5]:
         print(f"\n  {s['source']}: {s['reason']}", end="")
@@ -226,15 +234,6 @@ def _build(args) -> int:
     return 0
 
 
-def summarize(manifest: Manifest) -> str:
-    lines = [f"classes: {', '.join(f'{i}={c}' for i, c in enumerate(manifest.classes))}"]
-    for split, info in manifest.splits.items():
-        per_class = ", ".join(f"{c} {n}" for c, n in info.class_counts.items())
-        unl = f", unlabelled {info.unlabelled}" if info.unlabelled else ""
-        lines.append(f"{split:5s} {info.count:7d} samples, {info.groups} groups, {len(info.shards)} shard(s) ({per_class}{unl})")
-    return "\n".join(lines)
-
-
 def _verify(args) -> int:
     report = verify_shards(args.out)
     print(f"ok: {report['samples']} samples in {report['shards_dir']} verified in {report['seconds']:.1f} s")
@@ -243,16 +242,14 @@ def _verify(args) -> int:
     print(f"colour overlays: {report['inpainted']} inpainted, {report['overlay_flagged']} flagged; "
           f"skipped at build {report['skipped_at_build']}, duplicates at build {report['duplicates_at_build']}")
     if report["unlisted_shards"]:
-        print(f"note: {len(report['unlisted_shards'])} shard file(s) not in the manifest (ignored): {report['unlisted_shards'][:5]}")
+        unlisted = report["unlisted_shards"]
+        print(f"note: {len(unlisted)} shard file(s) not in the manifest (ignored): {unlisted[:5]}")
     if report["leftover_work"]:
         print(f"note: {report['shards_dir']}/{WORK_DIR} holds kept build work (--keep-work); delete it when not needed")
     return 0
 
 
 def _inspect(args) -> int:
-    from usjepa.ingest.inspect import contact_sheet, summary_lines
-    from usjepa.shardset.manifest import load_manifest
-
     manifest = load_manifest(args.out)
     print("\n".join(summary_lines(manifest)))
     if args.grid:

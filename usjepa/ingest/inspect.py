@@ -88,7 +88,8 @@ def contact_sheet(shards_dir, grid_path, split: str = "train", n: int = 32, colu
     tile_w = max(t.width for t in tiles)
     tile_h = max(t.height for t in tiles)
     title_h = font_size + 12
-    sheet = Image.new("RGB", (pad + columns * (tile_w + pad), title_h + pad + rows * (tile_h + caption + pad)), BACKGROUND)
+    size = (pad + columns * (tile_w + pad), title_h + pad + rows * (tile_h + caption + pad))
+    sheet = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     draw.text((pad, 4), f"{manifest.root.name}: {split}, first {len(samples)} of {manifest.count(split)} "
               f"({manifest.image_size} px; green: region border, blue: outside)", fill=TEXT, font=font)
@@ -109,21 +110,29 @@ def contact_sheet(shards_dir, grid_path, split: str = "train", n: int = 32, colu
                   fill=FLAG_TEXT if flags else TEXT, font=font)
     grid_path = Path(grid_path).expanduser()
     if grid_path.parent and not grid_path.parent.exists():
-        raise UserError(f"folder {grid_path.parent} for the contact sheet does not exist; create it or choose another path")
+        raise UserError(f"folder {grid_path.parent} for the contact sheet does not exist; create it or choose "
+                        "another path")
     atomic_write(grid_path, lambda f: sheet.save(f, format="PNG"))
     return {"path": str(grid_path), "split": split, "samples": len(samples), "size": list(sheet.size),
             "keys": [key for key, *_ in samples]}
+
+
+def contents_lines(manifest: Manifest) -> list[str]:
+    """The classes, then per split: samples, groups, shards and samples per class."""
+    lines = ["classes: " + (", ".join(f"{i}={c}" for i, c in enumerate(manifest.classes)) or "(none)")]
+    for split, info in manifest.splits.items():
+        per_class = ", ".join(f"{c} {k}" for c, k in info.class_counts.items())
+        unl = f", unlabelled {info.unlabelled}" if info.unlabelled else ""
+        lines.append(f"{split:5s} {info.count:7d} samples, {info.groups} groups, {len(info.shards)} shard(s) "
+                     f"({per_class}{unl})")
+    return lines
 
 
 def summary_lines(manifest: Manifest) -> list[str]:
     """A few lines on what the shard set holds and how it was built."""
     lines = [f"{manifest.root}: {manifest.total} samples, {manifest.image_size} px, source "
              f"{manifest.source_format} {manifest.source_root or '(root not recorded)'}"]
-    lines.append("classes: " + (", ".join(f"{i}={c}" for i, c in enumerate(manifest.classes)) or "(none)"))
-    for split, info in manifest.splits.items():
-        per_class = ", ".join(f"{c} {k}" for c, k in info.class_counts.items())
-        unl = f", unlabelled {info.unlabelled}" if info.unlabelled else ""
-        lines.append(f"{split:5s} {info.count:7d} samples, {info.groups} groups, {len(info.shards)} shard(s) ({per_class}{unl})")
+    lines += contents_lines(manifest)
     s = manifest.build_summary
     if s:
         lines.append(f"built from {s.get('items')} items ({s.get('frames')} frames): skipped {s.get('skipped')}, "

@@ -68,7 +68,8 @@ class BuildSettings:
 
         positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
         checks = [
-            (isinstance(self.image_size, int) and self.image_size >= 8, f"image size {self.image_size!r} must be an integer >= 8"),
+            (isinstance(self.image_size, int) and self.image_size >= 8,
+             f"image size {self.image_size!r} must be an integer >= 8"),
             (positive(self.shard_size), f"shard size {self.shard_size!r} must be an integer >= 1"),
             (0 <= self.val_fraction <= 1, f"val fraction {self.val_fraction} must be in [0, 1]"),
             (0 <= self.test_fraction <= 1, f"test fraction {self.test_fraction} must be in [0, 1]"),

@@ -100,8 +100,9 @@ class _Checker:
 
     def split(self, split: str, info: SplitInfo, seen: _Split) -> None:
         p = self.problems
-        if sum(s.count for s in info.shards) != info.count:
-            p.append(f"split {split}: shard counts sum to {sum(s.count for s in info.shards)}, manifest says {info.count}")
+        in_shards = sum(s.count for s in info.shards)
+        if in_shards != info.count:
+            p.append(f"split {split}: shard counts sum to {in_shards}, manifest says {info.count}")
         if seen.decoded != info.count:
             p.append(f"split {split}: decoded {seen.decoded} samples, manifest says {info.count}")
         expected = {c: n for c, n in info.class_counts.items() if n}

@@ -182,4 +182,5 @@ def load_manifest(shards_dir) -> Manifest:
     try:
         return Manifest.from_dict(data, root=path.parent.absolute())
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UserError(f"shard manifest {path} is missing or has a bad field ({exc!r}); rebuild it: {hint} --overwrite") from None
+        raise UserError(f"shard manifest {path} is missing or has a bad field ({exc!r}); rebuild it: {hint} "
+                        "--overwrite") from None

@@ -157,7 +157,8 @@ def _items_in_order(source: Source, name: str) -> list[SourceItem]:
         raise RuntimeError(f"source {name} produced duplicate keys, e.g. {duplicates[:3]}")
     bad = [it for it in items if it.split is not None and it.split not in SPLITS]
     if bad:
-        raise UserError(f"source item {bad[0].source!r} prescribes split {bad[0].split!r}; splits are {', '.join(SPLITS)}")
+        raise UserError(f"source item {bad[0].source!r} prescribes split {bad[0].split!r}; splits are "
+                        f"{', '.join(SPLITS)}")
     return items
 
 

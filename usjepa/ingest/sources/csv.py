@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import ClassVar
 
 from usjepa.errors import UserError
-from usjepa.ingest.sources.base import UNLABELLED, Patterns, Source, SourceItem, capture, compile_pattern, register_source
+from usjepa.ingest.sources.base import (
+    UNLABELLED,
+    Patterns,
+    Source,
+    SourceItem,
+    capture,
+    compile_pattern,
+    register_source,
+)
 from usjepa.ingest.sources.listed import (
     DirIndex,
     MediaItems,
@@ -211,7 +219,8 @@ class CsvSource(Source):
             raise UserError(f"every row of {self.csv_path} was excluded by the exclude pattern "
                             f"'{self.options.exclude_pattern}'; loosen the pattern")
         require_some_exist([(r["raw"], r["path"]) for r in listed], [r["exists"] for r in listed], str(self.csv_path),
-                           "paths are read relative to the CSV's folder (or path_root); check path_root and path_suffix")
+                           "paths are read relative to the CSV's folder (or path_root); check path_root and "
+                           "path_suffix")
         return listed, excluded
 
     def _split(self, header, row, line: int) -> str | None:

@@ -19,91 +19,31 @@ SALT_ENV = "USJEPA_DEID_SALT"
 PSEUDONYM_HEX = 16
 
 # short prefixes of the pseudonyms per kind; other kinds ([a-z][a-z0-9]*) are used as given
-KIND_PREFIX = {
-    "patient": "pat",
-    "study": "stu",
-    "series": "ser",
-    "file": "file",
-    "video": "vid",
-    "path": "id",
-}
+KIND_PREFIX = {"patient": "pat", "study": "stu", "series": "ser", "file": "file", "video": "vid", "path": "id"}
 
 # DICOM keywords of attributes that identify a person, a place, a device or an examination
 # (a working subset of the PS3.15 E.1-1 basic profile: names, ids, dates and times, UIDs,
 # addresses, free text about the patient). Sample metadata never carries any of them.
 IDENTIFYING_TAGS: tuple[str, ...] = (
-    # patient
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "OtherPatientIDs",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "PatientBirthName",
-    "PatientMotherBirthName",
-    "PatientBirthDate",
-    "PatientBirthTime",
-    "PatientSex",
-    "PatientAge",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "PatientComments",
-    "AdditionalPatientHistory",
-    "MedicalRecordLocator",
-    "EthnicGroup",
-    "Occupation",
-    "MilitaryRank",
-    # institution, people, device
-    "InstitutionName",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "ReferringPhysicianName",
-    "ReferringPhysicianAddress",
-    "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName",
-    "PhysiciansOfRecord",
-    "NameOfPhysiciansReadingStudy",
-    "RequestingPhysician",
-    "OperatorsName",
-    "StationName",
-    "DeviceSerialNumber",
-    # examination
-    "AccessionNumber",
-    "StudyID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "MediaStorageSOPInstanceUID",
-    "FrameOfReferenceUID",
-    "StudyDescription",
-    "SeriesDescription",
-    "RequestAttributesSequence",
-    # dates and times
-    "StudyDate",
-    "SeriesDate",
-    "AcquisitionDate",
-    "ContentDate",
-    "InstanceCreationDate",
-    "AcquisitionDateTime",
-    "StudyTime",
-    "SeriesTime",
-    "AcquisitionTime",
-    "ContentTime",
+    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientIDsSequence",
+    "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientBirthDate", "PatientBirthTime",
+    "PatientSex", "PatientAge", "PatientAddress", "PatientTelephoneNumbers", "PatientComments",
+    "AdditionalPatientHistory", "MedicalRecordLocator", "EthnicGroup", "Occupation", "MilitaryRank",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
+    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "PerformingPhysicianName",
+    "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "RequestingPhysician", "OperatorsName", "StationName",
+    "DeviceSerialNumber", "AccessionNumber", "StudyID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+    "MediaStorageSOPInstanceUID", "FrameOfReferenceUID", "StudyDescription", "SeriesDescription",
+    "RequestAttributesSequence", "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate",
+    "InstanceCreationDate", "AcquisitionDateTime", "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime",
     "InstanceCreationTime",
 )
 
 # values of these are too short or too generic (free-text descriptions such as "BREAST")
 # to look for inside path components
 _NOT_SEARCHED_IN_PATHS = {
-    "PatientSex",
-    "PatientAge",
-    "EthnicGroup",
-    "Occupation",
-    "MilitaryRank",
-    "StudyDescription",
-    "SeriesDescription",
-    "PatientComments",
-    "AdditionalPatientHistory",
+    "PatientSex", "PatientAge", "EthnicGroup", "Occupation", "MilitaryRank", "StudyDescription",
+    "SeriesDescription", "PatientComments", "AdditionalPatientHistory",
 }
 _KIND_OK = re.compile(r"^[a-z][a-z0-9]*$")
 
@@ -165,7 +105,8 @@ def load_or_create_salt(path=None, output_dir=None) -> bytes:
     try:
         salt = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"cannot read the de-identification salt file {path} ({exc.strerror}); check its permissions") from None
+        raise UserError(f"cannot read the de-identification salt file {path} ({exc.strerror}); check its "
+                        "permissions") from None
     if len(salt) != SALT_BYTES:
         raise UserError(
             f"de-identification salt file {path} holds {len(salt)} bytes, not {SALT_BYTES}; it is not a salt "
@@ -234,7 +175,8 @@ def identifying_values(ds) -> dict[str, list[str]]:
                 continue
             if keyword.endswith("Sequence"):
                 continue
-            values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+            several = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+            values = list(value) if several else [value]
             texts, parts = [], []
             for v in values:
                 text = str(v).strip()

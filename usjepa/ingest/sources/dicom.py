@@ -90,7 +90,8 @@ class DicomSource(Source):
             problems.append(f"max frames {o.max_frames!r} must be an integer >= 0 (0: all)")
         if o.group_pattern:
             problems.append("a group pattern does not apply to DICOM sources (groups come from the PatientID/"
-                            "StudyInstanceUID tags); drop --group-pattern and choose group_by patient|study|series|file")
+                            "StudyInstanceUID tags); drop --group-pattern and choose group_by "
+                            "patient|study|series|file")
         if problems:
             raise UserError(f"invalid DICOM source options for {self.root}: " + "; ".join(problems))
         self.patterns = Patterns(None, o.exclude_pattern)
@@ -122,7 +123,8 @@ class DicomSource(Source):
                 entry.error = f"DICOM header unreadable ({type(exc).__name__}; damaged or truncated file)"
             else:
                 meta = getattr(entry.header, "file_meta", None)
-                sop = str(entry.header.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+                stored = meta.get("MediaStorageSOPClassUID", "") if meta else ""
+                sop = str(entry.header.get("SOPClassUID", "") or stored)
                 if sop == DICOMDIR_SOP_CLASS:
                     counts["dicomdir_skipped"] += 1
                     continue
@@ -181,7 +183,8 @@ class DicomSource(Source):
         o = self.options
         return {
             "files_found": counts["files_found"], "dicom_files": len(items),
-            "non_dicom_skipped": counts["non_dicom_skipped"], "regular_images_skipped": counts["regular_images_skipped"],
+            "non_dicom_skipped": counts["non_dicom_skipped"],
+            "regular_images_skipped": counts["regular_images_skipped"],
             "excluded": counts["excluded"], "exclude_pattern": o.exclude_pattern,
             "dicomdir_skipped": counts["dicomdir_skipped"], "unreadable_headers": sum(1 for it in items if it.error),
             "modalities": modality, "photometric_interpretations": part("photometric:"),
@@ -232,9 +235,9 @@ class DicomSource(Source):
         if labels == "folders":
             if suspect:
                 raise UserError(
-                    f"labels='folders' but {len(suspect)} first-level folder(s) of {root} are named after an identifier "
-                    "of their files (patient id or name, accession number, UID, date, institution); class folders must "
-                    "be class names (e.g. benign/, malignant/): rearrange the tree or use labels='none'"
+                    f"labels='folders' but {len(suspect)} first-level folder(s) of {root} are named after an "
+                    "identifier of their files (patient id or name, accession number, UID, date, institution); "
+                    "class folders must be class names (e.g. benign/, malignant/): rearrange the tree or use labels='none'"
                 )
             return "folders", "first-level folder names (labels='folders')"
         if not all_folders:

@@ -55,11 +55,13 @@ def _decoder_problem(ts) -> str | None:
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
-        return f"no pixel data decoder exists for transfer syntax {ts.name} ({ts}); convert the file (e.g. dcmdjpeg/gdcmconv)"
+        return (f"no pixel data decoder exists for transfer syntax {ts.name} ({ts}); convert the file "
+                "(e.g. dcmdjpeg/gdcmconv)")
     if decoder.is_available:
         return None
     if ts in ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"):
-        how = "High-Throughput JPEG 2000 pixel data needs pylibjpeg-openjpeg >= 2: pip install pylibjpeg pylibjpeg-openjpeg"
+        how = ("High-Throughput JPEG 2000 pixel data needs pylibjpeg-openjpeg >= 2: "
+               "pip install pylibjpeg pylibjpeg-openjpeg")
     elif ts in uid.JPEG2000TransferSyntaxes:
         how = (
             "JPEG 2000 pixel data needs pylibjpeg-openjpeg or Pillow with openjpeg: "
@@ -122,7 +124,8 @@ def gray_to_uint8(arr: np.ndarray, ds, frame: int = 0) -> tuple[np.ndarray, str]
     from pydicom.pixels import apply_voi
 
     values = _rescale(arr, ds, frame)
-    voi = ds if ("VOILUTSequence" in ds or "WindowCenter" in ds) else _functional_group(ds, frame, "FrameVOILUTSequence")
+    own = "VOILUTSequence" in ds or "WindowCenter" in ds
+    voi = ds if own else _functional_group(ds, frame, "FrameVOILUTSequence")
     how = "minmax"
     unit = None
     if voi is not None and voi.get("VOILUTSequence"):
@@ -163,7 +166,8 @@ def colour_to_uint8(arr: np.ndarray, ds) -> np.ndarray:
 
         rgb = apply_color_lut(arr, ds)
         if rgb.dtype != np.uint8:
-            bits = int(ds.RedPaletteColorLookupTableDescriptor[2]) if "RedPaletteColorLookupTableDescriptor" in ds else 16
+            descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+            bits = int(descriptor[2]) if descriptor is not None else 16
             top = 2**bits - 1 if bits > 8 else 255
             if rgb.max(initial=0) <= 255 and bits > 8:  # 16-bit entries holding 8-bit values
                 top = 255
@@ -257,7 +261,8 @@ class DicomItem(SourceItem):
                     if colour:
                         image = colour_to_uint8(arr, ds)
                     elif arr.ndim != 2:
-                        raise DicomDecodeError(f"{pi} pixel data decoded to shape {arr.shape}, expected (rows, columns)")
+                        raise DicomDecodeError(f"{pi} pixel data decoded to shape {arr.shape}, expected "
+                                               "(rows, columns)")
                     else:
                         image, info["gray_mapping"] = gray_to_uint8(arr, ds, index)
                 except DicomDecodeError:

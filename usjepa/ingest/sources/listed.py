@@ -64,7 +64,8 @@ class DirIndex:
 
     def by_stem(self, folder: Path, stem: str, suffixes: Sequence[str]) -> list[str]:
         """File names in `folder` whose stem is `stem` and whose suffix is one of `suffixes`."""
-        return sorted(n for n in self.names(folder) if n.lower().endswith(tuple(suffixes)) and n[: n.rfind(".")] == stem)
+        suffixes = tuple(suffixes)
+        return sorted(n for n in self.names(folder) if n.lower().endswith(suffixes) and n[: n.rfind(".")] == stem)
 
 
 def canonical_labels(values: Sequence[str]) -> tuple[list[str], dict[str, str]]:

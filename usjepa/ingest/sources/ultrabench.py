@@ -346,7 +346,8 @@ class UltraBenchSource(Source):
         out = {
             "mode": "ultrabench",
             "prescribed_splits": self.variant,
-            "group": keys if self.patterns.group_rx is None else f"{keys}, else pattern {self.options.group_pattern} on the image stem",
+            "group": keys if self.patterns.group_rx is None
+            else f"{keys}, else pattern {self.options.group_pattern} on the image stem",
             "without_group": "each image is its own group" if self.patterns.group_rx is None else None,
         }
         if "train_val" in self.files:

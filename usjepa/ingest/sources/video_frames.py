@@ -44,7 +44,8 @@ class VideoSettings:
 
     def problems(self) -> list[str]:
         checks = [
-            (_number(self.fps) and self.fps >= 0 and not math.isinf(self.fps), f"fps {self.fps!r} must be a number >= 0 (0: every frame)"),
+            (_number(self.fps) and self.fps >= 0 and not math.isinf(self.fps),
+             f"fps {self.fps!r} must be a number >= 0 (0: every frame)"),
             (isinstance(self.max_frames, int) and not isinstance(self.max_frames, bool) and self.max_frames >= 0,
              f"max frames {self.max_frames!r} must be an integer >= 0 (0: no cap)"),
             (_number(self.dedup_threshold) and 0 <= self.dedup_threshold <= 255,
@@ -53,7 +54,8 @@ class VideoSettings:
              f"motion threshold {self.motion_threshold!r} must be in [0, 255]"),
             (_number(self.motion_relative) and 0 <= self.motion_relative < 1,
              f"motion relative {self.motion_relative!r} must be in [0, 1)"),
-            (_number(self.blank_level) and 0 <= self.blank_level < 255, f"blank level {self.blank_level!r} must be in [0, 255)"),
+            (_number(self.blank_level) and 0 <= self.blank_level < 255,
+             f"blank level {self.blank_level!r} must be in [0, 255)"),
         ]
         return [why for ok, why in checks if not ok]
 
