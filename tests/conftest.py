@@ -6,7 +6,8 @@ import pytest
 
 from usjepa.config import load_config
 from usjepa.data.synth import GROUP_PATTERN, write_synthetic_dataset
-from usjepa.ingest.writer import BuildSettings, build_shards
+from usjepa.ingest.build.run import build_shards
+from usjepa.ingest.settings import BuildSettings
 
 # A model small enough that a training step takes milliseconds on one CPU core.
 TINY = ["data.image_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=1",

@@ -16,7 +16,8 @@ from usjepa.bench.spec import load_bench
 from usjepa.config import ConfigError
 from usjepa.data.synth import GROUP_PATTERN, write_synthetic_dataset
 from usjepa.shardset.manifest import load_manifest
-from usjepa.ingest.writer import BuildSettings, build_shards
+from usjepa.ingest.build.run import build_shards
+from usjepa.ingest.settings import BuildSettings
 from usjepa.models.vit import Encoder
 
 

@@ -146,7 +146,8 @@ def test_eval_batches_keep_shard_order(shards):
 def test_short_side_shards_keep_their_aspect_and_feed_square_batches(synth_dir, tmp_path, tiny_config):
     from usjepa.shardset.sample import decode_sample
     from usjepa.ingest.verify import verify_shards
-    from usjepa.ingest.writer import BuildSettings, build_shards
+    from usjepa.ingest.build.run import build_shards
+    from usjepa.ingest.settings import BuildSettings
     import webdataset as wds
 
     out = tmp_path / "short"

@@ -128,7 +128,8 @@ class TrainerStep:
 
 def synthetic_shards(scratch: Path, size: int) -> Path:
     from usjepa.data.synth import GROUP_PATTERN, write_synthetic_dataset
-    from usjepa.ingest.writer import BuildSettings, build_shards
+    from usjepa.ingest.build.run import build_shards
+    from usjepa.ingest.settings import BuildSettings
 
     write_synthetic_dataset(scratch / "data", n=160, size=size + 32, seed=0)
     build_shards(scratch / "data", scratch / "shards",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from usjepa.config import load_config
 from usjepa.ingest.recipes import load_recipe
-from usjepa.ingest.writer import build_shards
+from usjepa.ingest.build.run import build_shards
 from usjepa.study.jobs import Job
 from usjepa.study.spec import StudySpec
 from usjepa import rundir
