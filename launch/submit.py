@@ -26,9 +26,10 @@ from usjepa.config import Config, dump_yaml, load_config, to_dict  # noqa: E402
 from usjepa.data.streams import ShardSet, StreamPlan  # noqa: E402
 from usjepa.errors import UserError  # noqa: E402
 
-
-_SLURM_TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
-                         r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
+_SLURM_TIME = re.compile(
+    r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+    r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$"
+)
 
 
 def slurm_minutes(text: str) -> int:
@@ -36,8 +37,10 @@ def slurm_minutes(text: str) -> int:
     D-HH:MM:SS) in whole minutes, rounded up as Slurm rounds it."""
     m = _SLURM_TIME.match(text.strip())
     if not m:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a Slurm time limit; write minutes (90), MM:SS, "
-                                         "HH:MM:SS (01:30:00), D-HH, D-HH:MM or D-HH:MM:SS (2-00:00:00)")
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a Slurm time limit; write minutes (90), MM:SS, "
+            "HH:MM:SS (01:30:00), D-HH, D-HH:MM or D-HH:MM:SS (2-00:00:00)"
+        )
     g = {k: int(v) if v else 0 for k, v in m.groupdict().items()}
     if m["days"] is not None:
         seconds = ((g["days"] * 24 + g["dh"]) * 60 + g["dm"]) * 60 + g["ds"]
@@ -62,17 +65,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
-    p.add_argument("--time", type=slurm_minutes, default=60, metavar="LIMIT",
-                   help="time limit per job as sbatch takes it: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
-                        "D-HH:MM:SS (default 60 minutes; requeues continue the run)")
+    p.add_argument(
+        "--time",
+        type=slurm_minutes,
+        default=60,
+        metavar="LIMIT",
+        help="time limit per job as sbatch takes it: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+        "D-HH:MM:SS (default 60 minutes; requeues continue the run)",
+    )
     p.add_argument("--job-name", default=None, help="default: the run dir's name")
-    p.add_argument("--signal-delay", type=int, default=90,
-                   help="seconds before the time limit at which SIGUSR2 asks the job to save and requeue")
-    p.add_argument("--max-requeues", type=int, default=10,
-                   help="requeues after hitting the time limit (preemptions always requeue)")
-    p.add_argument("--no-data-check", action="store_true",
-                   help="skip checking data.shards here (for paths only the compute nodes see)")
-    p.add_argument("--dry-run", action="store_true", help="print the job parameters and resolved config; submit nothing")
+    p.add_argument(
+        "--signal-delay",
+        type=int,
+        default=90,
+        help="seconds before the time limit at which SIGUSR2 asks the job to save and requeue",
+    )
+    p.add_argument(
+        "--max-requeues",
+        type=int,
+        default=10,
+        help="requeues after hitting the time limit (preemptions always requeue)",
+    )
+    p.add_argument(
+        "--no-data-check",
+        action="store_true",
+        help="skip checking data.shards here (for paths only the compute nodes see)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the job parameters and resolved config; submit nothing"
+    )
     p.add_argument("--wait", action="store_true", help="wait for the job (requeues included) and report how it ended")
     return p.parse_intermixed_args(argv)  # KEY=VALUE overrides before or after the options
 
@@ -97,15 +118,26 @@ def check(cfg: Config, world_size: int, data: bool) -> None:
     ShardSet.load(cfg)
     teacher = cfg.teacher.checkpoint
     if cfg.train.objective == "salt" and teacher.lower() != "none" and not Path(teacher).exists():
-        raise UserError(f"teacher.checkpoint={teacher}: not found; give a stage-1 run dir or a state-dict file "
-                        "(or pass --no-data-check if only the compute nodes see it)")
+        raise UserError(
+            f"teacher.checkpoint={teacher}: not found; give a stage-1 run dir or a state-dict file "
+            "(or pass --no-data-check if only the compute nodes see it)"
+        )
 
 
 def slurm_parameters(args: argparse.Namespace, cfg: Config) -> dict:
-    params = {"nodes": args.nodes, "ntasks_per_node": args.tasks_per_node, "time": args.time,
-              "job_name": args.job_name or Path(cfg.run.dir).name, "signal_delay_s": args.signal_delay,
-              "cpus_per_task": args.cpus_per_task, "mem": args.mem, "partition": args.partition,
-              "account": args.account, "qos": args.qos, "gpus_per_node": args.gpus_per_node or None}
+    params = {
+        "nodes": args.nodes,
+        "ntasks_per_node": args.tasks_per_node,
+        "time": args.time,
+        "job_name": args.job_name or Path(cfg.run.dir).name,
+        "signal_delay_s": args.signal_delay,
+        "cpus_per_task": args.cpus_per_task,
+        "mem": args.mem,
+        "partition": args.partition,
+        "account": args.account,
+        "qos": args.qos,
+        "gpus_per_node": args.gpus_per_node or None,
+    }
     # One rank that dies (out of memory, a crash) must end the step, not leave the others
     # waiting in a collective until the timeout.
     params["srun_args"] = ["--kill-on-bad-exit=1"]
@@ -130,8 +162,7 @@ def wait(job, run_dir: Path) -> int:
         time.sleep(2)
     result, error = job_outcome(job)
     if error:
-        print(f"job {job.job_id} failed: {error} "
-              f"(log: {run_dir}/slurm/{job.job_id}_0_log.err)", file=sys.stderr)
+        print(f"job {job.job_id} failed: {error} (log: {run_dir}/slurm/{job.job_id}_0_log.err)", file=sys.stderr)
         return 1
     print(f"job {job.job_id} finished: {result}")
     return 0

@@ -10,11 +10,26 @@ from usjepa.ingest.build.run import build_shards
 from usjepa.ingest.settings import BuildSettings
 
 # A model small enough that a training step takes milliseconds on one CPU core.
-TINY = ["data.image_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=1",
-        "model.num_heads=2", "predictor.depth=1", "predictor.embed_dim=16", "predictor.num_heads=2",
-        "mask.min_keep=1", "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=16",
-        "log.progress=false", "log.every_steps=1", "log.image_every_steps=2", "run.threads=1",
-        "optim.warmup_steps=2", "optim.lr=1e-3"]
+TINY = [
+    "data.image_size=32",
+    "model.patch_size=8",
+    "model.embed_dim=32",
+    "model.depth=1",
+    "model.num_heads=2",
+    "predictor.depth=1",
+    "predictor.embed_dim=16",
+    "predictor.num_heads=2",
+    "mask.min_keep=1",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.shuffle_buffer=16",
+    "log.progress=false",
+    "log.every_steps=1",
+    "log.image_every_steps=2",
+    "run.threads=1",
+    "optim.warmup_steps=2",
+    "optim.lr=1e-3",
+]
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +40,9 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 def _build(synth_dir: Path, out: Path, shard_size: int) -> Path:
-    build_shards(synth_dir, out, BuildSettings(image_size=32, shard_size=shard_size, group_pattern=GROUP_PATTERN),
-                 progress=False)
+    build_shards(
+        synth_dir, out, BuildSettings(image_size=32, shard_size=shard_size, group_pattern=GROUP_PATTERN), progress=False
+    )
     return out
 
 
@@ -51,12 +67,16 @@ def tiny_overrides(shards) -> list[str]:
 def slurm_cluster():
     """The local two-node Slurm cluster (launch/dev_cluster.sh), up for the session."""
     from slurm_util import cluster_session
+
     yield from cluster_session()
 
 
 @pytest.fixture
 def tiny_config(shards, tmp_path):
     def make(*overrides: str):
-        return load_config("configs/demo.yaml", [*TINY, f"data.shards={shards}", f"run.dir={tmp_path / 'run'}",
-                                                 "teacher.checkpoint=none", *overrides])
+        return load_config(
+            "configs/demo.yaml",
+            [*TINY, f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", "teacher.checkpoint=none", *overrides],
+        )
+
     return make

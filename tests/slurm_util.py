@@ -34,19 +34,22 @@ def env() -> dict[str, str]:
 def run(cmd: list[str], timeout: float = JOB_TIMEOUT_S, check: bool = True) -> subprocess.CompletedProcess:
     # Own process group, killed whole on timeout: a grandchild holding the output pipes
     # would otherwise keep subprocess.run waiting past its timeout.
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                          start_new_session=True) as p:
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True
+    ) as p:
         try:
             stdout, stderr = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             stdout, stderr = p.communicate()
-            raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s\nstdout:\n{stdout}\n"
-                                 f"stderr:\n{stderr}") from None
+            raise AssertionError(
+                f"{' '.join(cmd)} still running after {timeout} s\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            ) from None
     proc = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 

@@ -21,9 +21,19 @@ def tiny(**kw) -> Encoder:
 
 
 def timm_twin() -> torch.nn.Module:
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, in_chans=1,
-                             num_classes=0, global_pool="", class_token=False, embed_dim=48, depth=2,
-                             num_heads=3).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        in_chans=1,
+        num_classes=0,
+        global_pool="",
+        class_token=False,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+    ).eval()
 
 
 def test_sdpa_encoder_matches_timm_default_attention():
@@ -52,8 +62,15 @@ def test_timm_manual_path_agrees_too(monkeypatch):
         assert torch.allclose(ours(x), ref.forward_features(x), atol=1e-5)
 
 
-SMALL = ["model.patch_size=8", "model.embed_dim=48", "model.depth=1", "model.num_heads=3",
-         "predictor.depth=1", "predictor.embed_dim=32", "predictor.num_heads=2"]
+SMALL = [
+    "model.patch_size=8",
+    "model.embed_dim=48",
+    "model.depth=1",
+    "model.num_heads=3",
+    "predictor.depth=1",
+    "predictor.embed_dim=32",
+    "predictor.num_heads=2",
+]
 
 
 def test_all_modules_use_the_setting():
@@ -63,8 +80,17 @@ def test_all_modules_use_the_setting():
     assert all(b.attn.backend == "auto" for b in enc.blocks)
     pred = build_predictor(load_config(None, SMALL).predictor, 48, 7, 4, attention="auto", device="cpu")
     assert all(type(b.attn) is attn.SdpaAttention for b in pred.blocks)
-    cfg = load_config(None, ["model.patch_size=8", "data.image_size=32", "model.embed_dim=48", "model.depth=1",
-                             "model.num_heads=3", "model.attention=auto"])
+    cfg = load_config(
+        None,
+        [
+            "model.patch_size=8",
+            "data.image_size=32",
+            "model.embed_dim=48",
+            "model.depth=1",
+            "model.num_heads=3",
+            "model.attention=auto",
+        ],
+    )
     teacher, _ = load_teacher(cfg, torch.device("cpu"))  # bf16 on the CPU: plain matmuls are faster
     assert all(type(b.attn) is attn.MatmulAttention for b in teacher.blocks)
 
@@ -112,8 +138,9 @@ def test_matmul_attention_equals_sdpa_with_and_without_a_mask(masked):
     torch.testing.assert_close(out_m, out_s, atol=1e-5, rtol=1e-5)
     out_m[:, :4].sum().backward()
     out_s[:, :4].sum().backward()
-    torch.testing.assert_close(ours.blocks[0].attn.qkv.weight.grad, ref.blocks[0].attn.qkv.weight.grad,
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        ours.blocks[0].attn.qkv.weight.grad, ref.blocks[0].attn.qkv.weight.grad, atol=1e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.skipif(HAS_XFORMERS and HAS_CUDA, reason="xformers can run here")
@@ -126,8 +153,17 @@ def test_explicit_xformers_on_cpu_is_a_one_line_user_error():
     assert "pip install -e '.[gpu]'" in msg and "model.attention=sdpa" in msg
     with pytest.raises(UserError):
         build_encoder(load_config(None, ["model.attention=xformers"]).model, 32, device="cpu")
-    cfg = load_config(None, ["model.patch_size=8", "data.image_size=32", "model.embed_dim=48", "model.depth=1",
-                             "model.num_heads=3", "model.attention=xformers"])
+    cfg = load_config(
+        None,
+        [
+            "model.patch_size=8",
+            "data.image_size=32",
+            "model.embed_dim=48",
+            "model.depth=1",
+            "model.num_heads=3",
+            "model.attention=xformers",
+        ],
+    )
     with pytest.raises(UserError, match="model.attention=sdpa"):
         load_teacher(cfg, torch.device("cpu"))
     # a lazily resolved layer fails the same way on its first forward
@@ -177,8 +213,9 @@ def test_backends_agree_on_cuda(dtype, tol):
     tokens = torch.randn(4, 40, 96, device="cuda", dtype=dtype)
     targets = torch.stack([torch.stack([torch.randperm(64, device="cuda")[:8] for _ in range(4)]) for _ in range(2)])
     with torch.no_grad():
-        assert torch.allclose(pred_x(tokens, keep, targets).float(), pred_s(tokens, keep, targets).float(),
-                              atol=tol, rtol=tol)
+        assert torch.allclose(
+            pred_x(tokens, keep, targets).float(), pred_s(tokens, keep, targets).float(), atol=tol, rtol=tol
+        )
     # gradients flow through the xformers path too
     xf.train().requires_grad_(True)
     xf(x).float().square().mean().backward()
@@ -194,8 +231,9 @@ def test_config_default_is_auto():
     assert load_config(None).model.attention == "auto"
 
 
-@pytest.mark.parametrize("value, hint", [("xformer", "did you mean 'xformers'?"), ("spda", "did you mean 'sdpa'?"),
-                                         ("flash", "")])
+@pytest.mark.parametrize(
+    "value, hint", [("xformer", "did you mean 'xformers'?"), ("spda", "did you mean 'sdpa'?"), ("flash", "")]
+)
 def test_config_rejects_other_settings_with_a_suggestion(value, hint):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"model.attention={value}"])

@@ -50,8 +50,24 @@ def test_baselines_take_their_settings_from_the_run():
 def test_probe_cli_with_baselines_and_random(tiny_config, tmp_path, capsys):
     train(tiny_config("train.total_steps=2", "checkpoint.every_steps=2"))
     run, reports = tmp_path / "run", tmp_path / "probe"
-    assert main(["probe", str(run), "--backbone", "pixels,histogram,random", "--out", str(reports),
-                 "--device", "cpu", "probe.seeds=[0,1]", "probe.max_epochs=2", "probe.knn_k=3"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(run),
+                "--backbone",
+                "pixels,histogram,random",
+                "--out",
+                str(reports),
+                "--device",
+                "cpu",
+                "probe.seeds=[0,1]",
+                "probe.max_epochs=2",
+                "probe.knn_k=3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
 
     lines = out.splitlines()
@@ -61,8 +77,15 @@ def test_probe_cli_with_baselines_and_random(tiny_config, tmp_path, capsys):
     for row, (name, dim) in zip(rows, (("pixels", 16 * 16), ("histogram", 32), ("random", 32)), strict=True):
         report = json.loads((reports / f"{name}.json").read_text())
         assert report["backbone"] == name and report["num_features"] == dim
-        assert set(report["knn"]) == {"macro_f1", "balanced_accuracy", "accuracy", "val_macro_f1",
-                                      "val_balanced_accuracy", "k", "temperature"}
+        assert set(report["knn"]) == {
+            "macro_f1",
+            "balanced_accuracy",
+            "accuracy",
+            "val_macro_f1",
+            "val_balanced_accuracy",
+            "k",
+            "temperature",
+        }
         assert (report["knn"]["k"], report["knn"]["temperature"]) == (3, 0.07)
         assert {"val_macro_f1_mean", "val_macro_f1_std", "macro_f1_mean", "macro_f1_std"} <= set(report)
         assert all({"val_macro_f1", "val_balanced_accuracy"} <= set(s) for s in report["per_seed"])

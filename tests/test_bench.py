@@ -15,17 +15,24 @@ from usjepa.bench.features import FeatureCache, SplitFeatures, extract_split, vi
 from usjepa.bench.spec import load_bench
 from usjepa.config import ConfigError
 from usjepa.data.synth import GROUP_PATTERN, write_synthetic_dataset
-from usjepa.shardset.manifest import load_manifest
 from usjepa.ingest.build.run import build_shards
 from usjepa.ingest.settings import BuildSettings
 from usjepa.models.vit import Encoder
+from usjepa.shardset.manifest import load_manifest
 
 
 def _spec(tmp_path: Path, **fields) -> Path:
     path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), "datasets": {"a": "shards/a"},
-                                    "backbones": {"r": {"kind": "random", "model": "vit_tiny_patch16_224"}},
-                                    **fields}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "out": str(tmp_path / "out"),
+                "datasets": {"a": "shards/a"},
+                "backbones": {"r": {"kind": "random", "model": "vit_tiny_patch16_224"}},
+                **fields,
+            }
+        )
+    )
     return path
 
 
@@ -70,8 +77,13 @@ def test_the_cache_extracts_once_and_again_for_other_weights_or_data(shards, une
     def get(manifest_dir: Path, module: torch.nn.Module) -> SplitFeatures:
         manifest = load_manifest(manifest_dir)
         fields = {"weights": weights_sha256(module), "dataset": str(manifest_dir), "split": "test"}
-        return cache.get(fields, lambda: calls.append(1) or extract_split(
-            module, manifest, "test", 32, 8, torch.device("cpu"), torch.float32, progress=False))
+        return cache.get(
+            fields,
+            lambda: (
+                calls.append(1)
+                or extract_split(module, manifest, "test", 32, 8, torch.device("cpu"), torch.float32, progress=False)
+            ),
+        )
 
     first = get(shards, encoder)
     again = get(shards, encoder)
@@ -92,21 +104,31 @@ def test_a_degraded_view_changes_the_features_of_the_same_images(shards):
     blurred = extract_split(encoder, manifest, "test", 32, 8, cpu, torch.float32, ("blur", 2), progress=False)
     np.testing.assert_array_equal(clean.labels, blurred.labels)
     assert not np.allclose(clean.features, blurred.features)
-    np.testing.assert_array_equal(blurred.features, extract_split(
-        encoder, manifest, "test", 32, 8, cpu, torch.float32, ("blur", 2), progress=False).features)
+    np.testing.assert_array_equal(
+        blurred.features,
+        extract_split(encoder, manifest, "test", 32, 8, cpu, torch.float32, ("blur", 2), progress=False).features,
+    )
 
 
 def _second_dataset(tmp_path: Path) -> Path:
     images = tmp_path / "synth2"
     write_synthetic_dataset(images, n=90, size=64, seed=7)
-    build_shards(images, tmp_path / "shards2", BuildSettings(image_size=32, shard_size=30, group_pattern=GROUP_PATTERN),
-                 progress=False)
+    build_shards(
+        images,
+        tmp_path / "shards2",
+        BuildSettings(image_size=32, shard_size=30, group_pattern=GROUP_PATTERN),
+        progress=False,
+    )
     return tmp_path / "shards2"
 
 
 def _bench(spec: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "usjepa", "bench", str(spec), "--no-progress", *overrides],
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "usjepa", "bench", str(spec), "--no-progress", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
@@ -118,18 +140,30 @@ def test_a_bench_of_three_backbones_on_two_sets_writes_the_table_and_resumes(tin
     timm_file = tmp_path / "vit.pth"
     with torch.random.fork_rng():
         torch.manual_seed(3)
-        torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
-                                     img_size=32).state_dict(), timm_file)
+        torch.save(
+            timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32).state_dict(),
+            timm_file,
+        )
     spec = tmp_path / "bench.yaml"
-    spec.write_text(yaml.safe_dump({
-        "out": str(tmp_path / "out"), "image_size": 32, "batch_size": 16,
-        "datasets": {"synth": str(shards), "synth2": str(_second_dataset(tmp_path))},
-        "backbones": {"student": {"kind": "run", "path": str(run_dir), "checkpoint": "latest"},
-                      "random": {"kind": "random", "like": str(run_dir)},
-                      "vit": {"kind": "timm", "path": str(timm_file), "model": "vit_tiny_patch16_224"}},
-        "probe": {"seeds": [0, 1], "max_epochs": 20, "patience": 5},
-        "fewshot": {"enabled": True, "fractions": [0.1, 1.0]},
-        "robustness": {"enabled": True, "kinds": ["blur", "speckle"], "severities": [0, 2]}}, sort_keys=False))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "out": str(tmp_path / "out"),
+                "image_size": 32,
+                "batch_size": 16,
+                "datasets": {"synth": str(shards), "synth2": str(_second_dataset(tmp_path))},
+                "backbones": {
+                    "student": {"kind": "run", "path": str(run_dir), "checkpoint": "latest"},
+                    "random": {"kind": "random", "like": str(run_dir)},
+                    "vit": {"kind": "timm", "path": str(timm_file), "model": "vit_tiny_patch16_224"},
+                },
+                "probe": {"seeds": [0, 1], "max_epochs": 20, "patience": 5},
+                "fewshot": {"enabled": True, "fractions": [0.1, 1.0]},
+                "robustness": {"enabled": True, "kinds": ["blur", "speckle"], "severities": [0, 2]},
+            },
+            sort_keys=False,
+        )
+    )
     done = _bench(spec)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
@@ -152,8 +186,9 @@ def test_a_bench_of_three_backbones_on_two_sets_writes_the_table_and_resumes(tin
     prov = doc["provenance"]
     assert prov["backbones"]["vit"]["source_sha256"] == __import__("hashlib").sha256(timm_file.read_bytes()).hexdigest()
     assert prov["backbones"]["student"]["step"] == 4
-    assert set(prov["datasets"]) == {"synth", "synth2"} and all(len(d["manifest_sha256"]) == 64
-                                                              for d in prov["datasets"].values())
+    assert set(prov["datasets"]) == {"synth", "synth2"} and all(
+        len(d["manifest_sha256"]) == 64 for d in prov["datasets"].values()
+    )
     table = (out / "table.md").read_text()
     assert "student" in table and "synth2" in table
     assert (out / "table.csv").is_file() and list((out / "plots").glob("bar_*.png"))

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from usjepa.bench.protocols import (FEWSHOT_FRACTIONS, ROBUSTNESS_KINDS, degrade, fewshot_indices, has_videos,
-                                    video_level)
+from usjepa.bench.protocols import (
+    FEWSHOT_FRACTIONS,
+    ROBUSTNESS_KINDS,
+    degrade,
+    fewshot_indices,
+    has_videos,
+    video_level,
+)
 from usjepa.data.augment import gaussian_blur, speckle
 from usjepa.errors import UserError
 
@@ -18,10 +24,10 @@ from usjepa.errors import UserError
 # Class sizes 100 / 30 / 7 / 50; per fraction, round(fraction * n) half up, at least 1.
 SIZES = (100, 30, 7, 50)
 EXPECTED = {
-    0.01: (1, 1, 1, 1),      # 1, 0.3, 0.07, 0.5 (half up) -> at least 1 each
-    0.05: (5, 2, 1, 3),      # 5, 1.5, 0.35, 2.5 (half up: 3, not half-to-even 2)
+    0.01: (1, 1, 1, 1),  # 1, 0.3, 0.07, 0.5 (half up) -> at least 1 each
+    0.05: (5, 2, 1, 3),  # 5, 1.5, 0.35, 2.5 (half up: 3, not half-to-even 2)
     0.10: (10, 3, 1, 5),
-    0.50: (50, 15, 4, 25),   # 3.5 -> 4
+    0.50: (50, 15, 4, 25),  # 3.5 -> 4
     1.0: SIZES,
 }
 
@@ -49,8 +55,9 @@ def test_fewshot_full_fraction_is_every_index():
 @pytest.mark.parametrize("with_groups", [False, True])
 def test_fewshot_subsets_of_one_seed_are_nested(with_groups):
     labels, groups = _patients()
-    rows = [set(fewshot_indices(labels, groups if with_groups else None, f, seed=7).tolist())
-            for f in FEWSHOT_FRACTIONS]
+    rows = [
+        set(fewshot_indices(labels, groups if with_groups else None, f, seed=7).tolist()) for f in FEWSHOT_FRACTIONS
+    ]
     for small, large in zip(rows, rows[1:]):
         assert small <= large
     assert len(rows[0]) < len(rows[-1])
@@ -128,6 +135,7 @@ def test_fewshot_refuses_groups_of_another_length():
 
 
 # -------------------------------------------------------------------------------- robustness
+
 
 def _scan(size=64, seed=0):
     """A speckle-like B-mode image in a fan-shaped region: correlated Rayleigh speckle over
@@ -213,8 +221,9 @@ def test_degrade_refuses_unknown_kinds_and_severities():
 #   c (label 2): one frame -> 2 either way.
 VIDEOS = np.array(["b", "a", "b", "c", "a", "a"])
 TRUTH = np.array([2, 0, 2, 2, 0, 0])
-PROBS = np.array([[0.0, 0.45, 0.55], [0.4, 0.6, 0.0], [0.0, 0.51, 0.49],
-                  [0.1, 0.2, 0.7], [0.4, 0.6, 0.0], [1.0, 0.0, 0.0]])
+PROBS = np.array(
+    [[0.0, 0.45, 0.55], [0.4, 0.6, 0.0], [0.0, 0.51, 0.49], [0.1, 0.2, 0.7], [0.4, 0.6, 0.0], [1.0, 0.0, 0.0]]
+)
 
 
 def test_video_mean_rule_averages_probabilities():

@@ -14,9 +14,14 @@ from usjepa.bench.report import format_summary, write_plots, write_tables
 
 
 def linear(mean: float, std: float, seeds: int = 5, confusion: bool = False) -> dict:
-    r = {"macro_f1_mean": mean, "macro_f1_std": std,
-         "per_seed": [{"seed": s, "macro_f1": mean, "balanced_accuracy": mean, "accuracy": mean,
-                       "val_macro_f1": mean} for s in range(seeds)]}
+    r = {
+        "macro_f1_mean": mean,
+        "macro_f1_std": std,
+        "per_seed": [
+            {"seed": s, "macro_f1": mean, "balanced_accuracy": mean, "accuracy": mean, "val_macro_f1": mean}
+            for s in range(seeds)
+        ],
+    }
     if confusion:
         r |= {"confusion_matrix": [[40, 10], [5, 45]], "class_names": ["benign", "malignant"]}
     return r
@@ -32,16 +37,26 @@ def curve(means: dict[str, float]) -> dict:
 
 RESULTS = {
     "us_jepa": {
-        "busbra": {"linear": linear(0.7234, 0.0123, confusion=True), "knn": knn(0.65),
-                   "fewshot": curve({"0.01": 0.40, "0.05": 0.55, "1.0": 0.72})},
-        "covid_blues": {"linear": linear(0.78, 0.01), "knn": knn(0.70),
-                        "video": {"linear": {"rule": "mean", "videos": 12, **linear(0.80, 0.03)}}},
+        "busbra": {
+            "linear": linear(0.7234, 0.0123, confusion=True),
+            "knn": knn(0.65),
+            "fewshot": curve({"0.01": 0.40, "0.05": 0.55, "1.0": 0.72}),
+        },
+        "covid_blues": {
+            "linear": linear(0.78, 0.01),
+            "knn": knn(0.70),
+            "video": {"linear": {"rule": "mean", "videos": 12, **linear(0.80, 0.03)}},
+        },
     },
     "teacher": {
         "busbra": {"linear": linear(0.70, 0.02), "knn": knn(0.68)},  # kNN column: the second row wins
-        "covid_blues": {"linear": linear(0.81, 0.015, confusion=True), "knn": knn(0.66),  # linear too
-                        "robustness": {kind: curve({s: 0.8 - 0.1 * int(s) for s in "0123"})
-                                       for kind in ("blur", "contrast", "speckle")}},
+        "covid_blues": {
+            "linear": linear(0.81, 0.015, confusion=True),
+            "knn": knn(0.66),  # linear too
+            "robustness": {
+                kind: curve({s: 0.8 - 0.1 * int(s) for s in "0123"}) for kind in ("blur", "contrast", "speckle")
+            },
+        },
     },
     # interrupted: no kNN yet, no covid_blues at all; a name that must be sanitised in file names
     "random vit/b16": {"busbra": {"linear": linear(0.40, 0.05, confusion=True)}},
@@ -121,8 +136,15 @@ def test_video_table_only_with_video_results(tables, tmp_path):
 
 def test_csv_matches_the_results(tables):
     rows = tables[1]
-    assert list(rows[0]) == ["backbone", "source", "busbra_mean", "busbra_std", "covid_blues_mean",
-                             "covid_blues_std", "best_in"]
+    assert list(rows[0]) == [
+        "backbone",
+        "source",
+        "busbra_mean",
+        "busbra_std",
+        "covid_blues_mean",
+        "covid_blues_std",
+        "best_in",
+    ]
     ours = {r["backbone"]: r for r in rows if r["source"] == "bench"}
     assert list(ours) == ["us_jepa", "teacher", "random vit/b16"]
     assert float(ours["us_jepa"]["busbra_mean"]) == 72.34
@@ -156,7 +178,7 @@ def test_summary_is_aligned_and_marks_the_best():
     assert "linear probe" in title
     assert header.split() == ["backbone", "busbra", "covid_blues"]
     assert len({len(line) for line in (header, rule, *rows)}) == 1
-    by_label = {r[:len("random vit/b16")].strip(): r for r in rows}
+    by_label = {r[: len("random vit/b16")].strip(): r for r in rows}
     assert "72.3 ± 1.2*" in by_label["us_jepa"] and "81.0 ± 1.5*" in by_label["teacher"]
     assert by_label["random vit/b16"].rstrip().endswith("–")
     assert "73.8" in by_label["paper: US-JEPA"] and "*" not in by_label["paper: US-JEPA"]
@@ -166,11 +188,23 @@ def test_summary_is_aligned_and_marks_the_best():
 # ----------------------------------------------------------------------------- paper
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("busbra", "busbra"), ("BUS-BRA", "busbra"), ("Fatty-Liver", "fatty_liver"), ("fatty", "fatty_liver"),
-    ("fatty liver", "fatty_liver"), ("FATTY_LIVER", "fatty_liver"), ("TN5000", "tn5000"), ("tn_5000", "tn5000"),
-    ("POCUS", "pocus"), ("covid_blues", None), ("busi", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("busbra", "busbra"),
+        ("BUS-BRA", "busbra"),
+        ("Fatty-Liver", "fatty_liver"),
+        ("fatty", "fatty_liver"),
+        ("fatty liver", "fatty_liver"),
+        ("FATTY_LIVER", "fatty_liver"),
+        ("TN5000", "tn5000"),
+        ("tn_5000", "tn5000"),
+        ("POCUS", "pocus"),
+        ("covid_blues", None),
+        ("busi", None),
+        ("", None),
+    ],
+)
 def test_paper_dataset(name, expected):
     assert paper_dataset(name) == expected
 
@@ -187,9 +221,15 @@ def test_paper_numbers():
 
 def test_plots_for_the_protocols_present(tmp_path):
     written = write_plots(RESULTS, tmp_path)
-    expected = {"bar_busbra.png", "bar_covid_blues.png", "fewshot_busbra.png", "robustness_covid_blues.png",
-                "confusion_us_jepa_busbra.png", "confusion_teacher_covid_blues.png",
-                "confusion_random_vit_b16_busbra.png"}
+    expected = {
+        "bar_busbra.png",
+        "bar_covid_blues.png",
+        "fewshot_busbra.png",
+        "robustness_covid_blues.png",
+        "confusion_us_jepa_busbra.png",
+        "confusion_teacher_covid_blues.png",
+        "confusion_random_vit_b16_busbra.png",
+    }
     assert {p.name for p in written} == expected
     # nothing else, not the scratch folder of the confusion plots
     assert {p.name for p in (tmp_path / "plots").iterdir()} == expected

@@ -20,6 +20,7 @@ def test_help_lists_every_stage(capsys):
     for command in ("demo", "synth", "shards", "train", "probe", "export"):
         assert command in out.stdout
     from usjepa.cli import main
+
     for command in (["demo"], ["synth"], ["train"], ["probe"], ["export"], ["shards", "build"], ["shards", "verify"]):
         with pytest.raises(SystemExit) as exit_:
             main([*command, "--help"])
@@ -29,18 +30,21 @@ def test_help_lists_every_stage(capsys):
 
 def test_console_script_is_the_module():
     import shutil
+
     script = shutil.which("usjepa")
     assert script, "pip install -e . puts `usjepa` on PATH"
-    assert subprocess.run([script, "--version"], capture_output=True, text=True).stdout == \
-        run("--version").stdout
+    assert subprocess.run([script, "--version"], capture_output=True, text=True).stdout == run("--version").stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "configs/demo.yaml", "optim.lrr=1"], "did you mean 'optim.lr'?"),
-    (["train", "configs/nope.yaml"], "config file 'configs/nope.yaml' not found"),
-    (["train", "configs/demo.yaml", "data.shards=/nonexistent/shards"], "/nonexistent/shards"),
-    (["shards", "build", "/nonexistent/images", "/tmp/never"], "/nonexistent/images"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "configs/demo.yaml", "optim.lrr=1"], "did you mean 'optim.lr'?"),
+        (["train", "configs/nope.yaml"], "config file 'configs/nope.yaml' not found"),
+        (["train", "configs/demo.yaml", "data.shards=/nonexistent/shards"], "/nonexistent/shards"),
+        (["shards", "build", "/nonexistent/images", "/tmp/never"], "/nonexistent/images"),
+    ],
+)
 def test_user_mistakes_are_one_line_errors(args, message, tmp_path):
     if args[0] == "train":
         args = [*args, f"run.dir={tmp_path / 'run'}"]
@@ -54,8 +58,19 @@ def test_user_mistakes_are_one_line_errors(args, message, tmp_path):
 def test_synth_shards_verify(tmp_path):
     images, shards = tmp_path / "images", tmp_path / "shards"
     assert run("synth", str(images), "--n", "40", "--size", "64").returncode == 0
-    built = run("shards", "build", str(images), str(shards), "--size", "32", "--shard-size", "10",
-                "--group-pattern", r"^(patient\d+)_", "--no-progress")
+    built = run(
+        "shards",
+        "build",
+        str(images),
+        str(shards),
+        "--size",
+        "32",
+        "--shard-size",
+        "10",
+        "--group-pattern",
+        r"^(patient\d+)_",
+        "--no-progress",
+    )
     assert built.returncode == 0, built.stderr
     verified = run("shards", "verify", str(shards))
     assert verified.returncode == 0, verified.stderr

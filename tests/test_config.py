@@ -13,8 +13,10 @@ def test_defaults_are_the_papers_settings():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("configs/demo.yaml", ["optim.lr=1e-4", "mask.target_scale=[0.1,0.2]",
-                                           "train.total_steps=700", "run.dir=2024", "probe.seeds=[3]"])
+    cfg = load_config(
+        "configs/demo.yaml",
+        ["optim.lr=1e-4", "mask.target_scale=[0.1,0.2]", "train.total_steps=700", "run.dir=2024", "probe.seeds=[3]"],
+    )
     assert cfg.optim.lr == pytest.approx(1e-4)
     assert cfg.mask.target_scale == (0.1, 0.2)
     assert cfg.train.total_steps == 700
@@ -22,17 +24,20 @@ def test_overrides_are_typed():
     assert cfg.probe.seeds == (3,)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
-    ("data.augment.hflipp=0.1", "did you mean 'data.augment.hflip'?"),
-    ("trian.total_steps=3", "did you mean 'train'?"),
-    ("train.objective=sal", "did you mean 'salt'?"),
-    ("train.total_steps=ten", "train.total_steps: expected int"),
-    ("optim.lr.x=1", "'optim.lr' is a value, not a section"),
-    ("data.image_size=65", "not a multiple of model.patch_size"),
-    ("mask.target_scale=[0.3,0.1]", "mask.target_scale"),
-    ("noequals", "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+        ("data.augment.hflipp=0.1", "did you mean 'data.augment.hflip'?"),
+        ("trian.total_steps=3", "did you mean 'train'?"),
+        ("train.objective=sal", "did you mean 'salt'?"),
+        ("train.total_steps=ten", "train.total_steps: expected int"),
+        ("optim.lr.x=1", "'optim.lr' is a value, not a section"),
+        ("data.image_size=65", "not a multiple of model.patch_size"),
+        ("mask.target_scale=[0.3,0.1]", "mask.target_scale"),
+        ("noequals", "not of the form key=value"),
+    ],
+)
 def test_bad_settings_fail_with_a_one_line_hint(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("configs/demo.yaml", [override])
@@ -44,7 +49,9 @@ def test_bad_settings_fail_with_a_one_line_hint(override, message):
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  wieght_decay: 0.1\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'optim.wieght_decay'; did you mean 'optim.weight_decay'"):
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: unknown key 'optim.wieght_decay'; did you mean 'optim.weight_decay'"
+    ):
         load_config(path)
 
 

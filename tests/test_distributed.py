@@ -32,29 +32,34 @@ TIMEOUT_S = 60
 
 # --------------------------------------------------------------------------- nodelist parser
 
-@pytest.mark.parametrize("text, hosts", [
-    ("n1", ["n1"]),
-    ("localhost", ["localhost"]),
-    ("n[1-3]", ["n1", "n2", "n3"]),
-    ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
-    ("a[1-2]-ib,b3", ["a1-ib", "a2-ib", "b3"]),
-    ("node[001-002]x", ["node001x", "node002x"]),
-    ("n[8-10]", ["n8", "n9", "n10"]),
-    ("n[08-10]", ["n08", "n09", "n10"]),
-    ("n[5]", ["n5"]),
-    ("n1,n2,n3", ["n1", "n2", "n3"]),
-    ("gpu[1,3],cpu[01-02],login", ["gpu1", "gpu3", "cpu01", "cpu02", "login"]),
-    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
-    ("node-1.cluster.org,node-2.cluster.org", ["node-1.cluster.org", "node-2.cluster.org"]),
-    ("  n[1-2]\n", ["n1", "n2"]),
-    ("[1-2]", ["1", "2"]),
-])
+
+@pytest.mark.parametrize(
+    "text, hosts",
+    [
+        ("n1", ["n1"]),
+        ("localhost", ["localhost"]),
+        ("n[1-3]", ["n1", "n2", "n3"]),
+        ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+        ("a[1-2]-ib,b3", ["a1-ib", "a2-ib", "b3"]),
+        ("node[001-002]x", ["node001x", "node002x"]),
+        ("n[8-10]", ["n8", "n9", "n10"]),
+        ("n[08-10]", ["n08", "n09", "n10"]),
+        ("n[5]", ["n5"]),
+        ("n1,n2,n3", ["n1", "n2", "n3"]),
+        ("gpu[1,3],cpu[01-02],login", ["gpu1", "gpu3", "cpu01", "cpu02", "login"]),
+        ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+        ("node-1.cluster.org,node-2.cluster.org", ["node-1.cluster.org", "node-2.cluster.org"]),
+        ("  n[1-2]\n", ["n1", "n2"]),
+        ("[1-2]", ["1", "2"]),
+    ],
+)
 def test_expand_nodelist(text, hosts):
     assert expand_nodelist(text) == hosts
 
 
-@pytest.mark.parametrize("text", ["", "   ", "n[1-3", "n1-3]", "n[[1]]", "n[3-1]", "n[a-b]", "n[]", "n[1-]",
-                                  "n1,,n2", "n1,", "n[1,,2]"])
+@pytest.mark.parametrize(
+    "text", ["", "   ", "n[1-3", "n1-3]", "n[[1]]", "n[3-1]", "n[a-b]", "n[]", "n[1-]", "n1,,n2", "n1,", "n[1,,2]"]
+)
 def test_expand_nodelist_rejects_malformed(text):
     with pytest.raises(UserError):
         expand_nodelist(text)
@@ -63,8 +68,14 @@ def test_expand_nodelist_rejects_malformed(text):
 # --------------------------------------------------------------------------- detect_env
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "29500"}
-SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-         "SLURM_JOB_NODELIST": "gpu[03-04,09]", "HOSTNAME": "gpu04"}
+SLURM = {
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NODELIST": "gpu[03-04,09]",
+    "HOSTNAME": "gpu04",
+}
 
 
 def test_single_process():
@@ -96,22 +107,44 @@ def test_slurm_multi_node():
 
 
 def test_slurm_single_node():
-    env = detect_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "42",
-                      "SLURM_JOB_NODELIST": "gpu17"})
+    env = detect_env(
+        {
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_ID": "42",
+            "SLURM_JOB_NODELIST": "gpu17",
+        }
+    )
     assert env == DistEnv(1, 2, 1, "gpu17", 10042, "slurm")
 
 
 def test_slurm_step_nodelist_is_preferred_and_inherited_master_ignored():
-    env = detect_env({**SLURM, "SLURM_STEP_NODELIST": "gpu[09,03]", "SLURM_STEP_ID": "0",
-                      "MASTER_ADDR": "gpu04", "MASTER_PORT": "29500"})
+    env = detect_env(
+        {
+            **SLURM,
+            "SLURM_STEP_NODELIST": "gpu[09,03]",
+            "SLURM_STEP_ID": "0",
+            "MASTER_ADDR": "gpu04",
+            "MASTER_PORT": "29500",
+        }
+    )
     assert (env.master_addr, env.master_port, env.source) == ("gpu09", slurm_master_port(123456), "slurm")
     env = detect_env({k: v for k, v in SLURM.items() if k != "SLURM_JOB_NODELIST"} | {"SLURM_STEP_NODELIST": "a[2-3]"})
     assert env.master_addr == "a2"
 
 
 def test_slurm_one_task_srun_step():
-    env = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0",
-                      "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n1"})
+    env = detect_env(
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "1",
+            "SLURM_STEP_ID": "0",
+            "SLURM_LOCALID": "0",
+            "SLURM_JOB_ID": "9",
+            "SLURM_JOB_NODELIST": "n1",
+        }
+    )
     assert (env.source, env.world_size, env.rank) == ("slurm", 1, 0)
 
 
@@ -129,23 +162,26 @@ def _without(env: dict, *names: str) -> dict:
     return {k: v for k, v in env.items() if k not in names}
 
 
-@pytest.mark.parametrize("environ, named", [
-    (_without(TORCHRUN, "WORLD_SIZE"), ["WORLD_SIZE"]),
-    (_without(TORCHRUN, "MASTER_ADDR"), ["MASTER_ADDR"]),
-    (_without(TORCHRUN, "MASTER_PORT"), ["MASTER_PORT"]),
-    (_without(TORCHRUN, "LOCAL_RANK"), ["LOCAL_RANK"]),
-    (_without(TORCHRUN, "MASTER_ADDR", "MASTER_PORT"), ["MASTER_ADDR", "MASTER_PORT"]),
-    ({"RANK": "0"}, ["WORLD_SIZE"]),
-    ({"RANK": "0", "WORLD_SIZE": ""}, ["WORLD_SIZE"]),
-    ({"WORLD_SIZE": "4"}, ["RANK"]),
-    ({"WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1", "LOCAL_RANK": "0"}, ["RANK"]),
-    ({"SLURM_PROCID": "0"}, ["SLURM_NTASKS"]),
-    (_without(SLURM, "SLURM_NTASKS"), ["SLURM_NTASKS"]),
-    (_without(SLURM, "SLURM_JOB_NODELIST"), ["SLURM_JOB_NODELIST"]),
-    (_without(SLURM, "SLURM_JOB_ID"), ["SLURM_JOB_ID"]),
-    (_without(SLURM, "SLURM_LOCALID"), ["SLURM_LOCALID"]),
-    (_without(SLURM, "SLURM_LOCALID", "SLURM_JOB_ID"), ["SLURM_LOCALID", "SLURM_JOB_ID"]),
-])
+@pytest.mark.parametrize(
+    "environ, named",
+    [
+        (_without(TORCHRUN, "WORLD_SIZE"), ["WORLD_SIZE"]),
+        (_without(TORCHRUN, "MASTER_ADDR"), ["MASTER_ADDR"]),
+        (_without(TORCHRUN, "MASTER_PORT"), ["MASTER_PORT"]),
+        (_without(TORCHRUN, "LOCAL_RANK"), ["LOCAL_RANK"]),
+        (_without(TORCHRUN, "MASTER_ADDR", "MASTER_PORT"), ["MASTER_ADDR", "MASTER_PORT"]),
+        ({"RANK": "0"}, ["WORLD_SIZE"]),
+        ({"RANK": "0", "WORLD_SIZE": ""}, ["WORLD_SIZE"]),
+        ({"WORLD_SIZE": "4"}, ["RANK"]),
+        ({"WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1", "LOCAL_RANK": "0"}, ["RANK"]),
+        ({"SLURM_PROCID": "0"}, ["SLURM_NTASKS"]),
+        (_without(SLURM, "SLURM_NTASKS"), ["SLURM_NTASKS"]),
+        (_without(SLURM, "SLURM_JOB_NODELIST"), ["SLURM_JOB_NODELIST"]),
+        (_without(SLURM, "SLURM_JOB_ID"), ["SLURM_JOB_ID"]),
+        (_without(SLURM, "SLURM_LOCALID"), ["SLURM_LOCALID"]),
+        (_without(SLURM, "SLURM_LOCALID", "SLURM_JOB_ID"), ["SLURM_LOCALID", "SLURM_JOB_ID"]),
+    ],
+)
 def test_half_set_environment_is_refused(environ, named):
     with pytest.raises(UserError) as err:
         detect_env(environ)
@@ -156,15 +192,18 @@ def test_half_set_environment_is_refused(environ, named):
     assert "torchrun" in message or "srun" in message  # says how to fix it
 
 
-@pytest.mark.parametrize("environ", [
-    {**TORCHRUN, "RANK": "8"},                     # rank outside the world
-    {**TORCHRUN, "WORLD_SIZE": "eight"},
-    {**TORCHRUN, "MASTER_PORT": "70000"},
-    {**TORCHRUN, "RANK": "-1"},
-    {**SLURM, "SLURM_PROCID": "8"},
-    {**SLURM, "SLURM_NTASKS": "0"},
-    {**SLURM, "SLURM_JOB_NODELIST": "gpu[03-"},
-])
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {**TORCHRUN, "RANK": "8"},  # rank outside the world
+        {**TORCHRUN, "WORLD_SIZE": "eight"},
+        {**TORCHRUN, "MASTER_PORT": "70000"},
+        {**TORCHRUN, "RANK": "-1"},
+        {**SLURM, "SLURM_PROCID": "8"},
+        {**SLURM, "SLURM_NTASKS": "0"},
+        {**SLURM, "SLURM_JOB_NODELIST": "gpu[03-"},
+    ],
+)
 def test_inconsistent_environment_is_refused(environ):
     with pytest.raises(UserError):
         detect_env(environ)
@@ -209,7 +248,9 @@ _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 
 
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    env = {
+        k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_"))
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
     return env
@@ -245,9 +286,20 @@ def _worker(tmp_path: Path) -> tuple[Path, Path]:
 def test_two_processes_under_torchrun(tmp_path):
     script, out = _worker(tmp_path)
     port = _free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(out)]
-    proc = subprocess.run(cmd, check=False, env=_clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        str(script),
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, check=False, env=_clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(out, 2)
     for rank, res in enumerate(results):
@@ -268,12 +320,23 @@ def test_two_processes_under_fake_slurm(tmp_path):
             break
     else:
         pytest.skip("no free port in the Slurm-derived range")
-    base = _clean_env() | {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(job_id),
-                           "SLURM_JOB_NUM_NODES": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(out)], cwd=tmp_path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=base | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
-             for r in range(2)]
+    base = _clean_env() | {
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_ID": str(job_id),
+        "SLURM_JOB_NUM_NODES": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(out)],
+            cwd=tmp_path,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=base | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+        )
+        for r in range(2)
+    ]
     logs = []
     try:
         for p in procs:

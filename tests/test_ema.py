@@ -7,10 +7,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from usjepa import rundir
 from usjepa.config import ModelConfig
 from usjepa.data.pipeline import make_train_loader
 from usjepa.models.vit import build_encoder
-from usjepa import rundir
 from usjepa.train.ema import ema_update, make_target
 from usjepa.train.flops import sample_flops
 from usjepa.train.loop import Trainer, train
@@ -53,14 +53,18 @@ def test_a_training_step_updates_the_target_toward_the_trained_encoder(tiny_conf
     cfg = tiny_config("train.objective=ema", "train.ema_momentum=[0.9,1.0]", "train.total_steps=10")
     trainer = Trainer(cfg)
     # The target starts as the student's encoder, then lags behind it.
-    assert all(torch.equal(a, b) for a, b in zip(trainer.ema_target.state_dict().values(),
-                                                 trainer.student.encoder.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(trainer.ema_target.state_dict().values(), trainer.student.encoder.state_dict().values())
+    )
     batch = next(make_train_loader(cfg, trainer.shard_set))
     before = {k: v.clone() for k, v in trainer.ema_target.state_dict().items()}
     outcome = trainer.train_step(batch)
     assert outcome.finite
-    expected = sum(sample_flops(trainer.student, trainer.ema_target, len(m.context), [len(t) for t in m.targets])
-                   for m in batch["masks"])
+    expected = sum(
+        sample_flops(trainer.student, trainer.ema_target, len(m.context), [len(t) for t in m.targets])
+        for m in batch["masks"]
+    )
     assert outcome.flops == expected and outcome.kept_fraction == 1.0
     student = trainer.student.encoder.state_dict()
     moved = 0
@@ -82,10 +86,12 @@ def test_an_ema_run_resumes_exactly_with_its_target(tiny_config, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical: the target was restored, not re-copied
     from torch.distributed.checkpoint import FileSystemReader
+
     keys = FileSystemReader(str(rundir.latest_checkpoint(tmp_path / "full"))).read_metadata().state_dict_metadata
     assert any(k.startswith("target.blocks.0.") for k in keys) and not any("teacher" in k for k in keys)
-    targets = [Trainer(tiny_config(*common, f"run.dir={tmp_path / run}")).ema_target.state_dict()
-               for run in ("full", "split")]
+    targets = [
+        Trainer(tiny_config(*common, f"run.dir={tmp_path / run}")).ema_target.state_dict() for run in ("full", "split")
+    ]
     assert all(torch.equal(targets[0][k], targets[1][k]) for k in targets[0])
     val = {tag: scalars(tmp_path / "full", f"val/{tag}") for tag in ("loss", "student_rankme", "target_rankme")}
     assert all(sorted(v) == [3, 6] for v in val.values()), val
@@ -99,12 +105,15 @@ def test_every_objective_logs_the_flops_of_its_steps(tiny_config, tmp_path):
         assert sorted(tflops) == [1, 2] and all(v > 0 for v in tflops.values())
         total = scalars(run, "perf/total_pflops")
         assert total[2] == pytest.approx((tflops[1] + tflops[2]) / 1000, rel=1e-6)
-        assert rundir.read_meta(rundir.latest_checkpoint(run))["counters"]["flops"] == pytest.approx(1e12 * total[2] * 1e3)
+        assert rundir.read_meta(rundir.latest_checkpoint(run))["counters"]["flops"] == pytest.approx(
+            1e12 * total[2] * 1e3
+        )
 
 
 def test_probe_backbones_of_an_ema_run(tiny_config, tmp_path):
     from usjepa.errors import UserError
     from usjepa.eval.backbones import load_backbone
+
     train(tiny_config("train.objective=ema", "train.total_steps=2", "optim.warmup_steps=1"))
     run = tmp_path / "run"
     trainer = Trainer(tiny_config("train.objective=ema", "train.total_steps=2"))

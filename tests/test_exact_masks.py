@@ -23,9 +23,9 @@ def varied_masks(n: int, grid_patches: int = 16, n_targets: int = 4) -> list[Sam
         lengths = [1 + (i + t) % 3 for t in range(n_targets)]
         targets, used = [], 0
         for k in lengths:
-            targets.append(np.sort(order[used:used + k]))
+            targets.append(np.sort(order[used : used + k]))
             used += k
-        context = np.sort(order[used:used + 2 + i % 4])
+        context = np.sort(order[used : used + 2 + i % 4])
         masks.append(SampleMasks(context=context, targets=tuple(targets)))
     return masks
 
@@ -36,11 +36,14 @@ def grads(module: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("objective,layout", [("mae", "per_block"), ("salt", "per_block"),
-                                              ("salt", "shared_context"), ("ema", "shared_context")])
+@pytest.mark.parametrize(
+    "objective,layout",
+    [("mae", "per_block"), ("salt", "per_block"), ("salt", "shared_context"), ("ema", "shared_context")],
+)
 def test_a_packed_batch_equals_each_sample_and_block_on_its_own(tiny_config, objective, layout):
-    cfg = tiny_config(f"train.objective={objective}", f"predictor.layout={layout}", "model.drop_path=0",
-                      "predictor.depth=2")
+    cfg = tiny_config(
+        f"train.objective={objective}", f"predictor.layout={layout}", "model.drop_path=0", "predictor.depth=2"
+    )
     trainer = Trainer(cfg)
     batch = next(make_train_loader(cfg, trainer.shard_set))
     batch["masks"] = varied_masks(len(batch["ids"]))
@@ -52,8 +55,11 @@ def test_a_packed_batch_equals_each_sample_and_block_on_its_own(tiny_config, obj
     reference, n = 0.0, len(batch["masks"]) * cfg.mask.num_targets
     for i, m in enumerate(batch["masks"]):
         for block in m.targets:
-            alone = {"images": batch["images"][i:i + 1], "context": torch.from_numpy(m.context)[None],
-                     "targets": torch.from_numpy(block)[None, None]}
+            alone = {
+                "images": batch["images"][i : i + 1],
+                "context": torch.from_numpy(m.context)[None],
+                "targets": torch.from_numpy(block)[None, None],
+            }
             alone["context_valid"] = torch.ones_like(alone["context"], dtype=torch.bool)
             alone["target_valid"] = torch.ones_like(alone["targets"], dtype=torch.bool)
             part_loss, _ = trainer.loss(alone, trainer.targets(alone))

@@ -19,8 +19,8 @@ from usjepa.errors import UserError
 from usjepa.eval.backbones import load_backbone
 from usjepa.export import export_encoder
 from usjepa.models.teacher import load_teacher
-from usjepa.train.loop import train
 from usjepa.rundir import prepare_run_dir
+from usjepa.train.loop import train
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +51,10 @@ def test_export_rebuilds_in_timm_with_the_encoders_output(run, tmp_path):
     info = config["usjepa"]
     assert (info["step"], info["checkpoint"], info["objective"]) == (4, "step_000004", "salt")
     assert info["run_dir"] == str(run.resolve()) and info["teacher"]["source"] == "none"
-    assert config["model_args"] | {"in_chans": 1, "class_token": False, "global_pool": "", "num_classes": 0} \
+    assert (
+        config["model_args"] | {"in_chans": 1, "class_token": False, "global_pool": "", "num_classes": 0}
         == config["model_args"]
+    )
     assert config["pretrained_cfg"]["input_size"] == [1, 32, 32]
     assert (config["pretrained_cfg"]["mean"], config["pretrained_cfg"]["std"]) == ([0.5], [0.5])
 
@@ -70,8 +72,10 @@ def test_export_rebuilds_in_timm_with_the_encoders_output(run, tmp_path):
     older = export_encoder(run, tmp_path / "step2", checkpoint="step_2")
     assert json.loads((older / "config.json").read_text())["usjepa"]["checkpoint"] == "step_000002"
     best = export_encoder(run, tmp_path / "best", checkpoint="best")
-    assert json.loads((best / "config.json").read_text())["usjepa"]["checkpoint"] == \
-        (run / "checkpoints" / "best").read_text()
+    assert (
+        json.loads((best / "config.json").read_text())["usjepa"]["checkpoint"]
+        == (run / "checkpoints" / "best").read_text()
+    )
 
 
 def timm_tokens(out: Path) -> torch.Tensor:
@@ -84,14 +88,18 @@ def timm_tokens(out: Path) -> torch.Tensor:
 
 def test_cli_prints_the_files_and_a_timm_snippet(run, tmp_path):
     out = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "usjepa", "export", str(run), str(out)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "usjepa", "export", str(run), str(out)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "exported step_000004 (step 4, salt)" in done.stdout
     assert str(out / "encoder.safetensors") in done.stdout and "timm.create_model(" in done.stdout
     # the snippet it prints runs as printed
-    snippet = "\n".join(line.strip() for line in done.stdout.splitlines() if line.startswith("  ")
-                        and ("import" in line or "model =" in line))
+    snippet = "\n".join(
+        line.strip()
+        for line in done.stdout.splitlines()
+        if line.startswith("  ") and ("import" in line or "model =" in line)
+    )
     scope: dict = {}
     exec(snippet, scope)
     assert isinstance(scope["model"], timm.models.vision_transformer.VisionTransformer)
@@ -133,8 +141,23 @@ def test_probe_and_teacher_load_the_export(run, tmp_path, capsys):
         torch.testing.assert_close(encoder(gray_images()), expected, atol=1e-5, rtol=0)
 
     reports = tmp_path / "probe"
-    assert main(["probe", str(run), "--backbone", f"student,{out}", "--out", str(reports), "--device", "cpu",
-                 "probe.seeds=[0]", "probe.max_epochs=2"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(run),
+                "--backbone",
+                f"student,{out}",
+                "--out",
+                str(reports),
+                "--device",
+                "cpu",
+                "probe.seeds=[0]",
+                "probe.max_epochs=2",
+            ]
+        )
+        == 0
+    )
     assert "enc " in capsys.readouterr().out  # a table row named after the export folder
     report = json.loads((reports / "enc.json").read_text())
     assert report["backbone"] == "enc" and report["export"] == str(out.resolve())
@@ -143,8 +166,9 @@ def test_probe_and_teacher_load_the_export(run, tmp_path, capsys):
 
     # The teacher loader reads timm state dicts; the head count (not in the weights, and not
     # timm's 64 per head here) comes from the export's metadata.
-    cfg = load_config(run / "resolved_config.yaml", [f"teacher.checkpoint={out / 'encoder.safetensors'}",
-                                                     "teacher.dtype=fp32"])
+    cfg = load_config(
+        run / "resolved_config.yaml", [f"teacher.checkpoint={out / 'encoder.safetensors'}", "teacher.dtype=fp32"]
+    )
     teacher, info = load_teacher(cfg, CPU)
     assert info.source == str((out / "encoder.safetensors").resolve()) and len(info.sha256) == 64
     with torch.no_grad():
@@ -155,10 +179,24 @@ def test_probe_and_teacher_load_the_export(run, tmp_path, capsys):
 def test_a_run_saved_sharded_by_two_ranks_exports_whole(tiny_config, tmp_path):
     cfg = tiny_config("data.streams=2", "train.total_steps=2")
     (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "usjepa", "train", str(tmp_path / "config.yaml")],
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "usjepa",
+            "train",
+            str(tmp_path / "config.yaml"),
+        ],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = Path(cfg.run.dir)
     assert len(list((run_dir / "checkpoints" / "step_000002").glob("*.distcp"))) == 2  # one file per rank

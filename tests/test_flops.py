@@ -23,10 +23,12 @@ def counted(fn) -> int:
 @pytest.fixture
 def parts():
     torch.manual_seed(0)
-    encoder = build_encoder(ModelConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=3.0), 48,
-                            attention="sdpa")
-    predictor = build_predictor(PredictorConfig(depth=2, embed_dim=16, num_heads=2, layout="per_block"), 32, 24,
-                                grid=6, attention="sdpa")
+    encoder = build_encoder(
+        ModelConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=3.0), 48, attention="sdpa"
+    )
+    predictor = build_predictor(
+        PredictorConfig(depth=2, embed_dim=16, num_heads=2, layout="per_block"), 32, 24, grid=6, attention="sdpa"
+    )
     return encoder, predictor
 
 
@@ -46,7 +48,9 @@ def test_per_block_predictor_flops_match_the_counter(parts):
     tokens = torch.randn(batch, 9, 32)
     context = torch.stack([torch.randperm(36)[:9] for _ in range(batch)])
     targets = torch.stack([torch.stack([torch.randperm(36)[:5] for _ in range(batch)]) for _ in range(4)])
-    assert batch * predictor_forward_flops(predictor, 9, [5] * 4) == counted(lambda: predictor(tokens, context, targets))
+    assert batch * predictor_forward_flops(predictor, 9, [5] * 4) == counted(
+        lambda: predictor(tokens, context, targets)
+    )
 
 
 def test_shared_context_flops_count_only_the_attended_pairs(parts):

@@ -25,9 +25,8 @@ from pydicom.uid import (
 )
 
 from usjepa.errors import UserError
-from usjepa.ingest.sources import deid
+from usjepa.ingest.sources import SOURCES, deid, open_source
 from usjepa.ingest.sources.dicom import DicomDecodeError, DicomSource, is_dicom_file
-from usjepa.ingest.sources import SOURCES, open_source
 
 SALT = bytes(range(32))
 OTHER_SALT = bytes(range(1, 33))
@@ -44,17 +43,42 @@ IDENTIFYING = {
     "DeviceSerialNumber": "SN-4455667",
 }
 # strings that must not appear anywhere in what the source hands out
-SECRETS = ["Doe^Jane", "Doe", "Jane", PID, "123456", "19700101", "St Example Hospital", "Example Hospital",
-           "Who^Doctor", "ACC-778899", "778899", "20240102", "USROOM7", "SN-4455667", "4455667"]
+SECRETS = [
+    "Doe^Jane",
+    "Doe",
+    "Jane",
+    PID,
+    "123456",
+    "19700101",
+    "St Example Hospital",
+    "Example Hospital",
+    "Who^Doctor",
+    "ACC-778899",
+    "778899",
+    "20240102",
+    "USROOM7",
+    "SN-4455667",
+    "4455667",
+]
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
 EXAMPLES = ["examples_ybr_color.dcm", "examples_rgb_color.dcm", "examples_palette.dcm", "examples_jpeg2k.dcm"]
 
 
 # ----------------------------------------------------------------------------- writing files
-def write_dicom(path: Path, pixels: np.ndarray | None, photometric: str = "MONOCHROME2", *, bits_stored: int | None = None,
-                frames: int = 0, modality: str = "US", transfer_syntax=ExplicitVRLittleEndian, study_uid: str | None = None,
-                patient_id: str = PID, **tags) -> Path:
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray | None,
+    photometric: str = "MONOCHROME2",
+    *,
+    bits_stored: int | None = None,
+    frames: int = 0,
+    modality: str = "US",
+    transfer_syntax=ExplicitVRLittleEndian,
+    study_uid: str | None = None,
+    patient_id: str = PID,
+    **tags,
+) -> Path:
     """Write a DICOM file with the identifying values of IDENTIFYING (patient id overridable)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -121,10 +145,16 @@ def tree(tmp_path_factory) -> Path:
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 120, 40
     rgb[:, :8] = 90
     write_dicom(pat / "ybr_full.dcm", convert_color_space(rgb, "RGB", "YBR_FULL"), "YBR_FULL")
-    write_dicom(root / "PID-654321" / "grey_rgb.dcm", np.repeat(gradient(16, 24, 255).astype(np.uint8)[..., None], 3, 2),
-                "RGB", patient_id="PID-654321")
+    write_dicom(
+        root / "PID-654321" / "grey_rgb.dcm",
+        np.repeat(gradient(16, 24, 255).astype(np.uint8)[..., None], 3, 2),
+        "RGB",
+        patient_id="PID-654321",
+    )
     write_dicom(pat / "jpegls.dcm", gradient(16, 16), transfer_syntax=JPEGLSLossless)
-    write_dicom(root / "PID-654321" / "ct.dcm", gradient(32, 32), bits_stored=12, patient_id="PID-654321", modality="CT")
+    write_dicom(
+        root / "PID-654321" / "ct.dcm", gradient(32, 32), bits_stored=12, patient_id="PID-654321", modality="CT"
+    )
     for name in EXAMPLES:
         (root / "examples").mkdir(exist_ok=True)
         shutil.copy(get_testdata_file(name), root / "examples" / name)
@@ -185,7 +215,9 @@ def test_colour_files_come_back_rgb(source):
     assert np.abs(back[0, 20] - [200, 120, 40]).max() <= 2 and np.abs(back[0, 0] - 90).max() <= 2
     # grey stored as RGB comes back (H, W), losslessly
     grey = by_name(source, "grey_rgb.dcm").load()
-    assert grey.image.shape == (16, 24) and grey.image[0, -1] == 255 and grey.info["photometric_interpretation"] == "RGB"
+    assert (
+        grey.image.shape == (16, 24) and grey.image[0, -1] == 255 and grey.info["photometric_interpretation"] == "RGB"
+    )
 
 
 def test_jpeg2000_decodes_or_fails_with_a_clear_reason(source):
@@ -238,11 +270,14 @@ def test_multi_frame_frames_stride_and_limit(tree):
     assert "frame" not in single.info
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("nopixels.dcm", "no pixel data"),
-    ("truncated.dcm", "truncated"),
-    ("header_cut.dcm", "transfer syntax"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("nopixels.dcm", "no pixel data"),
+        ("truncated.dcm", "truncated"),
+        ("header_cut.dcm", "transfer syntax"),
+    ],
+)
 def test_broken_files_fail_per_item(source, name, reason):
     item = by_name(source, name)
     with pytest.raises(DicomDecodeError, match=reason) as err:
@@ -323,8 +358,10 @@ def test_grouping_uses_salted_pseudonyms(tree, source):
     assert by_name(other, "cine").group != patient and by_name(other, "cine").key != by_name(source, "cine").key
     assert source.grouping()["salt_id"] != other.grouping()["salt_id"]
     studies = DicomSource(tree, salt=SALT, group_by="study")
-    assert by_name(studies, "cine").group.startswith("stu-") and by_name(studies, "cine").group != by_name(
-        studies, "mono2_16bit.dcm").group
+    assert (
+        by_name(studies, "cine").group.startswith("stu-")
+        and by_name(studies, "cine").group != by_name(studies, "mono2_16bit.dcm").group
+    )
     files = DicomSource(tree, salt=SALT, group_by="file")
     assert len({it.group for it in files}) == len(files)
 
@@ -379,8 +416,13 @@ def test_class_folder_labels(tmp_path):
     root = tmp_path / "classes"
     for cls, n in [("benign", 2), ("malignant", 1)]:
         for i in range(n):
-            write_dicom(root / cls / f"img{i}.dcm", gradient(16, 16), bits_stored=12, patient_id=f"P{cls}{i}",
-                        ReferringPhysicianName="Ben^Lee")  # 'Ben' must not make 'benign' a patient folder
+            write_dicom(
+                root / cls / f"img{i}.dcm",
+                gradient(16, 16),
+                bits_stored=12,
+                patient_id=f"P{cls}{i}",
+                ReferringPhysicianName="Ben^Lee",
+            )  # 'Ben' must not make 'benign' a patient folder
     src = open_source("dicom", root, group_pattern=None, exclude_pattern="_mask", salt=SALT)
     assert src.label_mode == "folders" and src.classes == ["benign", "malignant"]
     assert sorted((it.class_name, it.label) for it in src) == [("benign", 0), ("benign", 0), ("malignant", 1)]
@@ -439,8 +481,9 @@ def test_shards_hold_no_identifying_value(tmp_path, monkeypatch):
             pid = f"{PID}{c}{i}"
             write_dicom(src / cls / pid / f"{pid}_scan.dcm", _fan(10 * c + i), patient_id=pid)
     write_dicom(src / "benign" / PID / f"{PID}_sr.dcm", None)  # skipped, with a reason in the manifest
-    manifest = build_shards(src, out, BuildSettings(format="dicom", image_size=32, val_fraction=0.25,
-                                                    test_fraction=0.25), progress=False)
+    manifest = build_shards(
+        src, out, BuildSettings(format="dicom", image_size=32, val_fraction=0.25, test_fraction=0.25), progress=False
+    )
     assert manifest.total == 8 and len(manifest.skipped) == 1 and "no pixel data" in manifest.skipped[0]["reason"]
     produced = sorted(out.iterdir())
     assert any(p.suffix == ".tar" for p in produced) and (out / "manifest.json") in produced
@@ -475,8 +518,9 @@ def test_colour_multiframe_unlabelled_tree_leaks_nothing_into_shards(tree, tmp_p
     salt_file.chmod(0o600)
     monkeypatch.setenv(deid.SALT_ENV, str(salt_file))
     out = tmp_path / "out"
-    manifest = build_shards(tree, out, BuildSettings(format="dicom", image_size=32, val_fraction=0.2,
-                                                     test_fraction=0.2), progress=False)
+    manifest = build_shards(
+        tree, out, BuildSettings(format="dicom", image_size=32, val_fraction=0.2, test_fraction=0.2), progress=False
+    )
     metas = _shard_metas(out)
     assert manifest.total == len(metas) > 30  # the cine's frames are samples of their own
     assert any(m.get("frame") is not None for m in metas)

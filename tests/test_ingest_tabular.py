@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from usjepa.errors import UserError
+from usjepa.ingest.build.run import build_shards
 from usjepa.ingest.recipes import load_recipe, parse_assignments, read_recipe
+from usjepa.ingest.settings import BuildSettings
 from usjepa.ingest.sources import SOURCES, open_source
 from usjepa.ingest.sources.base import UNLABELLED
 from usjepa.ingest.sources.csv import CsvSource
@@ -20,15 +22,17 @@ from usjepa.ingest.sources.filenames import FilenameSource
 from usjepa.ingest.sources.listed import canonical_labels
 from usjepa.ingest.sources.ultrabench import UltraBenchSource
 from usjepa.ingest.sources.video import VideoItem
-from usjepa.ingest.build.run import build_shards
-from usjepa.ingest.settings import BuildSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 BUSI = DATA / "busi" / "Dataset_BUSI_with_GT"
 COVID_BLUES = DATA / "covid-blues"
-DUMMY = {"ULTRABENCH": "/nonexistent/ultrabench", "COVID_BLUES": "/nonexistent/covid-blues",
-         "BUSI": "/nonexistent/busi", "POCUS_REPO": "/nonexistent/pocus"}
+DUMMY = {
+    "ULTRABENCH": "/nonexistent/ultrabench",
+    "COVID_BLUES": "/nonexistent/covid-blues",
+    "BUSI": "/nonexistent/busi",
+    "POCUS_REPO": "/nonexistent/pocus",
+}
 
 
 def png(path: Path, size=(24, 20), value=None, mode="L") -> Path:
@@ -56,12 +60,15 @@ def test_csv_relative_absolute_paths_and_named_columns(tmp_path):
     png(tmp_path / "data" / "img" / "a (1).png")
     png(tmp_path / "data" / "img" / "b.png")
     outside = png(tmp_path / "elsewhere" / "c.jpg")
-    csv_path = write_csv(tmp_path / "data" / "labels.csv", f"""
+    csv_path = write_csv(
+        tmp_path / "data" / "labels.csv",
+        f"""
 Filename,Diagnosis,Patient ID,Split,notes
 img/a (1).png,benign,p1,Training,first
 img/b.png, malignant ,p2,VALID,
 {outside},benign,p1,test,"quoted, with comma"
-""")
+""",
+    )
     # a folder holding exactly one CSV; column names match ignoring case and punctuation ("Split")
     src = CsvSource(tmp_path / "data", path_column="filename", label_column="Diagnosis", group_column="patient_id")
     assert src.csv_path == csv_path
@@ -70,7 +77,10 @@ img/b.png, malignant ,p2,VALID,
     assert [it.source for it in items] == ["img/a (1).png", "img/b.png", outside.as_posix()]
     assert src.classes == ["benign", "malignant"]
     assert [(it.label, it.class_name, it.group, it.split) for it in items] == [
-        (0, "benign", "p1", "train"), (1, "malignant", "p2", "val"), (0, "benign", "p1", "test")]
+        (0, "benign", "p1", "train"),
+        (1, "malignant", "p2", "val"),
+        (0, "benign", "p1", "test"),
+    ]
     assert len({it.key for it in items}) == 3
     loaded = items[2].load()
     assert loaded.image.dtype == np.uint8 and loaded.image.shape == (24, 20) and loaded.region is None
@@ -96,7 +106,11 @@ def test_csv_prescribed_splits_and_bad_values(tmp_path):
         png(tmp_path / f"{name}.png")
     write_csv(tmp_path / "s.csv", "file,fold\na.png,train\nb.png,Validation\nc.png,TESTING\nd.png,dev\n")
     assert [it.split for it in CsvSource(tmp_path / "s.csv", path_column="file", split_column="fold")] == [
-        "train", "val", "test", "val"]
+        "train",
+        "val",
+        "test",
+        "val",
+    ]
     write_csv(tmp_path / "bad.csv", "file,split\na.png,train\nb.png,holdout\n")
     with pytest.raises(UserError, match=r"line 3: split 'holdout'"):
         CsvSource(tmp_path / "bad.csv", path_column="file")
@@ -145,10 +159,20 @@ def test_csv_lists_videos(tmp_path):
     (tmp_path / "vids").mkdir()
     for name in ("patient_1_R1", "patient_1_L1", "patient_2_R1"):
         (tmp_path / "vids" / f"{name}.mp4").write_bytes(b"not really a video")
-    write_csv(tmp_path / "severity.csv",
-              "video_file,Severity Score,B-lines\npatient_1_R1,2.0,yes\npatient_1_L1,0.0,no \npatient_2_R1,1.0,yes\n")
-    src = CsvSource(tmp_path, path_column="video_file", path_root="vids", path_suffix="mp4", label_column="B-lines",
-                    group_pattern=r"patient_(\d+)", fps=3, max_frames=30)
+    write_csv(
+        tmp_path / "severity.csv",
+        "video_file,Severity Score,B-lines\npatient_1_R1,2.0,yes\npatient_1_L1,0.0,no \npatient_2_R1,1.0,yes\n",
+    )
+    src = CsvSource(
+        tmp_path,
+        path_column="video_file",
+        path_root="vids",
+        path_suffix="mp4",
+        label_column="B-lines",
+        group_pattern=r"patient_(\d+)",
+        fps=3,
+        max_frames=30,
+    )
     items = list(src)
     assert all(isinstance(it, VideoItem) for it in items)
     assert [it.source for it in items] == ["vids/patient_1_R1.mp4", "vids/patient_1_L1.mp4", "vids/patient_2_R1.mp4"]
@@ -177,16 +201,20 @@ def test_busi_all_captions_csv_resolves_and_loads():
 
 @pytest.mark.skipif(not (COVID_BLUES / "severity.csv").is_file(), reason=f"COVID-BLUES not found at {COVID_BLUES}")
 def test_covid_blues_recipe_lists_videos_by_patient():
-    src_path, settings, options = load_recipe(REPO / "shards" / "covid_blues.yaml", {"COVID_BLUES": str(COVID_BLUES)},
-                                              environ={})
+    src_path, settings, options = load_recipe(
+        REPO / "shards" / "covid_blues.yaml", {"COVID_BLUES": str(COVID_BLUES)}, environ={}
+    )
     src = open_source(settings.format, src_path, **options)
     items = list(src)
     assert len(items) == 362 and src.stats()["missing_files"] == 0 and src.stats()["videos"] == 362
     assert src.classes == ["no", "yes"]
     assert sum(it.class_name == "yes" for it in items) == 235
     assert len({it.group for it in items}) == 63
-    severity = read_recipe(REPO / "shards" / "covid_blues.yaml",
-                           {"COVID_BLUES": str(COVID_BLUES), "COVID_BLUES_LABEL": "Severity Score"}, environ={})
+    severity = read_recipe(
+        REPO / "shards" / "covid_blues.yaml",
+        {"COVID_BLUES": str(COVID_BLUES), "COVID_BLUES_LABEL": "Severity Score"},
+        environ={},
+    )
     assert open_source("csv", severity["source"], **severity["options"]).classes == ["0", "1", "2", "3"]
     zone = read_recipe(REPO / "shards" / "covid_blues_zone.yaml", {"COVID_BLUES": str(COVID_BLUES)}, environ={})
     zone_items = list(open_source("csv", zone["source"], **zone["options"]))
@@ -217,18 +245,29 @@ def test_filenames_source_labels_from_prefixes(tmp_path):
     videos.mkdir(parents=True)
     for name in ("Cov-v1.mp4", "Reg_v2.gif", "Vir_v3.avi", "notes.txt"):
         (videos / name).write_bytes(b"x")
-    src = FilenameSource(tmp_path, images=["data/pocus_images/convex"], videos="data/pocus_videos/convex",
-                         label_from_prefix={"cov": "covid", "pneu": "pneumonia", "reg": "regular", "normal": "regular"})
+    src = FilenameSource(
+        tmp_path,
+        images=["data/pocus_images/convex"],
+        videos="data/pocus_videos/convex",
+        label_from_prefix={"cov": "covid", "pneu": "pneumonia", "reg": "regular", "normal": "regular"},
+    )
     items = {Path(it.source).name: it for it in src}
     assert src.classes == ["covid", "pneumonia", "regular"]
     assert {n: it.class_name for n, it in items.items()} == {
-        "Cov_a.png": "covid", "Pneu_b.jpg": "pneumonia", "pneu-c.png": "pneumonia", "Reg_d.png": "regular",
-        "Normal_e.png": "regular", "Cov-v1.mp4": "covid", "Reg_v2.gif": "regular"}
+        "Cov_a.png": "covid",
+        "Pneu_b.jpg": "pneumonia",
+        "pneu-c.png": "pneumonia",
+        "Reg_d.png": "regular",
+        "Normal_e.png": "regular",
+        "Cov-v1.mp4": "covid",
+        "Reg_v2.gif": "regular",
+    }
     assert isinstance(items["Reg_v2.gif"], VideoItem) and items["Cov_a.png"].load().image.ndim == 2
     assert src.stats()["unmatched"] == 2 and len({it.group for it in src}) == len(items)
     with pytest.raises(UserError, match="match no prefix"):
-        FilenameSource(tmp_path, images=["data/pocus_images/convex"], label_from_prefix={"cov": "covid"},
-                       unmatched="error")
+        FilenameSource(
+            tmp_path, images=["data/pocus_images/convex"], label_from_prefix={"cov": "covid"}, unmatched="error"
+        )
 
 
 # ---------------------------------------------------------------------------- ultrabench
@@ -252,9 +291,16 @@ def ultrabench_layout(root: Path, variant: str) -> Path:
             if not (split == "test" and i == 3):  # one image without a scan mask
                 mask_png(root / "masks" / "scan" / f"{name}.png")
             label = i % 2
-            recs.append({"patient": i // 2 if split == "trainval" else 100 + i, "image": f"images/{name}.png",
-                         "scan_mask": f"masks/scan/{name}.png", "label": label,
-                         "pathology": ["Normal", "NFLD"][label], "steatosis": 3})
+            recs.append(
+                {
+                    "patient": i // 2 if split == "trainval" else 100 + i,
+                    "image": f"images/{name}.png",
+                    "scan_mask": f"masks/scan/{name}.png",
+                    "label": label,
+                    "pathology": ["Normal", "NFLD"][label],
+                    "steatosis": 3,
+                }
+            )
         records[split] = recs
     if variant == "train_val":
         (root / "train_val.json").write_text(json.dumps(records["trainval"], indent=4))
@@ -304,7 +350,9 @@ def test_ultrabench_shapes_masks_by_stem_and_names(tmp_path):
         png(root / "images" / f"{cls}_{i}.jpg", size=(20, 24), mode="RGB")
         mask_png(root / "masks" / "scan" / f"{cls}_{i}.png")  # same stem, other suffix (AUL)
     png(root / "images" / "normal_9.jpg", size=(20, 24))
-    (root / "train.json").write_text(json.dumps({"benign_0.jpg": {"class": "benign"}, "normal_1.jpg": {"class": "normal"}}))
+    (root / "train.json").write_text(
+        json.dumps({"benign_0.jpg": {"class": "benign"}, "normal_1.jpg": {"class": "normal"}})
+    )
     (root / "validation.json").write_text(json.dumps([{"file_name": "images\\normal_9.jpg", "class": "normal"}]))
     (root / "test.json").write_text(json.dumps({"data": [{"image": "malignant_2.jpg", "class": "malignant"}]}))
     src = UltraBenchSource(root)
@@ -320,8 +368,11 @@ def test_ultrabench_errors(tmp_path):
     test = json.loads((root / "test.json").read_text())
     test.append({"image": "images/trainval_3.png", "label": 1})
     (root / "test.json").write_text(json.dumps(test))
-    with pytest.raises(UserError, match=r"'images/trainval_3.png' is listed twice .*train_val.json record 3 and "
-                                        r"test.json record 4"):
+    with pytest.raises(
+        UserError,
+        match=r"'images/trainval_3.png' is listed twice .*train_val.json record 3 and "
+        r"test.json record 4",
+    ):
         UltraBenchSource(root)
 
     root = ultrabench_layout(tmp_path / "nokey", "train_val")
@@ -346,15 +397,19 @@ def test_ultrabench_errors(tmp_path):
 def test_built_shards_from_csv_and_ultrabench(tmp_path):
     for i in range(6):
         png(tmp_path / "csv" / f"img_{i}.png", size=(40, 48))
-    write_csv(tmp_path / "csv" / "list.csv",
-              "file,what\n" + "".join(f"img_{i}.png,{'ab'[i % 2]}\n" for i in range(6)))
-    recipe = write_recipe(tmp_path, "format: csv\nsource: ${D}/list.csv\noptions: {path_column: file, label_column: what}\n"
-                                    "build: {image_size: 16}\n")
+    write_csv(tmp_path / "csv" / "list.csv", "file,what\n" + "".join(f"img_{i}.png,{'ab'[i % 2]}\n" for i in range(6)))
+    recipe = write_recipe(
+        tmp_path,
+        "format: csv\nsource: ${D}/list.csv\noptions: {path_column: file, label_column: what}\n"
+        "build: {image_size: 16}\n",
+    )
     src, settings, _ = load_recipe(recipe, {"D": str(tmp_path / "csv")}, environ={})
     manifest = build_shards(src, tmp_path / "out_csv", settings, progress=False)
     assert manifest.total == 6 and manifest.classes == ["a", "b"]
     root = ultrabench_layout(tmp_path / "ub", "three")
-    manifest = build_shards(root, tmp_path / "out_ub", BuildSettings(image_size=16, format="ultrabench"), progress=False)
+    manifest = build_shards(
+        root, tmp_path / "out_ub", BuildSettings(image_size=16, format="ultrabench"), progress=False
+    )
     assert manifest.total == 16 and manifest.classes == ["Normal", "NFLD"]
     assert {s: manifest.splits[s].count for s in ("train", "val", "test")} == {"train": 10, "val": 2, "test": 4}
 
@@ -373,9 +428,11 @@ def test_csv_build_keeps_listed_files_named_like_masks(tmp_path):
 # ---------------------------------------------------------------------------- recipes
 def test_recipes_register_the_formats_they_need(tmp_path):
     """In a fresh interpreter, loading a recipe registers csv, filenames and ultrabench."""
-    code = ("from usjepa.ingest.recipes import load_recipe; from usjepa.ingest.sources import SOURCES; "
-            f"load_recipe({str(REPO / 'shards' / 'pocus_raw.yaml')!r}, {{'POCUS_REPO': '/x'}}, environ={{}}); "
-            "print(sorted(SOURCES))")
+    code = (
+        "from usjepa.ingest.recipes import load_recipe; from usjepa.ingest.sources import SOURCES; "
+        f"load_recipe({str(REPO / 'shards' / 'pocus_raw.yaml')!r}, {{'POCUS_REPO': '/x'}}, environ={{}}); "
+        "print(sorted(SOURCES))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert {"csv", "filenames", "ultrabench", "imagefolder"} <= set(eval(out))
 
@@ -411,8 +468,11 @@ def test_recipe_errors_and_placeholders(tmp_path):
         load_recipe(write_recipe(tmp_path, base + "buld: {}\n"), {"DATA": "/d"}, environ={})
     with pytest.raises(UserError, match=r"unknown key 'build.img_size'; did you mean 'build.image_size'\?"):
         load_recipe(write_recipe(tmp_path, base + "build: {img_size: 64}\n"), {"DATA": "/d"}, environ={})
-    with pytest.raises(UserError, match=r"source format 'csv': unknown key 'options.label_colum'; did you mean "
-                                        r"'options.label_column'"):
+    with pytest.raises(
+        UserError,
+        match=r"source format 'csv': unknown key 'options.label_colum'; did you mean "
+        r"'options.label_column'",
+    ):
         load_recipe(write_recipe(tmp_path, base + "options: {label_colum: x}\n"), {"DATA": "/d"}, environ={})
     with pytest.raises(UserError, match=r"unknown format 'cvs'; did you mean 'csv'\?"):
         load_recipe(write_recipe(tmp_path, "format: cvs\nsource: /x\n"), {}, environ={})
@@ -423,16 +483,21 @@ def test_recipe_errors_and_placeholders(tmp_path):
     with pytest.raises(UserError, match=r"invalid shard build settings: image size 4"):
         load_recipe(write_recipe(tmp_path, base + "build: {image_size: 4}\n"), {"DATA": "/d"}, environ={})
     # a placeholder alone is typed; defaults; literal $${...}; fps goes to a source that takes it
-    path = write_recipe(tmp_path, base + "options: {label_column: '${LABEL:-dx}', group_pattern: 'p_(\\d+)$${x}'}\n"
-                                         "build: {image_size: '${SIZE}', fps: 3, region: {threshold: 2}}\n")
+    path = write_recipe(
+        tmp_path,
+        base + "options: {label_column: '${LABEL:-dx}', group_pattern: 'p_(\\d+)$${x}'}\n"
+        "build: {image_size: '${SIZE}', fps: 3, region: {threshold: 2}}\n",
+    )
     src, settings, options = load_recipe(path, {"DATA": "/d", "SIZE": "64"}, environ={})
     assert settings.image_size == 64 and settings.region.threshold == 2.0
     assert options == {"label_column": "dx", "group_pattern": "p_(\\d+)${x}", "fps": 3}
     assert settings.source_options == options  # what build_shards passes to the source
     with pytest.warns(UserWarning, match=r"fps=2 do not apply to format imagefolder"):
         _, settings, options = load_recipe(
-            write_recipe(tmp_path, "format: imagefolder\nsource: /x\nbuild: {max_samples: 10, fps: 2}\n"), {},
-            environ={})
+            write_recipe(tmp_path, "format: imagefolder\nsource: /x\nbuild: {max_samples: 10, fps: 2}\n"),
+            {},
+            environ={},
+        )
     assert settings.max_samples == 10 and options == {}
     with pytest.raises(UserError, match=r"unknown key 'build.region.treshold'; did you mean 'build.region.threshold'"):
         load_recipe(write_recipe(tmp_path, base + "build: {region: {treshold: 2}}\n"), {"DATA": "/d"}, environ={})

@@ -21,9 +21,7 @@ from usjepa.ingest.sources.video import VideoSource
 from usjepa.ingest.sources.video_frames import VideoSettings, benchmark, read_video
 
 COVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-blues" / "lus_videos"
-needs_covid = pytest.mark.skipif(
-    not COVID.is_dir(), reason=f"COVID-BLUES videos not found at {COVID}"
-)
+needs_covid = pytest.mark.skipif(not COVID.is_dir(), reason=f"COVID-BLUES videos not found at {COVID}")
 
 H, W, N, RATE = 128, 160, 40, 10  # synthetic: 40 frames at 10 fps = 4 s
 TEXT_BOX = (4, 2, 70, 14)  # (x0, y0, x1, y1) of the static text in the top-left corner
@@ -239,8 +237,8 @@ def test_class_folders(class_tree):
 def test_build_hands_its_region_settings_to_the_video_source(class_tree, tmp_path, monkeypatch):
     import functools
 
-    from usjepa.ingest.image.region import RegionSettings
     from usjepa.ingest.build.run import build_shards
+    from usjepa.ingest.image.region import RegionSettings
     from usjepa.ingest.settings import BuildSettings
 
     real, seen = VideoSource.__init__, []
@@ -252,8 +250,12 @@ def test_build_hands_its_region_settings_to_the_video_source(class_tree, tmp_pat
 
     monkeypatch.setattr(VideoSource, "__init__", recording)
     region = RegionSettings(threshold=3.0)
-    build_shards(class_tree, tmp_path / "out", BuildSettings(format="video", image_size=16, region=region,
-                                                             max_samples=2, source_options={"fps": 1}), progress=False)
+    build_shards(
+        class_tree,
+        tmp_path / "out",
+        BuildSettings(format="video", image_size=16, region=region, max_samples=2, source_options={"fps": 1}),
+        progress=False,
+    )
     assert seen == [region]
 
 

@@ -88,7 +88,8 @@ def test_chunked_equals_unchunked_and_a_brute_force_reference():
     np.testing.assert_allclose(chunked, whole, rtol=1e-5)
     np.testing.assert_array_equal(
         knn_predict(train_x, train_y, queries, 5, 7, 0.1, query_chunk=9, train_chunk=13),
-        knn_predict(train_x, train_y, queries, 5, 7, 0.1))
+        knn_predict(train_x, train_y, queries, 5, 7, 0.1),
+    )
 
     # the definition, in float64 with a full sort
     a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
@@ -118,16 +119,26 @@ def test_knn_probe_standardises_with_train_statistics():
             x = {name: (v - mean) / std for name, v in x.items()}
         pred = {name: knn_predict(x["train"], splits["train"].labels, x[name], 3, 5, 0.1) for name in ("val", "test")}
         test, val = scores(splits["test"].labels, pred["test"], 3), scores(splits["val"].labels, pred["val"], 3)
-        assert result == {**test, "val_macro_f1": val["macro_f1"], "val_balanced_accuracy": val["balanced_accuracy"],
-                          "k": 5, "temperature": 0.1}
+        assert result == {
+            **test,
+            "val_macro_f1": val["macro_f1"],
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "k": 5,
+            "temperature": 0.1,
+        }
     assert knn_probe(splits, 3, dataclasses.replace(cfg, knn_k=500))["k"] == 60
 
 
-@pytest.mark.parametrize("override, key", [
-    ("probe.knn_k=0", "probe.knn_k"), ("probe.knn_temperature=0", "probe.knn_temperature"),
-    ("probe.knn_temperature=-0.1", "probe.knn_temperature"), ("probe.pixels_size=0", "probe.pixels_size"),
-    ("probe.histogram_bins=0", "probe.histogram_bins"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("probe.knn_k=0", "probe.knn_k"),
+        ("probe.knn_temperature=0", "probe.knn_temperature"),
+        ("probe.knn_temperature=-0.1", "probe.knn_temperature"),
+        ("probe.pixels_size=0", "probe.pixels_size"),
+        ("probe.histogram_bins=0", "probe.histogram_bins"),
+    ],
+)
 def test_bad_knn_and_baseline_settings_fail_on_load(override, key):
     with pytest.raises(ConfigError, match=f"^{key}: must be"):
         load_config(None, [override])

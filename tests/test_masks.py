@@ -169,7 +169,7 @@ def _placements(block: np.ndarray, shape: tuple[int, int], valid: np.ndarray) ->
     for top in range(GRID - h + 1):
         for left in range(GRID - w + 1):
             rect = np.zeros((GRID, GRID), bool)
-            rect[top:top + h, left:left + w] = True
+            rect[top : top + h, left : left + w] = True
             if np.array_equal(np.flatnonzero(rect & valid), block):
                 found.append((top, left))
     return found

@@ -27,8 +27,19 @@ def test_encoder_on_a_subset_equals_full_forward_when_keeping_everything():
 
 def test_encoder_weights_load_into_timm():
     enc = tiny_encoder()
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
-                            depth=2, num_heads=3, in_chans=1, num_classes=0, global_pool="", class_token=False)
+    ref = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        in_chans=1,
+        num_classes=0,
+        global_pool="",
+        class_token=False,
+    )
     ref.load_state_dict(enc.state_dict())
     x = torch.randn(2, 1, 32, 32)
     assert torch.allclose(ref.eval().forward_features(x), enc.eval()(x), atol=1e-5)
@@ -92,8 +103,9 @@ def test_teacher_from_a_timm_rgb_state_dict_matches_timm(tmp_path, suffix):
         torch.save({"model": ref.state_dict()}, path)
     else:
         save_file(ref.state_dict(), str(path))
-    cfg = load_config(None, [f"teacher.checkpoint={path}", "data.image_size=224", "teacher.num_heads=3",
-                             "teacher.dtype=fp32"])
+    cfg = load_config(
+        None, [f"teacher.checkpoint={path}", "data.image_size=224", "teacher.num_heads=3", "teacher.dtype=fp32"]
+    )
     teacher, info = load_teacher(cfg, torch.device("cpu"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert info.embed_dim == 192 and len(info.sha256) == 64
@@ -113,8 +125,17 @@ def test_a_teacher_sees_a_gray_image_as_timm_sees_it_normalised_with_its_own_mea
     path = tmp_path / "teacher.pth"
     torch.save(ref.state_dict(), path)
     mean, std = IMAGENET
-    cfg = load_config(None, [f"teacher.checkpoint={path}", "data.image_size=64", "teacher.num_heads=3",
-                             "teacher.dtype=fp32", f"teacher.mean={mean}", f"teacher.std={std}"])
+    cfg = load_config(
+        None,
+        [
+            f"teacher.checkpoint={path}",
+            "data.image_size=64",
+            "teacher.num_heads=3",
+            "teacher.dtype=fp32",
+            f"teacher.mean={mean}",
+            f"teacher.std={std}",
+        ],
+    )
     teacher, info = load_teacher(cfg, torch.device("cpu"))
     assert info.mean == tuple(mean) and info.std == tuple(std)
     gray = torch.rand(2, 1, 64, 64)  # [0, 1] pixels
@@ -123,22 +144,27 @@ def test_a_teacher_sees_a_gray_image_as_timm_sees_it_normalised_with_its_own_mea
         expected = ref.forward_features(rgb)[:, 1:]
         torch.testing.assert_close(teacher(to_model_input(gray)), expected, atol=1e-4, rtol=1e-4)
         # Without the setting the teacher would get other latents: the fold matters.
-        plain, _ = load_teacher(load_config(None, [f"teacher.checkpoint={path}", "data.image_size=64",
-                                                   "teacher.num_heads=3", "teacher.dtype=fp32"]),
-                                torch.device("cpu"))
+        plain, _ = load_teacher(
+            load_config(
+                None, [f"teacher.checkpoint={path}", "data.image_size=64", "teacher.num_heads=3", "teacher.dtype=fp32"]
+            ),
+            torch.device("cpu"),
+        )
         assert (plain(to_model_input(gray)) - expected).abs().max() > 0.1
 
 
 def test_the_normalisation_a_checkpoint_ships_with_is_used_and_a_missing_final_norm_is_said(tmp_path):
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, global_pool="avg",
-                            fc_norm=True).eval()  # MAE-style: fc_norm, no final norm on the tokens
+    ref = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=64, global_pool="avg", fc_norm=True
+    ).eval()  # MAE-style: fc_norm, no final norm on the tokens
     sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("fc_norm")}
     path = tmp_path / "model.safetensors"
     save_file(sd, str(path))
     mean, std = IMAGENET
     (tmp_path / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": mean, "std": std}}))
-    cfg = load_config(None, [f"teacher.checkpoint={path}", "data.image_size=64", "teacher.num_heads=3",
-                             "teacher.dtype=fp32"])
+    cfg = load_config(
+        None, [f"teacher.checkpoint={path}", "data.image_size=64", "teacher.num_heads=3", "teacher.dtype=fp32"]
+    )
     teacher, info = load_teacher(cfg, torch.device("cpu"))
     assert info.mean == tuple(mean) and not info.final_norm
     gray = torch.rand(1, 1, 64, 64)
@@ -147,8 +173,10 @@ def test_the_normalisation_a_checkpoint_ships_with_is_used_and_a_missing_final_n
         expected = ref.forward_features(rgb)[:, 1:]  # norm is Identity in this timm model
         torch.testing.assert_close(teacher(to_model_input(gray)), expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(UserError, match=r"teacher.mean=\[0.5, 0.5\]: .* has 3 input channels; give 1 or 3"):
-        load_teacher(load_config(None, [f"teacher.checkpoint={path}", "teacher.mean=[0.5,0.5]",
-                                        "teacher.std=[0.5,0.5]"]), torch.device("cpu"))
+        load_teacher(
+            load_config(None, [f"teacher.checkpoint={path}", "teacher.mean=[0.5,0.5]", "teacher.std=[0.5,0.5]"]),
+            torch.device("cpu"),
+        )
     with pytest.raises(UserError, match="teacher.mean and teacher.std go together"):
         load_teacher(load_config(None, [f"teacher.checkpoint={path}", "teacher.mean=[0.5]"]), torch.device("cpu"))
 
@@ -170,8 +198,10 @@ def test_teacher_errors_are_one_line_hints(tmp_path):
     path = tmp_path / "t.pth"
     torch.save(ref.state_dict(), path)
     with pytest.raises(UserError, match="patch size 16 != model.patch_size 8"):
-        load_teacher(load_config(None, [f"teacher.checkpoint={path}", "model.patch_size=8", "data.image_size=64"]),
-                     torch.device("cpu"))
+        load_teacher(
+            load_config(None, [f"teacher.checkpoint={path}", "model.patch_size=8", "data.image_size=64"]),
+            torch.device("cpu"),
+        )
     with pytest.raises(UserError, match="not a run dir"):
         load_teacher(load_config(None, [f"teacher.checkpoint={tmp_path / 'missing.pth'}"]), torch.device("cpu"))
     torch.save({"foo": torch.zeros(1)}, tmp_path / "junk.pth")
@@ -187,11 +217,15 @@ def test_init_scheme_sets_the_linear_weights_of_encoder_and_predictor(init):
     torch.manual_seed(0)
     enc = Encoder(img_size=64, patch_size=8, embed_dim=128, depth=2, num_heads=4, init=init)
     pred = Predictor(in_dim=128, out_dim=64, grid=8, embed_dim=64, depth=2, num_heads=4, init=init)
-    for name, layer in [("encoder qkv", enc.blocks[0].attn.qkv), ("encoder fc2", enc.blocks[1].mlp.fc2),
-                        ("predictor qkv", pred.blocks[0].attn.qkv), ("predictor proj", pred.proj)]:
+    for name, layer in [
+        ("encoder qkv", enc.blocks[0].attn.qkv),
+        ("encoder fc2", enc.blocks[1].mlp.fc2),
+        ("predictor qkv", pred.blocks[0].attn.qkv),
+        ("predictor proj", pred.proj),
+    ]:
         fan_out, fan_in = layer.weight.shape
         bound = (6 / (fan_in + fan_out)) ** 0.5 if init == "jax" else 2.0
-        std = bound / 3 ** 0.5 if init == "jax" else 0.02
+        std = bound / 3**0.5 if init == "jax" else 0.02
         w = layer.weight.detach()
         assert w.abs().max() <= bound, name
         assert w.std().item() == pytest.approx(std, rel=0.05), name
@@ -219,7 +253,9 @@ def test_packed_blocks_compute_what_the_padded_blocks_do(recompute):
     assert packed[~valid].abs().max().item() == 0.0  # padding rows come back as zeros
     # Gradients, with a loss that weighs each real token differently.
     weights = torch.randn(3, 7, 48)
-    grads = [torch.autograd.grad((out * weights)[valid].sum(), [x, *enc.blocks.parameters()]) for out in (packed, padded)]
+    grads = [
+        torch.autograd.grad((out * weights)[valid].sum(), [x, *enc.blocks.parameters()]) for out in (packed, padded)
+    ]
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert grads[0][0][~valid].abs().max().item() == 0.0  # nothing flows into padding

@@ -16,7 +16,7 @@ def test_patch_n_is_row_n_div_width_column_n_mod_width():
     assert patches.shape == (1, 6, 16)
     for n in range(6):
         r, c = divmod(n, 3)
-        assert torch.equal(patches[0, n], image[0, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4].flatten())
+        assert torch.equal(patches[0, n], image[0, 0, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4].flatten())
 
 
 def test_pixel_targets_are_the_encoders_tokens_in_the_same_order():
@@ -47,8 +47,9 @@ def test_pixel_targets_gather_z_scored_patches_block_major():
 
 def test_latent_targets_row_t_times_b_plus_b_is_block_t_of_sample_b():
     b_, n_, d_ = 3, 5, 4
-    latents = (100 * torch.arange(b_)[:, None, None] + 10 * torch.arange(n_)[None, :, None]
-               + torch.arange(d_)[None, None, :]).float()
+    latents = (
+        100 * torch.arange(b_)[:, None, None] + 10 * torch.arange(n_)[None, :, None] + torch.arange(d_)[None, None, :]
+    ).float()
     idx = torch.tensor([[[4, 1], [0, 0], [2, 3]], [[1, 2], [3, 4], [0, 1]]])  # [T=2, B=3, K=2]
     got = latent_targets(latents, idx, layernorm=False)
     assert got.shape == (6, 2, 4)
@@ -64,10 +65,8 @@ def test_predictions_come_in_the_targets_row_order_in_both_layouts():
     # One block deep, a mask token sees the same keys in both layouts (the context and its own
     # block), so the layouts must agree row for row; a swapped block or sample order would not.
     torch.manual_seed(0)
-    per_block = Predictor(in_dim=12, out_dim=5, grid=4, embed_dim=16, depth=1, num_heads=2,
-                          layout="per_block").eval()
-    shared = Predictor(in_dim=12, out_dim=5, grid=4, embed_dim=16, depth=1, num_heads=2,
-                       layout="shared_context").eval()
+    per_block = Predictor(in_dim=12, out_dim=5, grid=4, embed_dim=16, depth=1, num_heads=2, layout="per_block").eval()
+    shared = Predictor(in_dim=12, out_dim=5, grid=4, embed_dim=16, depth=1, num_heads=2, layout="shared_context").eval()
     shared.load_state_dict(per_block.state_dict())
     ctx, ctx_idx = torch.randn(2, 3, 12), torch.tensor([[0, 5, 9], [2, 7, 11]])
     targets = torch.tensor([[[1, 2], [3, 4]], [[6, 10], [8, 12]], [[13, 14], [15, 0]]])  # T=3, B=2
@@ -102,7 +101,10 @@ def test_an_empty_block_does_not_count():
 def test_the_loss_kinds_match_torch_on_unpadded_blocks():
     torch.manual_seed(0)
     pred, target = torch.randn(4, 3, 2), torch.randn(4, 3, 2)
-    for kind, ref in [("mse", F.mse_loss(pred, target)), ("l1", F.l1_loss(pred, target)),
-                      ("smooth_l1", F.smooth_l1_loss(pred, target, beta=0.5))]:
+    for kind, ref in [
+        ("mse", F.mse_loss(pred, target)),
+        ("l1", F.l1_loss(pred, target)),
+        ("smooth_l1", F.smooth_l1_loss(pred, target, beta=0.5)),
+    ]:
         got = regression_loss(pred, target, None, 2, TrainConfig(loss=kind, smooth_l1_beta=0.5))
         torch.testing.assert_close(got, ref)

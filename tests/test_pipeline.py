@@ -21,7 +21,9 @@ def take(cfg, n, start=0, rank=0, world=1):
 
 
 def same(a, b):
-    return a["ids"] == b["ids"] and all(torch.equal(a[k], b[k]) for k in ("images", "regions", "labels", "context", "targets"))
+    return a["ids"] == b["ids"] and all(
+        torch.equal(a[k], b[k]) for k in ("images", "regions", "labels", "context", "targets")
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -116,8 +118,11 @@ def test_corrupt_samples_are_skipped_and_counted(tiny_config, shards, tmp_path):
 
 def test_a_mixture_gives_each_set_its_weight_in_samples(tiny_config, shards, uneven_shards):
     # Sets with shards of different sizes: the shares are of samples, not of shard draws.
-    cfg = tiny_config("data.shards=", f"data.mixture=[{{shards: {shards}, weight: 1}}, "
-                      f"{{shards: {uneven_shards}, weight: 3}}]", "data.streams=2")
+    cfg = tiny_config(
+        "data.shards=",
+        f"data.mixture=[{{shards: {shards}, weight: 1}}, {{shards: {uneven_shards}, weight: 3}}]",
+        "data.streams=2",
+    )
     shard_set = ShardSet.load(cfg)
     assert shard_set.resampled
     drawn = [i for epoch in range(1000) for s in range(2) for i in shard_set.epoch_shards(0, epoch, s, 2)]
@@ -126,9 +131,13 @@ def test_a_mixture_gives_each_set_its_weight_in_samples(tiny_config, shards, une
     assert 0.72 < samples[from_uneven].sum() / samples.sum() < 0.78
     assert len(take(cfg, 3)) == 3
     # no weight: each set's manifest sampling_weight (its train size here) sets its share
-    default = ShardSet.load(tiny_config("data.shards=", f"data.mixture=[{{shards: {shards}}}, {{shards: {uneven_shards}}}]"))
-    expected = [sum(p * c for p, c, path in zip(default.probs, default.counts, default.paths)
-                    if path.startswith(str(root))) for root in (shards, uneven_shards)]
+    default = ShardSet.load(
+        tiny_config("data.shards=", f"data.mixture=[{{shards: {shards}}}, {{shards: {uneven_shards}}}]")
+    )
+    expected = [
+        sum(p * c for p, c, path in zip(default.probs, default.counts, default.paths) if path.startswith(str(root)))
+        for root in (shards, uneven_shards)
+    ]
     weights = [load_manifest(root).sampling_weight for root in (shards, uneven_shards)]
     assert expected[0] / expected[1] == pytest.approx(weights[0] / weights[1])
     with pytest.raises(UserError, match="not both"):
@@ -144,18 +153,26 @@ def test_eval_batches_keep_shard_order(shards):
 
 
 def test_short_side_shards_keep_their_aspect_and_feed_square_batches(synth_dir, tmp_path, tiny_config):
-    from usjepa.shardset.sample import decode_sample
-    from usjepa.ingest.verify import verify_shards
-    from usjepa.ingest.build.run import build_shards
-    from usjepa.ingest.settings import BuildSettings
     import webdataset as wds
 
+    from usjepa.ingest.build.run import build_shards
+    from usjepa.ingest.settings import BuildSettings
+    from usjepa.ingest.verify import verify_shards
+    from usjepa.shardset.sample import decode_sample
+
     out = tmp_path / "short"
-    build_shards(synth_dir, out, BuildSettings(image_size=32, shard_size=12, resize_mode="short_side",
-                                               group_pattern=r"^(patient\d+)_"), progress=False)
+    build_shards(
+        synth_dir,
+        out,
+        BuildSettings(image_size=32, shard_size=12, resize_mode="short_side", group_pattern=r"^(patient\d+)_"),
+        progress=False,
+    )
     verify_shards(out)
     manifest = load_manifest(out)
-    shapes = {decode_sample(r)[0].shape for r in wds.tarfile_to_samples()([{"url": str(p)} for p in manifest.shard_paths("train")])}
+    shapes = {
+        decode_sample(r)[0].shape
+        for r in wds.tarfile_to_samples()([{"url": str(p)} for p in manifest.shard_paths("train")])
+    }
     assert all(min(s) == 32 for s in shapes) and any(s[0] != s[1] for s in shapes)  # fans are wider than tall
     batch = take(tiny_config(f"data.shards={out}"), 1)[0]
     assert batch["images"].shape == (8, 1, 32, 32)

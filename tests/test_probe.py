@@ -167,9 +167,7 @@ def test_extract_features_keeps_order_and_mean_pools():
     np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-6)
 
     # a DataLoader in fixed order gives the same; bf16 autocast returns float32 close to fp32
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(images, labels), batch_size=4, shuffle=False
-    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4, shuffle=False)
     feats2, labs2 = extract_features(enc, loader, "cpu")
     np.testing.assert_allclose(feats2, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(labs2, labs)

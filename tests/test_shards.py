@@ -13,16 +13,16 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from usjepa.errors import UserError
+from usjepa.ingest.build.run import build_shards
+from usjepa.ingest.build.splits import assign_splits
 from usjepa.ingest.cli import register_cli
-from usjepa.shardset.manifest import load_manifest
 from usjepa.ingest.image.preprocess import PreprocessSettings, preprocess, stretch_percentiles
 from usjepa.ingest.image.region import detect_region
-from usjepa.shardset.sample import decode_sample, encode_sample, make_key
-from usjepa.ingest.sources.imagefile import pil_to_gray
-from usjepa.ingest.build.splits import assign_splits
-from usjepa.ingest.verify import verify_shards
-from usjepa.ingest.build.run import build_shards
 from usjepa.ingest.settings import BuildSettings
+from usjepa.ingest.sources.imagefile import pil_to_gray
+from usjepa.ingest.verify import verify_shards
+from usjepa.shardset.manifest import load_manifest
+from usjepa.shardset.sample import decode_sample, encode_sample, make_key
 
 BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 
@@ -116,7 +116,7 @@ def test_round_trip_preserves_labels_groups_and_count(built):
         assert image.dtype == np.uint8 and image.shape == (48, 48)  # single channel, requested size
         assert region.dtype == bool and region.shape == (48, 48) and region.mean() > 0.2
         assert (image[~region] == 0).all() and image[region].std() > 10  # stretched speckle
-    for split, info in manifest.splits.items():
+    for info in manifest.splits.values():
         assert all(1 <= s.count <= 5 for s in info.shards)
         assert info.count == sum(s.count for s in info.shards) == sum(info.class_counts.values())
     stats = json.loads((manifest.root / "manifest.json").read_text())["source"]
@@ -335,8 +335,9 @@ def test_cli_build_and_verify(folder, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="usjepa")
     register_cli(parser.add_subparsers())
     out = tmp_path / "cli"
-    args = parser.parse_args(["shards", "build", str(root), str(out), "--size", "32", "--group-pattern",
-                              r"^(p\d+)[_ ]", "--no-progress"])
+    args = parser.parse_args(
+        ["shards", "build", str(root), str(out), "--size", "32", "--group-pattern", r"^(p\d+)[_ ]", "--no-progress"]
+    )
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert f"built {len(made)} samples" in text and "images/s" in text and "cyst" in text

@@ -20,19 +20,18 @@ import pytest
 from PIL import Image, ImageDraw
 
 from usjepa.errors import UserError
-from usjepa.ingest.sources import base as sources_module
-from usjepa.ingest.cli import register_cli
-from usjepa.ingest.sources.detect import detect_format
-from usjepa.ingest.inspect import contact_sheet
-from usjepa.shardset.manifest import REPORT_NAME, load_manifest
-from usjepa.ingest.image.overlay import OverlaySettings, colour_mask, to_gray
-from usjepa.shardset.sample import decode_sample
-from usjepa.ingest.sources.base import Loaded, Source, SourceItem
-from usjepa.ingest.sources.imagefile import load_image
-from usjepa.shardset.sample import make_key
-from usjepa.ingest.verify import verify_shards
 from usjepa.ingest.build.run import build_shards, run_build
+from usjepa.ingest.cli import register_cli
+from usjepa.ingest.image.overlay import OverlaySettings, colour_mask, to_gray
+from usjepa.ingest.inspect import contact_sheet
 from usjepa.ingest.settings import BuildSettings
+from usjepa.ingest.sources import base as sources_module
+from usjepa.ingest.sources.base import Loaded, Source, SourceItem
+from usjepa.ingest.sources.detect import detect_format
+from usjepa.ingest.sources.imagefile import load_image
+from usjepa.ingest.verify import verify_shards
+from usjepa.shardset.manifest import REPORT_NAME, load_manifest
+from usjepa.shardset.sample import decode_sample, make_key
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
@@ -107,8 +106,13 @@ def test_killed_build_resumes_to_the_same_bytes(tmp_path):
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "usjepa", "shards", "build", str(src), str(out), *flags,
-                             "--workers", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "usjepa", "shards", "build", str(src), str(out), *flags, "--workers", "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while results(out) < 10 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -238,8 +242,9 @@ def test_small_colour_overlay_is_inpainted_and_large_one_flagged(tmp_path):
     large.save(src / "large_box.png")
     assert load_image(src / "clean.png")[0].ndim == 2 and load_image(src / "small_box.png")[0].ndim == 3
 
-    result = run_build(src.parent, tmp_path / "out", BuildSettings(image_size=64, val_fraction=0, test_fraction=0),
-                       progress=False)
+    result = run_build(
+        src.parent, tmp_path / "out", BuildSettings(image_size=64, val_fraction=0, test_fraction=0), progress=False
+    )
     got = {meta["source"].split("/")[-1]: (image, meta) for _, image, _, meta in samples(tmp_path / "out")}
     assert set(got) == {"clean.png", "small_box.png", "large_box.png"}
     c, s, big = got["clean.png"][1], got["small_box.png"][1], got["large_box.png"][1]
@@ -254,8 +259,9 @@ def test_small_colour_overlay_is_inpainted_and_large_one_flagged(tmp_path):
     assert [f["source"] for f in result.report["overlay_flagged"]] == ["scan/large_box.png"]
     assert verify_shards(tmp_path / "out")["overlay_flagged"] == 1
 
-    skipped = run_build(src.parent, tmp_path / "skip", BuildSettings(image_size=64, large_overlay="skip"),
-                        progress=False)
+    skipped = run_build(
+        src.parent, tmp_path / "skip", BuildSettings(image_size=64, large_overlay="skip"), progress=False
+    )
     assert skipped.manifest.total == 2 and skipped.manifest.build_summary["overlay_skipped"] == 1
     first = skipped.report["skipped"][0]
     assert first["stage"] == "overlay" and "large_overlay=skip" in first["reason"]
@@ -283,8 +289,10 @@ def test_duplicates_are_written_once_and_listed(tmp_path):
     result = run_build(src, tmp_path / "out", BuildSettings(image_size=32), progress=False)
     assert result.manifest.total == 6 and result.manifest.build_summary["duplicates"] == 2
     pairs = {(d["source"], d["duplicate_of"]) for d in result.report["duplicates"]}
-    assert {frozenset(p) for p in pairs} == {frozenset({"a/p00_img.png", "b/copy_of_a0.png"}),
-                                             frozenset({"a/p01_img.png", "b/rgb_copy_of_a1.png"})}
+    assert {frozenset(p) for p in pairs} == {
+        frozenset({"a/p00_img.png", "b/copy_of_a0.png"}),
+        frozenset({"a/p01_img.png", "b/rgb_copy_of_a1.png"}),
+    }
     hashes = [meta["pixel_hash"] for *_, meta in samples(tmp_path / "out")]
     assert len(set(hashes)) == len(hashes) == 6
     assert verify_shards(tmp_path / "out")["duplicates_at_build"] == 2
@@ -354,9 +362,16 @@ class _CineSource(Source):
 
     def scan(self):
         items = [
-            _CineItem(key=make_key(f"v{v}"), source=f"v{v}.mp4", label=0 if v < 4 else -1,
-                      class_name="lung" if v < 4 else "", group=f"patient{v // 2}",
-                      split="test" if v in (0, 1) else None, n_frames=3, broken_after=2 if v == 5 else None)
+            _CineItem(
+                key=make_key(f"v{v}"),
+                source=f"v{v}.mp4",
+                label=0 if v < 4 else -1,
+                class_name="lung" if v < 4 else "",
+                group=f"patient{v // 2}",
+                split="test" if v in (0, 1) else None,
+                n_frames=3,
+                broken_after=2 if v == 5 else None,
+            )
             for v in range(8)
         ]
         return items, {}, ["lung"]
@@ -372,9 +387,12 @@ def test_frames_prescribed_splits_and_unlabelled(tmp_path, monkeypatch):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "x.cine").write_text("")
     assert detect_format(tmp_path / "src") == "cine"
-    result = run_build(tmp_path / "src", tmp_path / "out",
-                       BuildSettings(image_size=32, val_fraction=0.2, test_fraction=0.2, source_options={"fps": 5}),
-                       progress=False)
+    result = run_build(
+        tmp_path / "src",
+        tmp_path / "out",
+        BuildSettings(image_size=32, val_fraction=0.2, test_fraction=0.2, source_options={"fps": 5}),
+        progress=False,
+    )
     got = samples(tmp_path / "out")
     keys = {k for k, *_ in got}
     assert f"{make_key('v3')}_f00002" in keys and make_key("v3") not in keys
@@ -418,8 +436,21 @@ def test_format_auto_picks_imagefolder_and_fails_clearly(tmp_path, capsys):
     assert main(["shards", "build", str(tmp_path / "empty"), str(tmp_path / "o"), "--no-progress"]) == 2
     assert "could not recognise the format" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    assert cli("build", str(src), str(tmp_path / "o"), "--format", "auto", "--size", "32", "--no-progress",
-               "--source-option", r"group_pattern=^(p\d+)_") == 0
+    assert (
+        cli(
+            "build",
+            str(src),
+            str(tmp_path / "o"),
+            "--format",
+            "auto",
+            "--size",
+            "32",
+            "--no-progress",
+            "--source-option",
+            r"group_pattern=^(p\d+)_",
+        )
+        == 0
+    )
     assert "format imagefolder (detected)" in capsys.readouterr().out
     assert load_manifest(tmp_path / "o").grouping["mode"] == "pattern"
 
@@ -445,13 +476,30 @@ def test_recipe_flag_with_overrides(tmp_path, capsys):
     pytest.importorskip("usjepa.ingest.recipes")
     src = image_folder(tmp_path / "data" / "set", per_class=3)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("format: imagefolder\nsource: ${DATA}/set\noptions: {group_pattern: '^(p\\d+)_'}\n"
-                      "build: {image_size: 48, val_fraction: 0.0, test_fraction: 0.0}\n")
+    recipe.write_text(
+        "format: imagefolder\nsource: ${DATA}/set\noptions: {group_pattern: '^(p\\d+)_'}\n"
+        "build: {image_size: 48, val_fraction: 0.0, test_fraction: 0.0}\n"
+    )
     assert src.is_dir()
     from usjepa.cli import main
 
-    assert main(["shards", "build", "--recipe", str(recipe), str(tmp_path / "out"), "--set",
-                 f"DATA={tmp_path / 'data'}", "--size", "32", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--recipe",
+                str(recipe),
+                str(tmp_path / "out"),
+                "--set",
+                f"DATA={tmp_path / 'data'}",
+                "--size",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = load_manifest(tmp_path / "out")
     assert m.image_size == 32 and m.count("train") == 6 and m.grouping["mode"] == "pattern"
     assert main(["shards", "build", str(tmp_path / "out2"), "--no-progress"]) == 2
@@ -465,13 +513,31 @@ def test_source_options_are_typed_and_checked_through_the_cli(tmp_path, capsys):
     src = image_folder(tmp_path / "src", per_class=2)
     out = str(tmp_path / "out")
     assert main(["shards", "build", str(src), out, "--source-option", "group_patern=^(p\\d+)_", "--no-progress"]) == 2
-    assert ("source format 'imagefolder': unknown key 'options.group_patern'; did you mean 'options.group_pattern'?"
-            in capsys.readouterr().err)
-    assert main(["shards", "build", str(src), out, "--format", "video", "--source-option", "fps=fast",
-                 "--no-progress"]) == 2
+    assert (
+        "source format 'imagefolder': unknown key 'options.group_patern'; did you mean 'options.group_pattern'?"
+        in capsys.readouterr().err
+    )
+    assert (
+        main(["shards", "build", str(src), out, "--format", "video", "--source-option", "fps=fast", "--no-progress"])
+        == 2
+    )
     assert "source format 'video': options.fps: expected float, got 'fast'" in capsys.readouterr().err
-    assert main(["shards", "build", str(src), out, "--format", "dicom", "--source-option", "group_by=hospital",
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                str(src),
+                out,
+                "--format",
+                "dicom",
+                "--source-option",
+                "group_by=hospital",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "options.group_by: 'hospital' is not one of patient, study, series, file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
@@ -484,8 +550,11 @@ def test_source_options_are_typed_and_checked_in_a_recipe(tmp_path):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("format: video\nsource: /x\noptions: {fsp: 3}\n")
-    with pytest.raises(UserError, match=r"recipe .*r.yaml: source format 'video': unknown key 'options.fsp'; did you "
-                                        r"mean 'options.fps'\?"):
+    with pytest.raises(
+        UserError,
+        match=r"recipe .*r.yaml: source format 'video': unknown key 'options.fsp'; did you "
+        r"mean 'options.fps'\?",
+    ):
         load_recipe(recipe, {}, environ={})
     recipe.write_text("format: video\nsource: /x\nbuild: {max_frames: many}\n")
     with pytest.raises(UserError, match=r"options.max_frames: expected int, got 'many'"):

@@ -6,7 +6,6 @@ it down again only if it started it, so a developer's running cluster survives t
 """
 
 import pytest
-
 from slurm_util import JOB_TIMEOUT_S, run, wait_for
 
 
@@ -17,20 +16,25 @@ def _job_state(job_id: str) -> str:
 
 @pytest.mark.slow
 def test_srun_spans_both_nodes(slurm_cluster):
-    out = run(["srun", "-N2", "--ntasks-per-node=1", "-t", "1", "bash", "-c",
-               "echo $SLURM_NODEID $SLURMD_NODENAME"]).stdout
+    out = run(
+        ["srun", "-N2", "--ntasks-per-node=1", "-t", "1", "bash", "-c", "echo $SLURM_NODEID $SLURMD_NODENAME"]
+    ).stdout
     assert sorted(out.splitlines()) == ["0 n1", "1 n2"]
 
 
 @pytest.mark.slow
 def test_sbatch_wait_is_completed_in_sacct(slurm_cluster, tmp_path):
     out = tmp_path / "job.out"
-    job_id = run(["sbatch", "--parsable", "--wait", "-t", "1", "-o", str(out),
-                  "--wrap", "echo ok on $SLURMD_NODENAME"]).stdout.strip().split(";")[0]
+    job_id = (
+        run(["sbatch", "--parsable", "--wait", "-t", "1", "-o", str(out), "--wrap", "echo ok on $SLURMD_NODENAME"])
+        .stdout.strip()
+        .split(";")[0]
+    )
     assert out.read_text().startswith("ok on n")
     # slurmctld forwards the job end to slurmdbd asynchronously.
-    wait_for(lambda: _job_state(job_id) == "COMPLETED", 30, f"job {job_id} COMPLETED in sacct "
-             f"(last: {_job_state(job_id)!r})")
+    wait_for(
+        lambda: _job_state(job_id) == "COMPLETED", 30, f"job {job_id} COMPLETED in sacct (last: {_job_state(job_id)!r})"
+    )
 
 
 TRAP_SCRIPT = """#!/bin/bash
@@ -53,8 +57,9 @@ def test_scancel_usr2_reaches_job_process(slurm_cluster, tmp_path, in_step):
     script.chmod(0o755)
     # The trap script itself is the batch shell: --batch signals that shell, not its children.
     job = ["--wrap", f"srun {script}"] if in_step else [str(script)]
-    job_id = run(["sbatch", "--parsable", "-t", "2", "-o", str(tmp_path / "job.out"),
-                  *job]).stdout.strip().split(";")[0]
+    job_id = (
+        run(["sbatch", "--parsable", "-t", "2", "-o", str(tmp_path / "job.out"), *job]).stdout.strip().split(";")[0]
+    )
     try:
         wait_for(ready.exists, JOB_TIMEOUT_S, f"job {job_id} to start")
         run(["scancel", "--signal=USR2", *([] if in_step else ["--batch"]), job_id])

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_util import run, wait_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from slurm_util import run, wait_for
 from usjepa import rundir
 from usjepa.train.provenance import read_records
 
@@ -26,8 +26,9 @@ SUBMIT_TIMEOUT_S = 300
 
 
 def submit(*args: str, timeout: float = SUBMIT_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(REPO / "launch" / "submit.py"), "configs/demo.yaml", *args],
-               timeout=timeout, check=False)
+    return run(
+        [sys.executable, str(REPO / "launch" / "submit.py"), "configs/demo.yaml", *args], timeout=timeout, check=False
+    )
 
 
 def job_id_of(out: subprocess.CompletedProcess) -> str:
@@ -65,8 +66,13 @@ def reference(tiny_overrides, tmp_path_factory) -> dict[int, float]:
     """The losses of an uninterrupted run, in one local process (the data and the losses do
     not depend on the world size)."""
     run_dir = tmp_path_factory.mktemp("slurm_reference") / "run"
-    out = subprocess.run([sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *tiny_overrides, *COMMON,
-                          f"run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *tiny_overrides, *COMMON, f"run.dir={run_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return losses(run_dir)
 
@@ -106,8 +112,11 @@ def test_a_two_node_run_completes_and_records_how_it_ran(slurm_cluster, referenc
 def _interrupt_then_finish(reference, run_dir: Path, job_id: str, interrupt) -> None:
     wait_for(lambda: logged_steps(run_dir) >= 5, 180, "5 logged steps")
     interrupt()
-    wait_for(lambda: job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
-             f"job {job_id} to end (state {job_state(job_id)})")
+    wait_for(
+        lambda: job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+        300,
+        f"job {job_id} to end (state {job_state(job_id)})",
+    )
     assert job_state(job_id) == "COMPLETED"
     starts = read_records(run_dir, "starts.jsonl")
     assert len(starts) >= 2 and {s["slurm_job_id"] for s in starts} == {job_id}  # requeued: same job id
@@ -116,33 +125,46 @@ def _interrupt_then_finish(reference, run_dir: Path, job_id: str, interrupt) -> 
     assert_same_losses(reference, run_dir)
 
 
-def test_usr2_saves_then_requeues_and_the_run_ends_as_if_uninterrupted(slurm_cluster, reference, tiny_overrides,
-                                                                        tmp_path):
+def test_usr2_saves_then_requeues_and_the_run_ends_as_if_uninterrupted(
+    slurm_cluster, reference, tiny_overrides, tmp_path
+):
     run_dir = tmp_path / "run"
     job_id = job_id_of(submit(*tiny_overrides, *COMMON, f"run.dir={run_dir}", "--nodes", "2", "--time", "10"))
     # What Slurm sends at the time limit minus --signal-delay (and on preemption).
-    _interrupt_then_finish(reference, run_dir, job_id,
-                           lambda: run(["scancel", "--signal=USR2", job_id]))
+    _interrupt_then_finish(reference, run_dir, job_id, lambda: run(["scancel", "--signal=USR2", job_id]))
     log = (run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
     assert "SIGUSR2 received; saved step" in log
 
 
 def test_preemption_by_a_high_priority_job_requeues_and_finishes(slurm_cluster, reference, tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
-    job_id = job_id_of(submit(*tiny_overrides, *COMMON, f"run.dir={run_dir}", "--nodes", "2", "--time", "10",
-                              "--partition", "debug"))
+    job_id = job_id_of(
+        submit(*tiny_overrides, *COMMON, f"run.dir={run_dir}", "--nodes", "2", "--time", "10", "--partition", "debug")
+    )
 
     def preempt():
         # All CPUs of both nodes in the high partition: the training job must make room.
         cpus = run(["sinfo", "-h", "-N", "-o", "%c"]).stdout.split()[0]
-        run(["sbatch", "--parsable", "-p", "high", "-N2", f"--ntasks-per-node={cpus}", "-t", "1",
-             f"--output={tmp_path / 'high-%j.out'}", "--wrap", "sleep 3"])
+        run(
+            [
+                "sbatch",
+                "--parsable",
+                "-p",
+                "high",
+                "-N2",
+                f"--ntasks-per-node={cpus}",
+                "-t",
+                "1",
+                f"--output={tmp_path / 'high-%j.out'}",
+                "--wrap",
+                "sleep 3",
+            ]
+        )
 
     _interrupt_then_finish(reference, run_dir, job_id, preempt)
 
 
-def test_a_requeue_from_outside_resumes_from_the_latest_checkpoint(slurm_cluster, reference, tiny_overrides,
-                                                                    tmp_path):
+def test_a_requeue_from_outside_resumes_from_the_latest_checkpoint(slurm_cluster, reference, tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
     job_id = job_id_of(submit(*tiny_overrides, *COMMON, f"run.dir={run_dir}", "--nodes", "2", "--time", "10"))
     _interrupt_then_finish(reference, run_dir, job_id, lambda: run(["scontrol", "requeue", job_id]))
@@ -150,8 +172,16 @@ def test_a_requeue_from_outside_resumes_from_the_latest_checkpoint(slurm_cluster
 
 def test_a_failing_job_reports_its_error_to_the_submitter(slurm_cluster, tiny_overrides, tmp_path):
     t0 = time.monotonic()
-    out = submit(*tiny_overrides, *COMMON, "data.shards=/nowhere/shards", f"run.dir={tmp_path / 'run'}",
-                 "--nodes", "2", "--no-data-check", "--wait")
+    out = submit(
+        *tiny_overrides,
+        *COMMON,
+        "data.shards=/nowhere/shards",
+        f"run.dir={tmp_path / 'run'}",
+        "--nodes",
+        "2",
+        "--no-data-check",
+        "--wait",
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     error = out.stderr.strip().splitlines()[-1]
     assert error.startswith("job ") and " failed: " in error and "/nowhere/shards" in error, error
@@ -160,9 +190,26 @@ def test_a_failing_job_reports_its_error_to_the_submitter(slurm_cluster, tiny_ov
 
 def test_the_srun_template_without_submitit_requeues_itself(slurm_cluster, reference, tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
-    job_id = run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "-t", "10",
-                  f"--export=ALL,PYTHON={sys.executable}", f"--output={tmp_path / 'slurm-%j.out'}",
-                  "launch/multinode.sbatch", "configs/demo.yaml", *tiny_overrides, *COMMON,
-                  f"run.dir={run_dir}"]).stdout.strip().split(";")[0]
+    job_id = (
+        run(
+            [
+                "sbatch",
+                "--parsable",
+                "--nodes=2",
+                "--ntasks-per-node=1",
+                "-t",
+                "10",
+                f"--export=ALL,PYTHON={sys.executable}",
+                f"--output={tmp_path / 'slurm-%j.out'}",
+                "launch/multinode.sbatch",
+                "configs/demo.yaml",
+                *tiny_overrides,
+                *COMMON,
+                f"run.dir={run_dir}",
+            ]
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     # USR2 to the tasks (what --signal=USR2@90 does): they save, exit 75, the script requeues.
     _interrupt_then_finish(reference, run_dir, job_id, lambda: run(["scancel", "--signal=USR2", job_id]))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY
+
 from usjepa.study.jobs import job_seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,18 +22,35 @@ ARCH = [o for o in TINY if o.startswith(("model.", "predictor.", "mask.", "data.
 
 def write_spec(tmp_path: Path, synth_dir: Path) -> Path:
     recipe = tmp_path / "synth.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "synth", "format": "imagefolder", "source": "${SYNTH}",
-                                      "options": {"group_pattern": r"^(patient\d+)_"},
-                                      "build": {"image_size": 64, "shard_size": 20}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "synth",
+                "format": "imagefolder",
+                "source": "${SYNTH}",
+                "options": {"group_pattern": r"^(patient\d+)_"},
+                "build": {"image_size": 64, "shard_size": 20},
+            }
+        )
+    )
     spec = {
-        "out": str(tmp_path / "out"), "image_size": 32, "vars": {"SYNTH": str(synth_dir)},
-        "shard_sets": {"synth": {"recipe": str(recipe)}}, "corpus": ["synth"], "tasks": {"lesions": "synth"},
-        "arms": {"mae_teacher": {"config": "configs/demo_teacher.yaml", "overrides": ARCH},
-                 "salt": {"config": "configs/demo.yaml", "teacher": "mae_teacher", "overrides": ARCH},
-                 "ema": {"config": "configs/demo.yaml", "overrides": [*ARCH, "train.objective=ema"],
-                         "probe": "target"},
-                 "random": {"probe": "random", "like": "salt"}},
-        "baselines": ["pixels"], "seeds": [0, 1], "probe_seeds": [0, 1], "steps": 6, "jobs": 2,
+        "out": str(tmp_path / "out"),
+        "image_size": 32,
+        "vars": {"SYNTH": str(synth_dir)},
+        "shard_sets": {"synth": {"recipe": str(recipe)}},
+        "corpus": ["synth"],
+        "tasks": {"lesions": "synth"},
+        "arms": {
+            "mae_teacher": {"config": "configs/demo_teacher.yaml", "overrides": ARCH},
+            "salt": {"config": "configs/demo.yaml", "teacher": "mae_teacher", "overrides": ARCH},
+            "ema": {"config": "configs/demo.yaml", "overrides": [*ARCH, "train.objective=ema"], "probe": "target"},
+            "random": {"probe": "random", "like": "salt"},
+        },
+        "baselines": ["pixels"],
+        "seeds": [0, 1],
+        "probe_seeds": [0, 1],
+        "steps": 6,
+        "jobs": 2,
         "compare": [["salt", "random"], ["salt", "ema"]],
     }
     path = tmp_path / "study.yaml"
@@ -42,9 +59,15 @@ def write_spec(tmp_path: Path, synth_dir: Path) -> Path:
 
 
 def study(spec: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "usjepa", "study", str(spec), "probe_seeds=[0,1]", *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "usjepa", "study", str(spec), "probe_seeds=[0,1]", *extra],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
 
 
 @pytest.mark.slow
@@ -97,7 +120,11 @@ def test_a_study_trains_probes_tabulates_and_resumes(synth_dir, tmp_path):
 
 def test_a_spec_mistake_is_one_line(synth_dir, tmp_path):
     spec = write_spec(tmp_path, synth_dir)
-    bad = subprocess.run([sys.executable, "-m", "usjepa", "study", str(spec), "arms.salt.teacher=nobody"],
-                         cwd=REPO, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "usjepa", "study", str(spec), "arms.salt.teacher=nobody"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip() == "usjepa study: error: arms.salt.teacher: 'nobody' is not a trained arm"

@@ -49,8 +49,14 @@ def _auc(feature: np.ndarray, labels: np.ndarray, positive: str, negative: str) 
 
 def test_layout_and_summary(written):
     out, summary = written
-    assert summary == {"n": 40, "size": 64, "seed": 1, "classes": summary["classes"],
-                       "groups": summary["groups"], "out": str(out)}
+    assert summary == {
+        "n": 40,
+        "size": 64,
+        "seed": 1,
+        "classes": summary["classes"],
+        "groups": summary["groups"],
+        "out": str(out),
+    }
     assert sorted(p.name for p in out.iterdir()) == sorted(synth.CLASS_NAMES)
     files = _pngs(out)
     assert len(files) == 40 and not [p for p in out.rglob("*") if p.is_file() and p.suffix != ".png"]

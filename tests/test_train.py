@@ -6,8 +6,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from usjepa.errors import UserError
 from usjepa import rundir
+from usjepa.errors import UserError
 from usjepa.train.loop import train
 
 
@@ -20,8 +20,9 @@ def scalars(run_dir, tag):
 def test_resume_continues_exactly_where_it_stopped(tiny_config, tmp_path):
     full = tiny_config("train.total_steps=6", "checkpoint.every_steps=3", f"run.dir={tmp_path / 'full'}")
     train(full)
-    split = tiny_config("train.total_steps=6", "checkpoint.every_steps=3", f"run.dir={tmp_path / 'split'}",
-                        "run.stop_at_step=3")
+    split = tiny_config(
+        "train.total_steps=6", "checkpoint.every_steps=3", f"run.dir={tmp_path / 'split'}", "run.stop_at_step=3"
+    )
     first = train(split)
     assert first.step == 3
     resumed = train(tiny_config("train.total_steps=6", "checkpoint.every_steps=3", f"run.dir={tmp_path / 'split'}"))
@@ -42,6 +43,7 @@ def test_checkpoints_keep_the_last_k_and_never_hold_the_teacher(tiny_config, tmp
     assert meta["step"] == 8 and meta["data_position"] == 8 and meta["samples_seen"] == 64
     assert meta["teacher"]["source"] == "none"
     from torch.distributed.checkpoint import FileSystemReader
+
     keys = FileSystemReader(str(run / "checkpoints" / "step_000008")).read_metadata().state_dict_metadata
     assert any(k.startswith("model.encoder.") for k in keys)
     assert any(k.startswith("model.predictor.") for k in keys)
@@ -56,8 +58,15 @@ def test_tensorboard_has_what_a_user_watches(tiny_config, tmp_path):
     acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ["train/loss", "train/lr", "train/weight_decay", "train/grad_norm", "perf/images_per_s",
-                "perf/step_time_s", "health/feature_std"]:
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/weight_decay",
+        "train/grad_norm",
+        "perf/images_per_s",
+        "perf/step_time_s",
+        "health/feature_std",
+    ]:
         assert tag in tags
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     lrs = [e.value for e in acc.Scalars("train/lr")]
@@ -68,8 +77,9 @@ def test_tensorboard_has_what_a_user_watches(tiny_config, tmp_path):
 def test_mae_stage_then_salt_against_it(tiny_config, tmp_path):
     teacher_dir = tmp_path / "teacher"
     train(tiny_config("train.objective=mae", "train.loss=mse", "train.total_steps=3", f"run.dir={teacher_dir}"))
-    result = train(tiny_config("train.total_steps=3", f"teacher.checkpoint={teacher_dir}",
-                               f"run.dir={tmp_path / 'student'}"))
+    result = train(
+        tiny_config("train.total_steps=3", f"teacher.checkpoint={teacher_dir}", f"run.dir={tmp_path / 'student'}")
+    )
     assert result.step == 3 and result.loss == result.loss  # finite
     meta = rundir.read_meta(rundir.latest_checkpoint(tmp_path / "student"))
     assert meta["teacher"]["source"] == str(teacher_dir.resolve()) and len(meta["teacher"]["sha256"]) == 64
@@ -80,12 +90,20 @@ def test_resuming_against_another_teacher_is_refused(tiny_config, tmp_path):
     train(tiny_config("train.objective=mae", "train.total_steps=2", f"run.dir={teacher_dir}"))
     train(tiny_config("train.total_steps=4", "run.stop_at_step=2", f"run.dir={tmp_path / 'student'}"))
     with pytest.raises(UserError, match="trained against teacher"):
-        train(tiny_config("train.total_steps=4", f"teacher.checkpoint={teacher_dir}", f"run.dir={tmp_path / 'student'}"))
+        train(
+            tiny_config("train.total_steps=4", f"teacher.checkpoint={teacher_dir}", f"run.dir={tmp_path / 'student'}")
+        )
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path):
-    cfg = tiny_config("train.total_steps=20", "optim.lr=1e30", "optim.start_lr=1e30", "optim.clip_grad=0",
-                      "train.max_nonfinite=3", "checkpoint.every_steps=1")
+    cfg = tiny_config(
+        "train.total_steps=20",
+        "optim.lr=1e30",
+        "optim.start_lr=1e30",
+        "optim.clip_grad=0",
+        "train.max_nonfinite=3",
+        "checkpoint.every_steps=1",
+    )
     with pytest.raises(UserError, match="not finite for 3 steps in a row"):
         train(cfg)
     skipped = scalars(tmp_path / "run", "train/nonfinite_skipped")
@@ -93,6 +111,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path):
     # the parameters on disk are finite: skipped steps never reached the optimizer
     path = rundir.latest_checkpoint(tmp_path / "run")
     from usjepa.eval.backbones import load_backbone
+
     encoder, _ = load_backbone("student", tmp_path / "run", torch.device("cpu"))
     assert path is not None and all(torch.isfinite(p).all() for p in encoder.parameters())
 
@@ -110,14 +129,16 @@ def test_validation_loss_at_checkpoints_and_best_is_kept(tiny_config, tmp_path):
     assert {p.name for p in rundir.list_checkpoints(run)} == {best.name, "step_000008"}
     # the same masks and inputs every time: validating twice gives the same number
     from usjepa.train.loop import Trainer
+
     trainer = Trainer(tiny_config("train.total_steps=8", "checkpoint.every_steps=2"))
     assert trainer.validate()["loss"] == trainer.validate()["loss"] == pytest.approx(val[8])
 
 
 def test_activation_checkpointing_keeps_the_losses(tiny_config, tmp_path):
     plain = train(tiny_config("train.total_steps=3", f"run.dir={tmp_path / 'plain'}"))
-    recomputed = train(tiny_config("train.total_steps=3", "train.activation_checkpointing=true",
-                                   f"run.dir={tmp_path / 'ac'}"))
+    recomputed = train(
+        tiny_config("train.total_steps=3", "train.activation_checkpointing=true", f"run.dir={tmp_path / 'ac'}")
+    )
     a, b = scalars(tmp_path / "plain", "train/loss"), scalars(tmp_path / "ac", "train/loss")
     assert plain.step == recomputed.step == 3 and a == pytest.approx(b, rel=1e-6)
 
@@ -135,6 +156,7 @@ def test_passes_left_without_samples_keep_every_rank_in_step(tiny_config, shards
     # One sample per pass: a corrupt sample leaves a pass empty, which must still run (FSDP
     # ranks meet in every pass) and must not move the weights or the logged loss.
     from test_pipeline import _corrupt_first_train_shard
+
     broken = _corrupt_first_train_shard(shards, tmp_path / "broken")
     result = train(tiny_config(f"data.shards={broken}", "data.micro_batch_size=1", "train.total_steps=12"))
     assert result.step == 12 and result.loss == result.loss
@@ -148,6 +170,7 @@ def test_passes_left_without_samples_keep_every_rank_in_step(tiny_config, shards
 def test_probes_load_the_best_checkpoint_by_default_else_the_latest(tiny_config, tmp_path, capsys):
     from usjepa.eval.backbones import load_backbone
     from usjepa.models.vit import build_encoder
+
     train(tiny_config("train.total_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=3", "optim.lr=0.3"))
     run = tmp_path / "run"
     cfg = tiny_config()

@@ -16,8 +16,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from usjepa.config import load_config
 from usjepa import rundir
+from usjepa.config import load_config
 from usjepa.train.loop import Trainer
 from usjepa.train.meter import module_gib
 
@@ -31,14 +31,31 @@ COMMON = [f"train.total_steps={STEPS}", "checkpoint.every_steps=4", "data.stream
 def command(nproc: int, overrides: list[str]) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "usjepa", "train", "configs/demo.yaml", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "usjepa",
+        "train",
+        "configs/demo.yaml",
+        *overrides,
+    ]
 
 
 def launch(nproc: int, overrides: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command(nproc, overrides), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command(nproc, overrides),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def run(nproc: int, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -96,8 +113,12 @@ def reference(tiny_overrides, tmp_path_factory) -> Path:
 def ema_reference(tiny_overrides, tmp_path_factory) -> Path:
     run_dir, out = reference_run(tmp_path_factory, tiny_overrides, "ema")
     # The EMA target is sharded like the student: each rank holds about half of it.
-    single = Trainer(load_config("configs/demo.yaml", [*tiny_overrides, *COMMON, "train.objective=ema",
-                                                        f"run.dir={run_dir.parent / 'probe_size'}"]))
+    single = Trainer(
+        load_config(
+            "configs/demo.yaml",
+            [*tiny_overrides, *COMMON, "train.objective=ema", f"run.dir={run_dir.parent / 'probe_size'}"],
+        )
+    )
     whole = 1024 * module_gib(single.ema_target)
     per_rank = float(re.search(r"EMA target .*sharded like the student, ([\d.e-]+) MiB per rank", out).group(1))
     assert per_rank == pytest.approx(whole / 2, rel=0.1), (per_rank, whole)
@@ -134,8 +155,9 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(reference, 
     b = student_state([*tiny_overrides, *COMMON, f"run.dir={single}"])
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(without_key_bias(key, a[key]), without_key_bias(key, b[key]),
-                                   rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(
+            without_key_bias(key, a[key]), without_key_bias(key, b[key]), rtol=1e-4, atol=1e-6, msg=key
+        )
     for tag in ("perf/data_s", "perf/teacher_s", "perf/student_s", "perf/optimizer_s", "perf/peak_memory_gib"):
         assert len(losses(reference, tag)) == STEPS, tag
     meta = rundir.read_meta(rundir.latest_checkpoint(reference))
@@ -228,6 +250,7 @@ def test_a_checkpoint_continues_on_another_world_size(request, tiny_overrides, t
 
 def test_uneven_shards_and_a_corrupt_sample_on_two_ranks(uneven_shards, tiny_overrides, tmp_path):
     from test_pipeline import _corrupt_first_train_shard
+
     broken = _corrupt_first_train_shard(uneven_shards, tmp_path / "broken")
     run_dir = tmp_path / "run"
     out = run(2, [*tiny_overrides, *COMMON, f"data.shards={broken}", "data.streams=4", f"run.dir={run_dir}"])
@@ -246,9 +269,14 @@ def test_too_few_shards_for_the_streams_is_a_one_line_error(tiny_overrides, tmp_
 
 def test_the_one_node_launcher_script(reference, tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
-    out = subprocess.run([str(REPO / "launch" / "torchrun.sh"), "configs/demo.yaml", *tiny_overrides, *COMMON,
-                          f"run.dir={run_dir}"], cwd=REPO, env={**os.environ, "NPROC": "2", "PYTHON": sys.executable},
-                         capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [str(REPO / "launch" / "torchrun.sh"), "configs/demo.yaml", *tiny_overrides, *COMMON, f"run.dir={run_dir}"],
+        cwd=REPO,
+        env={**os.environ, "NPROC": "2", "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "global batch 8 = 2 rank(s) x 4" in out.stderr
     assert_same_losses(losses(reference), losses(run_dir))

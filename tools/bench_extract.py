@@ -20,8 +20,16 @@ from usjepa.eval.features import extract_features
 from usjepa.rundir import resolve_device
 
 # Images per set (train + val + test) and test images, from the recipes in shards/.
-ULTRABENCH = {"aul": (735, 147), "busbra": (1064, 213), "butterfly": (41076, 6751), "fatty_liver": (550, 110),
-              "gbcu": (1255, 122), "mmotu": (1469, 469), "pocus": (2064, 443), "tn5000": (5000, 1000)}
+ULTRABENCH = {
+    "aul": (735, 147),
+    "busbra": (1064, 213),
+    "butterfly": (41076, 6751),
+    "fatty_liver": (550, 110),
+    "gbcu": (1255, 122),
+    "mmotu": (1469, 469),
+    "pocus": (2064, 443),
+    "tn5000": (5000, 1000),
+}
 ROBUSTNESS_VIEWS = 9  # 3 kinds x severities 1-3
 
 
@@ -53,7 +61,8 @@ def main() -> None:
     for model in args.models.split(","):
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             rate = images_per_s(model, args.image_size, args.batch, args.batches, device, dtype)
-            print(f"{model:26} {name:5} {rate:7.1f} {clean / rate / 60:15.0f} min {(clean + degraded) / rate / 60:9.0f} min")
+            minutes, with_views = clean / rate / 60, (clean + degraded) / rate / 60
+            print(f"{model:26} {name:5} {rate:7.1f} {minutes:15.0f} min {with_views:9.0f} min")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from usjepa.shardset import sample as sample_format  # noqa: E402
 from usjepa.ingest.build.item import process_item  # noqa: E402
 from usjepa.ingest.build.run import run_build  # noqa: E402
 from usjepa.ingest.build.workdir import write_result  # noqa: E402
@@ -32,6 +31,7 @@ from usjepa.ingest.image.preprocess import preprocess  # noqa: E402
 from usjepa.ingest.settings import BuildSettings  # noqa: E402
 from usjepa.ingest.sources import open_source  # noqa: E402
 from usjepa.ingest.sources.detect import detect_format  # noqa: E402
+from usjepa.shardset import sample as sample_format  # noqa: E402
 
 DEFAULT_SRC = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 
@@ -93,9 +93,11 @@ def main(argv=None) -> int:
             wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
         run, frames = result.report["run"], result.report["summary"]["frames"]
         process = run["seconds"]["process"]
-        print(f"workers {workers}: {frames} images; processing {process:.2f} s = {frames / process:.0f} images/s "
-              f"({frames / process / workers:.0f} per worker); whole build {wall:.2f} s = {frames / wall:.0f} images/s "
-              f"(pack {run['seconds']['pack']:.2f} s); {frames / cpu:.0f} images per CPU-second")
+        print(
+            f"workers {workers}: {frames} images; processing {process:.2f} s = {frames / process:.0f} images/s "
+            f"({frames / process / workers:.0f} per worker); whole build {wall:.2f} s = {frames / wall:.0f} images/s "
+            f"(pack {run['seconds']['pack']:.2f} s); {frames / cpu:.0f} images per CPU-second"
+        )
     return 0
 
 

@@ -132,8 +132,12 @@ def synthetic_shards(scratch: Path, size: int) -> Path:
     from usjepa.ingest.settings import BuildSettings
 
     write_synthetic_dataset(scratch / "data", n=160, size=size + 32, seed=0)
-    build_shards(scratch / "data", scratch / "shards",
-                 BuildSettings(image_size=size, shard_size=40, group_pattern=GROUP_PATTERN), progress=False)
+    build_shards(
+        scratch / "data",
+        scratch / "shards",
+        BuildSettings(image_size=size, shard_size=40, group_pattern=GROUP_PATTERN),
+        progress=False,
+    )
     return scratch / "shards"
 
 
@@ -157,8 +161,8 @@ def matmul_peak(device: torch.device) -> dict[str, float]:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         n = 4096 if device.type == "cuda" else 2048
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        ms = interleaved_ms({name: lambda: a @ b}, rounds=10, warmup=3)[name]
-        peaks[name] = 2 * n ** 3 / (ms / 1000) / 1e12
+        ms = interleaved_ms({name: lambda a=a, b=b: a @ b}, rounds=10, warmup=3)[name]
+        peaks[name] = 2 * n**3 / (ms / 1000) / 1e12
     return peaks
 
 
@@ -177,54 +181,103 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     if args.peak:
         peaks = matmul_peak(device)
-        print(f"{device}, {torch.get_num_threads()} threads: matmul peak fp32 {peaks['fp32']:.3f} TFLOP/s, "
-              f"bf16 {peaks['bf16']:.3f} TFLOP/s")
+        print(
+            f"{device}, {torch.get_num_threads()} threads: matmul peak fp32 {peaks['fp32']:.3f} TFLOP/s, "
+            f"bf16 {peaks['bf16']:.3f} TFLOP/s"
+        )
         return
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or str(synthetic_shards(Path(tmp), args.image_size))
-        common = [f"data.shards={shards}", f"data.image_size={args.image_size}", f"data.batch_size={args.batch}",
-                  "model.patch_size=16", "data.num_workers=0", "log.progress=false", "train.validate=false",
-                  f"run.device={device}", "teacher.checkpoint=none", "predictor.depth=6", "predictor.embed_dim=384",
-                  "predictor.num_heads=6", *MASKS]
-        print(f"{device}, {torch.get_num_threads()} threads, {args.image_size} px, patch 16, batch {args.batch}, "
-              f"predictor 6 x 384; median of {args.steps} interleaved rounds after {args.warmup}")
-        print(f"{'row':<34} {'ms/step':>9} {'img/s':>7} {'tok/img':>8} {'GFLOP/step':>11} {'GFLOP/s':>8} {'/ceiling':>9}")
+        common = [
+            f"data.shards={shards}",
+            f"data.image_size={args.image_size}",
+            f"data.batch_size={args.batch}",
+            "model.patch_size=16",
+            "data.num_workers=0",
+            "log.progress=false",
+            "train.validate=false",
+            f"run.device={device}",
+            "teacher.checkpoint=none",
+            "predictor.depth=6",
+            "predictor.embed_dim=384",
+            "predictor.num_heads=6",
+            *MASKS,
+        ]
+        print(
+            f"{device}, {torch.get_num_threads()} threads, {args.image_size} px, patch 16, batch {args.batch}, "
+            f"predictor 6 x 384; median of {args.steps} interleaved rounds after {args.warmup}"
+        )
+        print(
+            f"{'row':<34} {'ms/step':>9} {'img/s':>7} {'tok/img':>8} {'GFLOP/step':>11} {'GFLOP/s':>8} {'/ceiling':>9}"
+        )
         for model in args.models.split(","):
             arch = [f"model.{k}={v}" for k, v in MODELS[model].items()]
             for precision in args.precisions.split(","):
-                run = [*common, *arch, f"train.precision={precision}", "teacher.dtype=" +
-                       ("bf16" if precision == "bf16" else "fp32")]
+                run = [
+                    *common,
+                    *arch,
+                    f"train.precision={precision}",
+                    "teacher.dtype=" + ("bf16" if precision == "bf16" else "fp32"),
+                ]
                 cfg = load_config("configs/demo.yaml", run)
                 images = torch.randn(args.batch, 1, args.image_size, args.image_size, device=device)
                 patches = (args.image_size // 16) ** 2
-                dense_flops = 3 * args.batch * encoder_forward_flops(
-                    build_encoder(ModelConfig(patch_size=16, **MODELS[model]), args.image_size), patches) / 1e9
+                dense_flops = (
+                    3
+                    * args.batch
+                    * encoder_forward_flops(
+                        build_encoder(ModelConfig(patch_size=16, **MODELS[model]), args.image_size), patches
+                    )
+                    / 1e9
+                )
                 ceilings = {
                     "dense ceiling (timm blocks)": dense_step(
-                        build_encoder(cfg.model, args.image_size, device=device,
-                                      dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(device),
-                        images, precision),
-                    "plain-matmul ceiling": dense_step(PlainViT(args.image_size, 16, **MODELS[model]).to(device),
-                                                       images, precision)}
+                        build_encoder(
+                            cfg.model,
+                            args.image_size,
+                            device=device,
+                            dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                        ).to(device),
+                        images,
+                        precision,
+                    ),
+                    "plain-matmul ceiling": dense_step(
+                        PlainViT(args.image_size, 16, **MODELS[model]).to(device), images, precision
+                    ),
+                }
                 with tempfile.TemporaryDirectory() as runs:
-                    trainers = {name: TrainerStep([*run, *extra, f"run.dir={runs}/{i}"]) for i, (name, extra) in
-                                enumerate((("salt per_block", ["predictor.layout=per_block"]),
-                                           ("salt shared_context", ["predictor.layout=shared_context"]),
-                                           ("mae (shared_context)", ["train.objective=mae",
-                                                                     "predictor.layout=shared_context"])))}
+                    trainers = {
+                        name: TrainerStep([*run, *extra, f"run.dir={runs}/{i}"])
+                        for i, (name, extra) in enumerate(
+                            (
+                                ("salt per_block", ["predictor.layout=per_block"]),
+                                ("salt shared_context", ["predictor.layout=shared_context"]),
+                                ("mae (shared_context)", ["train.objective=mae", "predictor.layout=shared_context"]),
+                            )
+                        )
+                    }
                     ms = interleaved_ms({**trainers, **ceilings}, args.steps, args.warmup)
-                rows = {name: (ms[name], t.last.flops / 1e9, t.last.context_tokens + t.last.target_tokens)
-                        for name, t in trainers.items()}
+                rows = {
+                    name: (ms[name], t.last.flops / 1e9, t.last.context_tokens + t.last.target_tokens)
+                    for name, t in trainers.items()
+                }
                 rows.update({name: (ms[name], dense_flops, patches) for name in ceilings})
                 best = max(dense_flops / (ms[name] / 1000) for name in ceilings)
                 for name, (step_ms, gflop, tokens) in rows.items():
                     rate = gflop / (step_ms / 1000)
-                    print(f"{f'{model} {precision} {name}':<34} {step_ms:>9.1f} {1000 * args.batch / step_ms:>7.1f} "
-                          f"{tokens:>8.1f} {gflop:>11.1f} {rate:>8.1f} {rate / best:>9.2f}")
+                    print(
+                        f"{f'{model} {precision} {name}':<34} {step_ms:>9.1f} {1000 * args.batch / step_ms:>7.1f} "
+                        f"{tokens:>8.1f} {gflop:>11.1f} {rate:>8.1f} {rate / best:>9.2f}"
+                    )
                 sys.stdout.flush()
         print(f"data path (decode + augment + masks, one process): {data_row(common, 8):.0f} images/s")
 

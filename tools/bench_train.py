@@ -46,8 +46,12 @@ def _worker(args: argparse.Namespace) -> None:
             batch = next(batches)
         outcome = trainer.train_step(batch, meter)
         meter.count(cfg.data.batch_size, outcome.flops)
-    figures = {**meter.read_and_reset(), "peak_memory_gib": peak_memory_gib(trainer.device),
-               "device": str(trainer.device), "micro_batches": trainer.micro_batches}
+    figures = {
+        **meter.read_and_reset(),
+        "peak_memory_gib": peak_memory_gib(trainer.device),
+        "device": str(trainer.device),
+        "micro_batches": trainer.micro_batches,
+    }
     everyone = world.gather_objects(figures)
     if world.is_main:
         Path(args.worker).write_text(json.dumps({"world": world.size, "ranks": everyone}))
@@ -56,10 +60,23 @@ def _worker(args: argparse.Namespace) -> None:
 
 def _launch(world: int, args: argparse.Namespace, overrides: list[str], scratch: Path) -> dict:
     out = scratch / f"world{world}.json"
-    script = [str(Path(__file__).resolve()), "--worker", str(out), "--steps", str(args.steps),
-              "--warmup", str(args.warmup), args.config, *overrides, f"run.dir={scratch / f'run{world}'}"]
-    launcher = [sys.executable] if world == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    script = [
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        args.config,
+        *overrides,
+        f"run.dir={scratch / f'run{world}'}",
+    ]
+    launcher = (
+        [sys.executable]
+        if world == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run([*launcher, *script], env=env, capture_output=True, text=True)
     if done.returncode:
@@ -83,19 +100,26 @@ def main() -> None:
         overrides = [*DEFAULTS, *args.overrides]
         if not any(o.startswith("data.shards=") for o in args.overrides):
             from usjepa.demo import demo_shards
+
             overrides.append(f"data.shards={demo_shards(scratch, images=400, progress=False)}")
         results = [_launch(int(w), args, overrides, scratch) for w in args.world.split(",")]
-    print(f"{args.config} {' '.join(args.overrides)}: {args.steps} timed steps after {args.warmup}, "
-          f"{results[0]['ranks'][0]['device']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}")
-    print(f"{'ranks':>5} {'images/s':>9} {'TFLOP/s':>8} {'step ms':>8} {'data':>6} {'teacher':>8} {'student':>8}"
-          f" {'optim':>6} {'peak GiB/rank':>14}")
+    print(
+        f"{args.config} {' '.join(args.overrides)}: {args.steps} timed steps after {args.warmup}, "
+        f"{results[0]['ranks'][0]['device']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}"
+    )
+    print(
+        f"{'ranks':>5} {'images/s':>9} {'TFLOP/s':>8} {'step ms':>8} {'data':>6} {'teacher':>8} {'student':>8}"
+        f" {'optim':>6} {'peak GiB/rank':>14}"
+    )
     for r in results:
         rank0 = r["ranks"][0]
         ms = {k: 1000 * rank0[f"{k}_s"] for k in ("step_time", "data", "teacher", "student", "optimizer")}
         peak = max(x["peak_memory_gib"] for x in r["ranks"])
-        print(f"{r['world']:>5} {rank0['images_per_s']:>9.0f} {rank0['tflop_per_s']:>8.3f} {ms['step_time']:>8.1f} "
-              f"{ms['data']:>6.1f} "
-              f"{ms['teacher']:>8.1f} {ms['student']:>8.1f} {ms['optimizer']:>6.1f} {peak:>14.2f}")
+        print(
+            f"{r['world']:>5} {rank0['images_per_s']:>9.0f} {rank0['tflop_per_s']:>8.3f} {ms['step_time']:>8.1f} "
+            f"{ms['data']:>6.1f} "
+            f"{ms['teacher']:>8.1f} {ms['student']:>8.1f} {ms['optimizer']:>6.1f} {peak:>14.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ COMMANDS = {  # name: (module with register_cli, one-line summary)
     "probe": ("usjepa.eval.cli", "linear and kNN probe macro-F1 of a run's encoders, an export or pixel baselines"),
     "bench": ("usjepa.bench.cli", "the UltraBench comparison: linear/kNN/few-shot/robustness macro-F1 of any encoders"),
     "study": ("usjepa.study.cli", "pretrain and probe every arm of a comparison (MAE, SALT, EMA, random) on real data"),
-    "export": ("usjepa.export", "a run's encoder as timm weights (safetensors + config.json) for timm, probe or teacher"),
+    "export": (
+        "usjepa.export",
+        "a run's encoder as timm weights (safetensors + config.json) for timm, probe or teacher",
+    ),
 }
 
 
@@ -40,7 +43,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="usjepa",
         description="US-JEPA: SALT pretraining of ultrasound foundation models "
-                    "(frozen teacher -> student + predictor), shards, linear probes.")
+        "(frozen teacher -> student + predictor), shards, linear probes.",
+    )
     parser.add_argument("--version", action="version", version=f"usjepa {__version__}")
     parser.register("action", "parsers", _SummaryAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -84,8 +84,10 @@ class DataConfig:
         """The shard sets to train on; the check that there is one waits until data is read,
         so a config without data still builds models."""
         if not (self.mixture or self.shards):
-            raise ConfigError("no shard set given: set data.shards=PATH (a folder from `usjepa shards build`) "
-                              "or list shard sets in data.mixture")
+            raise ConfigError(
+                "no shard set given: set data.shards=PATH (a folder from `usjepa shards build`) "
+                "or list shard sets in data.mixture"
+            )
         return self.mixture or (MixtureEntry(self.shards),)
 
 
@@ -293,51 +295,84 @@ def _check(ok: bool, key: str, why: str) -> None:
 def validate(cfg: Config) -> Config:
     """Cross-field checks that single-field types cannot express."""
     m, d, mk = cfg.model, cfg.data, cfg.mask
-    _check(d.image_size % m.patch_size == 0, "data.image_size",
-           f"{d.image_size} is not a multiple of model.patch_size={m.patch_size}")
-    for key, dim, heads in (("model", m.embed_dim, m.num_heads),
-                            ("predictor", cfg.predictor.embed_dim, cfg.predictor.num_heads)):
-        _check(heads > 0 and dim % heads == 0, f"{key}.embed_dim",
-               f"{dim} is not divisible by {key}.num_heads={heads}")
+    _check(
+        d.image_size % m.patch_size == 0,
+        "data.image_size",
+        f"{d.image_size} is not a multiple of model.patch_size={m.patch_size}",
+    )
+    for key, dim, heads in (
+        ("model", m.embed_dim, m.num_heads),
+        ("predictor", cfg.predictor.embed_dim, cfg.predictor.num_heads),
+    ):
+        _check(heads > 0 and dim % heads == 0, f"{key}.embed_dim", f"{dim} is not divisible by {key}.num_heads={heads}")
     t = cfg.teacher
-    _check(t.num_heads == 0 or (t.embed_dim or m.embed_dim) % t.num_heads == 0,
-           "teacher.num_heads", "must divide the teacher's embed_dim")
-    for key, (lo, hi), top in (("mask.context_scale", mk.context_scale, 1.0),
-                               ("mask.target_scale", mk.target_scale, 1.0),
-                               ("data.augment.crop_scale", d.augment.crop_scale, 1.0)):
+    _check(
+        t.num_heads == 0 or (t.embed_dim or m.embed_dim) % t.num_heads == 0,
+        "teacher.num_heads",
+        "must divide the teacher's embed_dim",
+    )
+    for key, (lo, hi), top in (
+        ("mask.context_scale", mk.context_scale, 1.0),
+        ("mask.target_scale", mk.target_scale, 1.0),
+        ("data.augment.crop_scale", d.augment.crop_scale, 1.0),
+    ):
         _check(0 < lo <= hi <= top, key, f"needs 0 < low <= high <= {top}, got ({lo}, {hi})")
-    for key, (lo, hi) in (("mask.context_aspect", mk.context_aspect),
-                          ("mask.target_aspect", mk.target_aspect)):
+    for key, (lo, hi) in (("mask.context_aspect", mk.context_aspect), ("mask.target_aspect", mk.target_aspect)):
         _check(0 < lo <= hi, key, f"needs 0 < low <= high, got ({lo}, {hi})")
-    n_patches = cfg.grid_size ** 2
-    _check(0 < mk.min_keep < n_patches, "mask.min_keep",
-           f"must be between 1 and the {n_patches} patches of a {d.image_size}px image")
+    n_patches = cfg.grid_size**2
+    _check(
+        0 < mk.min_keep < n_patches,
+        "mask.min_keep",
+        f"must be between 1 and the {n_patches} patches of a {d.image_size}px image",
+    )
     _check(mk.num_context == 1, "mask.num_context", "only one context block is supported")
     _check(mk.num_targets >= 1, "mask.num_targets", "must be at least 1")
     _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
-    _check(not (d.shards and d.mixture), "data.shards",
-           "name one shard set (data.shards=PATH) or several in data.mixture, not both")
-    _check(all(e.weight >= 0 for e in d.mixture), "data.mixture", "weights must be >= 0 (0: the manifest's sampling_weight)")
-    _check(d.streams >= 1 and d.batch_size % d.streams == 0, "data.streams",
-           f"{d.streams} must be >= 1 and divide data.batch_size={d.batch_size} (each stream gives "
-           "an equal chunk of the batch)")
+    _check(
+        not (d.shards and d.mixture),
+        "data.shards",
+        "name one shard set (data.shards=PATH) or several in data.mixture, not both",
+    )
+    _check(
+        all(e.weight >= 0 for e in d.mixture),
+        "data.mixture",
+        "weights must be >= 0 (0: the manifest's sampling_weight)",
+    )
+    _check(
+        d.streams >= 1 and d.batch_size % d.streams == 0,
+        "data.streams",
+        f"{d.streams} must be >= 1 and divide data.batch_size={d.batch_size} (each stream gives "
+        "an equal chunk of the batch)",
+    )
     _check(d.micro_batch_size >= 0, "data.micro_batch_size", "must be >= 0 (0 = no gradient accumulation)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.train.total_steps >= 1, "train.total_steps", "must be at least 1")
-    _check(all(0 <= m <= 1 for m in cfg.train.ema_momentum), "train.ema_momentum",
-           f"momenta must be in [0, 1], got {cfg.train.ema_momentum}")
+    _check(
+        all(0 <= m <= 1 for m in cfg.train.ema_momentum),
+        "train.ema_momentum",
+        f"momenta must be in [0, 1], got {cfg.train.ema_momentum}",
+    )
     _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
-    _check(cfg.train.val_batches >= -1, "train.val_batches",
-           f"must be -1 (5% of the steps between checkpoints), 0 (all) or a count, got {cfg.train.val_batches}")
+    _check(
+        cfg.train.val_batches >= -1,
+        "train.val_batches",
+        f"must be -1 (5% of the steps between checkpoints), 0 (all) or a count, got {cfg.train.val_batches}",
+    )
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
     _check(cfg.log.every_steps >= 1, "log.every_steps", "must be at least 1")
     _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0 (0 = the device's known figure)")
     o = cfg.optim
-    _check(0 <= o.warmup_steps <= cfg.train.total_steps, "optim.warmup_steps",
-           f"must be between 0 and train.total_steps={cfg.train.total_steps}")
+    _check(
+        0 <= o.warmup_steps <= cfg.train.total_steps,
+        "optim.warmup_steps",
+        f"must be between 0 and train.total_steps={cfg.train.total_steps}",
+    )
     _check(min(o.lr, o.start_lr, o.final_lr) >= 0, "optim.lr", "learning rates must be >= 0")
-    _check(cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda"),
-           "run.device", f"'{cfg.run.device}' is not one of auto, cpu, cuda, cuda:N")
+    _check(
+        cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda"),
+        "run.device",
+        f"'{cfg.run.device}' is not one of auto, cpu, cuda, cuda:N",
+    )
     p = cfg.probe
     _check(len(p.seeds) >= 1, "probe.seeds", "needs at least one seed")
     _check(p.knn_k >= 1, "probe.knn_k", f"must be at least 1, got {p.knn_k}")
@@ -483,8 +518,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     return validate(load_typed(Config, path, overrides, example="configs/demo.yaml"))
 
 
-def load_typed(schema: type, path: str | os.PathLike | None, overrides: typing.Sequence[str] = (),
-               example: str = "") -> Any:
+def load_typed(
+    schema: type, path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), example: str = ""
+) -> Any:
     """An instance of the dataclass `schema` from a YAML file (or its defaults when `path` is
     None) with dotted overrides applied, strictly typed (no cross-field checks)."""
     tree: dict = {}

@@ -35,9 +35,20 @@ CHECKPOINT_NAMES = ("best", "latest", "step_N")
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _STEP_NAME = re.compile(r"^step_(\d+)$")
 # Settings that may change between invocations of one run without changing its result.
-RESUMABLE_CHANGES = ("run.stop_at_step", "run.threads", "run.device", "train.total_steps",
-                     "checkpoint.", "log.", "data.num_workers", "data.micro_batch_size", "probe.",
-                     "distributed.", "train.activation_checkpointing", "train.compile")
+RESUMABLE_CHANGES = (
+    "run.stop_at_step",
+    "run.threads",
+    "run.device",
+    "train.total_steps",
+    "checkpoint.",
+    "log.",
+    "data.num_workers",
+    "data.micro_batch_size",
+    "probe.",
+    "distributed.",
+    "train.activation_checkpointing",
+    "train.compile",
+)
 
 
 def prepare_run_dir(cfg: Config, write: bool = True) -> tuple[Path, list[str]]:
@@ -103,9 +114,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = checkpoint_dir(run_dir) / pointer.read_text().strip()
     if not (path / META).is_file():
-        raise UserError(f"{pointer} names {path.name}, which is missing or incomplete; "
-                        f"point it at one of {[p.name for p in list_checkpoints(run_dir)] or 'no checkpoints'} "
-                        "or remove it to start from scratch")
+        raise UserError(
+            f"{pointer} names {path.name}, which is missing or incomplete; "
+            f"point it at one of {[p.name for p in list_checkpoints(run_dir)] or 'no checkpoints'} "
+            "or remove it to start from scratch"
+        )
     return path
 
 
@@ -124,22 +137,28 @@ def find_checkpoint(run_dir: Path, name: str) -> Path:
     run_dir = Path(run_dir)
     existing = list_checkpoints(run_dir)
     if not existing:
-        raise UserError(f"{run_dir}: no checkpoint yet; train it first (usjepa train CONFIG run.dir={run_dir}) "
-                        "or wait for its first checkpoint (every checkpoint.every_steps steps)")
+        raise UserError(
+            f"{run_dir}: no checkpoint yet; train it first (usjepa train CONFIG run.dir={run_dir}) "
+            "or wait for its first checkpoint (every checkpoint.every_steps steps)"
+        )
     if name == "best" and (best := best_checkpoint(run_dir)) is not None:
         return best
     if name in ("best", "latest"):
         latest = latest_checkpoint(run_dir) or existing[-1]
         if name == "best":
-            print(f"usjepa: {run_dir}: no checkpoint was validated (no val split, or train.validate=false); "
-                  f"using the latest, {latest.name}", file=sys.stderr)
+            print(
+                f"usjepa: {run_dir}: no checkpoint was validated (no val split, or train.validate=false); "
+                f"using the latest, {latest.name}",
+                file=sys.stderr,
+            )
         return latest
     match = _STEP_NAME.match(name)
     for path in existing:
         if match and int(path.name.removeprefix("step_")) == int(match.group(1)):
             return path
-    raise UserError(f"{run_dir}: no checkpoint '{name}'; choose latest, best or one of "
-                    f"{', '.join(p.name for p in existing)}")
+    raise UserError(
+        f"{run_dir}: no checkpoint '{name}'; choose latest, best or one of {', '.join(p.name for p in existing)}"
+    )
 
 
 def read_meta(path: Path) -> dict:
@@ -161,4 +180,4 @@ def load_module_weights(path: Path, module: torch.nn.Module, prefix: str, key: s
     wanted = {f"{prefix}{k}": v for k, v in module.state_dict().items()}
     with single_process_quiet():
         dcp.load({key: wanted}, checkpoint_id=path, no_dist=True)
-    module.load_state_dict({k[len(prefix):]: v for k, v in wanted.items()})
+    module.load_state_dict({k[len(prefix) :]: v for k, v in wanted.items()})

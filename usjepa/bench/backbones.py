@@ -18,7 +18,6 @@ from usjepa.eval.backbones import load_backbone
 from usjepa.models.loading import load_encoder
 
 
-
 @dataclass
 class Backbone:
     name: str
@@ -29,8 +28,11 @@ class Backbone:
 
     def cache_fields(self) -> dict:
         """What the features depend on besides the data."""
-        return {"weights": self.weights_sha256, "image_size": self.image_size,
-                "preprocess": {k: self.provenance.get(k) for k in ("pooling", "mean", "std", "in_chans")}}
+        return {
+            "weights": self.weights_sha256,
+            "image_size": self.image_size,
+            "preprocess": {k: self.provenance.get(k) for k in ("pooling", "mean", "std", "in_chans")},
+        }
 
 
 def _ours(spec: BackboneSpec, device: torch.device) -> tuple[torch.nn.Module, int, dict]:
@@ -62,11 +64,22 @@ def load_bench_backbone(name: str, spec: BackboneSpec, bench: BenchSpec, device:
         raise UserError(f"backbones.{name}.path={spec.path}: no such file or folder")
     if spec.kind in EXTERNAL_KINDS or (spec.kind == "random" and spec.model):
         kind = "timm" if spec.kind == "random" else spec.kind
-        loaded = load_external(kind, spec.path or None, spec.model, bench.image_size, mean=spec.mean,
-                               std=spec.std, pooling=spec.pooling, seed=spec.seed)
+        loaded = load_external(
+            kind,
+            spec.path or None,
+            spec.model,
+            bench.image_size,
+            mean=spec.mean,
+            std=spec.std,
+            pooling=spec.pooling,
+            seed=spec.seed,
+        )
         module, size = loaded.module.to(device).float(), bench.image_size
-        info = {**loaded.info, "source": str(Path(spec.path).resolve()) if spec.path else None,
-                "source_sha256": loaded.sha256 or None}
+        info = {
+            **loaded.info,
+            "source": str(Path(spec.path).resolve()) if spec.path else None,
+            "source_sha256": loaded.sha256 or None,
+        }
     else:
         module, size, info = _ours(spec, device)
         info.update(pooling="mean", in_chans=1, mean=[PIXEL_MEAN], std=[PIXEL_STD])

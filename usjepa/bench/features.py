@@ -68,8 +68,9 @@ def sample_seed(key: str, severity: int) -> int:
     return zlib.crc32(f"{key}/{severity}".encode())
 
 
-def _batches(manifest: Manifest, split: str, image_size: int, batch_size: int,
-             view: tuple[str, int] | None, ids: list[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    manifest: Manifest, split: str, image_size: int, batch_size: int, view: tuple[str, int] | None, ids: list[dict]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Model-input batches of a split, optionally degraded; each sample's metadata goes to `ids`."""
     images, labels = [], []
     for pixels, region, meta in eval_samples(manifest, split, image_size):
@@ -110,12 +111,28 @@ class FeatureCache:
         return found
 
 
-def extract_split(encoder: torch.nn.Module, manifest: Manifest, split: str, image_size: int, batch_size: int,
-                  device: torch.device, dtype: torch.dtype, view: tuple[str, int] | None = None,
-                  desc: str = "", progress: bool = True) -> SplitFeatures:
+def extract_split(
+    encoder: torch.nn.Module,
+    manifest: Manifest,
+    split: str,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    view: tuple[str, int] | None = None,
+    desc: str = "",
+    progress: bool = True,
+) -> SplitFeatures:
     """Features of `split` (degraded by `view` = (kind, severity) when given), in manifest order."""
     ids: list[dict] = []
-    features, labels = extract_features(encoder, _batches(manifest, split, image_size, batch_size, view, ids),
-                                        device, dtype, progress=progress, desc=desc)
-    return SplitFeatures(features, labels, np.array([str(m["group"]) for m in ids]),
-                         np.array([video_id(m) for m in ids]))
+    features, labels = extract_features(
+        encoder,
+        _batches(manifest, split, image_size, batch_size, view, ids),
+        device,
+        dtype,
+        progress=progress,
+        desc=desc,
+    )
+    return SplitFeatures(
+        features, labels, np.array([str(m["group"]) for m in ids]), np.array([video_id(m) for m in ids])
+    )

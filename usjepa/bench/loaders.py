@@ -42,8 +42,13 @@ from torch import nn
 from usjepa.data.augment import PIXEL_MEAN, PIXEL_STD
 from usjepa.errors import UserError
 from usjepa.fileio import files_sha256
-from usjepa.models.loading import (check_normalisation, fold_input_normalisation,
-                                   read_checkpoint, recorded_normalisation, strip_prefix)
+from usjepa.models.loading import (
+    check_normalisation,
+    fold_input_normalisation,
+    read_checkpoint,
+    recorded_normalisation,
+    strip_prefix,
+)
 
 EXTERNAL_KINDS = ("timm", "open_clip", "mae", "beit")
 POOLINGS = ("mean", "cls", "model")
@@ -69,8 +74,9 @@ class GrayTokens(nn.Module):
     `scale` and `shift` ([1, C, 1, 1]) turn our one channel into the C channels the model was
     trained on, normalised its way; None where that map is folded into the patch embedding."""
 
-    def __init__(self, model: nn.Module, pooling: str, scale: torch.Tensor | None = None,
-                 shift: torch.Tensor | None = None):
+    def __init__(
+        self, model: nn.Module, pooling: str, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
+    ):
         super().__init__()
         self.model, self.pooling = model, pooling
         self.prefix = getattr(model, "num_prefix_tokens", 0)
@@ -81,7 +87,7 @@ class GrayTokens(nn.Module):
         x = images if self.scale is None else images * self.scale + self.shift
         tokens = self.model.forward_features(x)
         if self.pooling == "mean":
-            return tokens[:, self.prefix:]
+            return tokens[:, self.prefix :]
         if self.pooling == "cls":
             return tokens[:, :1]
         return self.model.forward_head(tokens, pre_logits=True).unsqueeze(1)
@@ -95,8 +101,10 @@ def _vision_tower(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Te
     # Native layout: timm's ViT converter recognises it by the `visual.` keys and renames them.
     tower = {k: v for k, v in sd.items() if k.startswith("visual.") and k != "visual.proj"}
     if not tower:
-        raise UserError(f"{path}: no vision tower (no 'visual.' keys, first keys: {', '.join(list(sd)[:3])}); "
-                        "an open_clip checkpoint holds the model's state dict (open_clip_pytorch_model.bin)")
+        raise UserError(
+            f"{path}: no vision tower (no 'visual.' keys, first keys: {', '.join(list(sd)[:3])}); "
+            "an open_clip checkpoint holds the model's state dict (open_clip_pytorch_model.bin)"
+        )
     return tower
 
 
@@ -115,8 +123,9 @@ def _open_clip_model(path: Path | None) -> str:
     try:
         vision = json.loads(config.read_text())["model_cfg"]["vision_cfg"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{config}: not a readable open_clip config (no model_cfg.vision_cfg: {e}); fix or remove "
-                        "it, or set model:") from None
+        raise UserError(
+            f"{config}: not a readable open_clip config (no model_cfg.vision_cfg: {e}); fix or remove it, or set model:"
+        ) from None
     return vision.get("timm_model_name") or ""
 
 
@@ -125,12 +134,15 @@ def _architecture(kind: str, model: str, path: Path | None) -> str:
     if not name:
         where = f"{path}: " if path else ""
         hint = "" if kind != "open_clip" else " (no open_clip_config.json with a timm_model_name beside the file)"
-        raise UserError(f"{where}a {kind} backbone needs its timm architecture{hint}; set model: e.g. "
-                        "vit_base_patch16_224")
+        raise UserError(
+            f"{where}a {kind} backbone needs its timm architecture{hint}; set model: e.g. vit_base_patch16_224"
+        )
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise UserError(f"model: {name} is not a timm architecture; "
-                        + (f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"))
+        raise UserError(
+            f"model: {name} is not a timm architecture; "
+            + (f"did you mean {', '.join(close)}?" if close else "see timm.list_models()")
+        )
     return name
 
 
@@ -138,8 +150,10 @@ def _create(name: str, image_size: int, in_chans: int = 3) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size, in_chans=in_chans)
     except TypeError as e:
-        raise UserError(f"model: {name} cannot be built at img_size={image_size} ({e}); the bench loads ViT-style "
-                        "timm models whose forward_features returns tokens") from None
+        raise UserError(
+            f"model: {name} cannot be built at img_size={image_size} ({e}); the bench loads ViT-style "
+            "timm models whose forward_features returns tokens"
+        ) from None
 
 
 def _copy_shared_bias(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -163,8 +177,10 @@ def _convert(sd: dict[str, torch.Tensor], model: nn.Module, where: str, name: st
         try:
             sd = convert(sd, model)
         except (RuntimeError, ValueError, KeyError, IndexError, AttributeError) as e:
-            raise UserError(f"{where}: timm's {family.__name__} converter cannot read it for {name} ({e}); set model: "
-                            "to the checkpoint's architecture") from None
+            raise UserError(
+                f"{where}: timm's {family.__name__} converter cannot read it for {name} ({e}); set model: "
+                "to the checkpoint's architecture"
+            ) from None
     heads = model.pretrained_cfg.get("classifier") or ()
     heads = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
     wanted = model.state_dict()
@@ -203,13 +219,17 @@ def _check_fit(sd: dict[str, torch.Tensor], model: nn.Module, where: str, name: 
     unexpected = [k for k in sd if k not in wanted]
     fix = "set model: to the checkpoint's architecture (or kind: to its layout)"
     if missing or unexpected:
-        raise UserError(f"{where}: does not fit timm {name}: {_listing('missing', missing)}, "
-                        f"{_listing('unexpected', unexpected)}; {fix}")
+        raise UserError(
+            f"{where}: does not fit timm {name}: {_listing('missing', missing)}, "
+            f"{_listing('unexpected', unexpected)}; {fix}"
+        )
     wrong = [k for k in wanted if sd[k].shape != wanted[k].shape]
     if wrong:
         k = wrong[0]
-        raise UserError(f"{where}: {k} is {list(sd[k].shape)} in the file but {list(wanted[k].shape)} in timm "
-                        f"{name} ({len(wrong)} entries differ in shape); {fix}")
+        raise UserError(
+            f"{where}: {k} is {list(sd[k].shape)} in the file but {list(wanted[k].shape)} in timm "
+            f"{name} ({len(wrong)} entries differ in shape); {fix}"
+        )
 
 
 def _loaded(sd: dict[str, torch.Tensor], name: str, image_size: int, where: str) -> nn.Module:
@@ -225,8 +245,9 @@ def _loaded(sd: dict[str, torch.Tensor], name: str, image_size: int, where: str)
     return model
 
 
-def _normalisation(mean: tuple[float, ...], std: tuple[float, ...], path: Path | None, model: nn.Module,
-                   in_chans: int, where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalisation(
+    mean: tuple[float, ...], std: tuple[float, ...], path: Path | None, model: nn.Module, in_chans: int, where: str
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The input normalisation the backbone was trained with: given, else recorded beside the
     file, else its architecture's pretrained_cfg, else ImageNet's (RGB) or ours (gray)."""
     check_normalisation(mean, std, in_chans, where)
@@ -246,8 +267,14 @@ def _fold_into_patch_embed(model: nn.Module, mean: tuple[float, ...], std: tuple
     shift becomes a bias); the model then takes one channel."""
     embed = getattr(model, "patch_embed", None)
     proj = getattr(embed, "proj", None)
-    if not (isinstance(embed, PatchEmbed) and isinstance(proj, nn.Conv2d) and not embed.dynamic_img_pad
-            and proj.kernel_size == proj.stride and proj.padding == (0, 0) and proj.groups == 1):
+    if not (
+        isinstance(embed, PatchEmbed)
+        and isinstance(proj, nn.Conv2d)
+        and not embed.dynamic_img_pad
+        and proj.kernel_size == proj.stride
+        and proj.padding == (0, 0)
+        and proj.groups == 1
+    ):
         return False
     bias = proj.bias if proj.bias is not None else proj.weight.new_zeros(proj.out_channels)  # CLIP has none
     weight, bias = fold_input_normalisation(proj.weight.detach(), bias.detach(), mean, std)
@@ -259,8 +286,9 @@ def _fold_into_patch_embed(model: nn.Module, mean: tuple[float, ...], std: tuple
     return True
 
 
-def _gray_input(model: nn.Module, pooling: str, mean: tuple[float, ...], std: tuple[float, ...],
-                in_chans: int) -> GrayTokens:
+def _gray_input(
+    model: nn.Module, pooling: str, mean: tuple[float, ...], std: tuple[float, ...], in_chans: int
+) -> GrayTokens:
     if _fold_into_patch_embed(model, mean, std):
         return GrayTokens(model, pooling)
     # g = x * PIXEL_STD + PIXEL_MEAN reaches channel c as (g - mean_c) / std_c.
@@ -279,9 +307,17 @@ def _checked_path(path: str | Path | None) -> Path | None:
     return path
 
 
-def load_external(kind: str, path: str | Path | None, model: str, image_size: int, *,
-                  mean: tuple[float, ...] = (), std: tuple[float, ...] = (), pooling: str = "mean",
-                  seed: int = 0) -> LoadedEncoder:
+def load_external(
+    kind: str,
+    path: str | Path | None,
+    model: str,
+    image_size: int,
+    *,
+    mean: tuple[float, ...] = (),
+    std: tuple[float, ...] = (),
+    pooling: str = "mean",
+    seed: int = 0,
+) -> LoadedEncoder:
     """Checkpoint file `path` of layout `kind` in timm architecture `model` (its default for
     mae, beit and open_clip when ""), as a frozen encoder of our gray `image_size` px input.
     `path` empty: the architecture with random weights drawn from `seed` (global RNG untouched).
@@ -307,7 +343,16 @@ def load_external(kind: str, path: str | Path | None, model: str, image_size: in
         num_params = sum(p.numel() for p in net.parameters())  # the architecture's, before folding
         mean, std = _normalisation(tuple(mean), tuple(std), file, net, in_chans, str(file) if file else f"timm {name}")
         module = _gray_input(net, pooling, mean, std, in_chans).eval().requires_grad_(False)
-    info = dict(kind=kind, path=str(file.resolve()) if file else None, model=name, in_chans=in_chans,
-                mean=list(mean), std=list(std), pooling=pooling, image_size=image_size,
-                num_params=num_params, step=step)
+    info = dict(
+        kind=kind,
+        path=str(file.resolve()) if file else None,
+        model=name,
+        in_chans=in_chans,
+        mean=list(mean),
+        std=list(std),
+        pooling=pooling,
+        image_size=image_size,
+        num_params=num_params,
+        step=step,
+    )
     return LoadedEncoder(module=module, sha256=digest, info=info)

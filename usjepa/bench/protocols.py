@@ -28,6 +28,7 @@ VIDEO_RULES = ("mean", "majority")
 
 # ---------------------------------------------------------------------------------- few-shot
 
+
 def fewshot_indices(labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int) -> np.ndarray:
     """Sorted int64 indices of a stratified subset of the train split holding `fraction` of it.
 
@@ -53,16 +54,19 @@ def fewshot_indices(labels: np.ndarray, groups: np.ndarray | None, fraction: flo
     if labels.ndim != 1:
         raise UserError(f"few-shot labels must be 1-D (one per sample), got shape {labels.shape}")
     if groups is not None and np.shape(groups) != labels.shape:
-        raise UserError(f"few-shot groups must match the labels one to one: {len(groups)} groups "
-                        f"for {labels.shape[0]} labels")
+        raise UserError(
+            f"few-shot groups must match the labels one to one: {len(groups)} groups for {labels.shape[0]} labels"
+        )
     if fraction == 1.0 or labels.size == 0:
         return np.arange(labels.shape[0], dtype=np.int64)
     group_codes = np.arange(labels.shape[0]) if groups is None else np.unique(groups, return_inverse=True)[1]
     label_codes = np.unique(labels, return_inverse=True)[1]
     group_class, group_size = _group_classes(group_codes, label_codes)
     rng = np.random.default_rng(seed)
-    chosen = [_prefix(rng.permutation(np.flatnonzero(group_class == c)), group_size, fraction)
-              for c in range(int(label_codes.max()) + 1)]
+    chosen = [
+        _prefix(rng.permutation(np.flatnonzero(group_class == c)), group_size, fraction)
+        for c in range(int(label_codes.max()) + 1)
+    ]
     return np.flatnonzero(np.isin(group_codes, np.concatenate(chosen))).astype(np.int64)
 
 
@@ -78,7 +82,7 @@ def _prefix(order: np.ndarray, group_size: np.ndarray, fraction: float) -> np.nd
     if order.size == 0:
         return order
     reached = np.cumsum(group_size[order])
-    return order[:int(np.searchsorted(reached, _quota(int(reached[-1]), fraction))) + 1]
+    return order[: int(np.searchsorted(reached, _quota(int(reached[-1]), fraction))) + 1]
 
 
 def _quota(n: int, fraction: float) -> int:
@@ -88,6 +92,7 @@ def _quota(n: int, fraction: float) -> int:
 
 
 # -------------------------------------------------------------------------------- robustness
+
 
 def degrade(pixels: torch.Tensor, region: torch.Tensor, kind: str, severity: int, seed: int) -> torch.Tensor:
     """A test image [1, H, W] in [0, 1] degraded by `kind` at `severity` e (the paper's 1-3).
@@ -127,6 +132,7 @@ def _pull_to_median(pixels: torch.Tensor, region: torch.Tensor, alpha: float) ->
 
 # ----------------------------------------------------------------------------------- videos
 
+
 def has_videos(videos: np.ndarray, labels: np.ndarray | None = None) -> bool:
     """True when some video id repeats: only then does a video-level score differ from the
     frame-level one. With `labels`, also every id must carry one label: ids that group samples
@@ -139,8 +145,9 @@ def has_videos(videos: np.ndarray, labels: np.ndarray | None = None) -> bool:
     return labels is None or len(set(zip(videos.tolist(), np.asarray(labels).tolist()))) == n_videos
 
 
-def video_level(y_true: np.ndarray, scores: np.ndarray, videos: np.ndarray,
-                rule: str = "mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def video_level(
+    y_true: np.ndarray, scores: np.ndarray, videos: np.ndarray, rule: str = "mean"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Frame-level -> video-level: (video ids in first-appearance order, true label per video,
     predicted label per video).
 
@@ -154,8 +161,10 @@ def video_level(y_true: np.ndarray, scores: np.ndarray, videos: np.ndarray,
     if rule not in VIDEO_RULES:
         raise UserError(f"unknown video rule {rule!r}; valid: {', '.join(VIDEO_RULES)}")
     if y_true.ndim != 1 or videos.shape != y_true.shape or scores.shape[:1] != y_true.shape:
-        raise UserError(f"video_level needs one label, score row and video id per frame: labels {y_true.shape}, "
-                        f"scores {scores.shape}, videos {videos.shape}")
+        raise UserError(
+            f"video_level needs one label, score row and video id per frame: labels {y_true.shape}, "
+            f"scores {scores.shape}, videos {videos.shape}"
+        )
     if y_true.size == 0:
         raise UserError("video_level got no frames; there is nothing to score")
     ids, first, codes = _first_appearance(videos)
@@ -164,8 +173,10 @@ def video_level(y_true: np.ndarray, scores: np.ndarray, videos: np.ndarray,
     if mixed.size:
         video = videos[mixed[:1]].tolist()[0]  # a plain Python value, so the message shows 'x'
         found = sorted(np.unique(y_true[codes == codes[mixed[0]]]).tolist())
-        raise UserError(f"video {video!r} has frames with different true labels {found}; "
-                        f"a video-level score needs one label per video")
+        raise UserError(
+            f"video {video!r} has frames with different true labels {found}; "
+            f"a video-level score needs one label per video"
+        )
     votes = _mean_votes(scores, codes, ids.size) if rule == "mean" else _majority_votes(scores, codes, ids.size)
     return ids, truth, votes.argmax(axis=1).astype(np.int64)
 
@@ -191,8 +202,10 @@ def _mean_votes(probabilities: np.ndarray, codes: np.ndarray, n_videos: int) -> 
 def _majority_votes(predictions: np.ndarray, codes: np.ndarray, n_videos: int) -> np.ndarray:
     """Frame counts per video and predicted class [V, C]."""
     if predictions.ndim != 1 or not np.issubdtype(predictions.dtype, np.integer) or predictions.min() < 0:
-        raise UserError(f"video rule 'majority' needs predicted class indices [N] (integers >= 0), "
-                        f"got shape {predictions.shape}, dtype {predictions.dtype}")
+        raise UserError(
+            f"video rule 'majority' needs predicted class indices [N] (integers >= 0), "
+            f"got shape {predictions.shape}, dtype {predictions.dtype}"
+        )
     counts = np.zeros((n_videos, int(predictions.max()) + 1), np.int64)
     np.add.at(counts, (codes, predictions), 1)
     return counts

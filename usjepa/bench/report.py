@@ -71,8 +71,10 @@ def _entry(cell: dict, path: tuple[str, ...]) -> dict | None:
 
 def _grid(results: Results, protocol: _Protocol) -> dict[str, dict[str, dict]]:
     """backbone -> dataset -> the protocol's result, for the cells that have one."""
-    return {b: {d: e for d, cell in cells.items() if (e := _entry(cell, protocol.path)) is not None}
-            for b, cells in results.items()}
+    return {
+        b: {d: e for d, cell in cells.items() if (e := _entry(cell, protocol.path)) is not None}
+        for b, cells in results.items()
+    }
 
 
 def _best(grid: dict[str, dict[str, dict]]) -> dict[str, set[str]]:
@@ -118,9 +120,14 @@ def _cell(e: dict, spread: bool) -> str:
 def _rows(results: Results, protocol: _Protocol, datasets: list[str]) -> list[_Row]:
     grid = _grid(results, protocol)
     best = _best(grid)
-    return [_Row(b, [_cell(grid[b][d], protocol.spread) if d in grid[b] else MISSING for d in datasets],
-                 [b in best.get(d, ()) for d in datasets])
-            for b in results]
+    return [
+        _Row(
+            b,
+            [_cell(grid[b][d], protocol.spread) if d in grid[b] else MISSING for d in datasets],
+            [b in best.get(d, ()) for d in datasets],
+        )
+        for b in results
+    ]
 
 
 def _paper_rows(datasets: list[str]) -> list[_Row]:
@@ -128,8 +135,10 @@ def _paper_rows(datasets: list[str]) -> list[_Row]:
     keys = [paper_dataset(d) for d in datasets]
     if not any(keys):
         return []
-    return [_Row(f"paper: {model}", [f"{scores[k]:.1f}" if k else MISSING for k in keys], [False] * len(keys))
-            for model, scores in PAPER_MACRO_F1.items()]
+    return [
+        _Row(f"paper: {model}", [f"{scores[k]:.1f}" if k else MISSING for k in keys], [False] * len(keys))
+        for model, scores in PAPER_MACRO_F1.items()
+    ]
 
 
 # ----------------------------------------------------------------------------- table.md
@@ -145,16 +154,20 @@ def _md_table(datasets: list[str], rows: list[_Row]) -> list[str]:
 
 def _linear_md(results: Results, datasets: list[str]) -> list[str]:
     paper = _paper_rows(datasets)
-    heading = (f"**Linear probe**: test macro-F1 (%), mean ± sd over {_seed_counts(_grid(results, LINEAR))} "
-               "probe seeds; best of each column in bold")
+    heading = (
+        f"**Linear probe**: test macro-F1 (%), mean ± sd over {_seed_counts(_grid(results, LINEAR))} "
+        "probe seeds; best of each column in bold"
+    )
     if paper:
-        heading += "; \"paper:\" rows are the US-JEPA paper (2026), mean of 5 seeds, not ranked"
+        heading += '; "paper:" rows are the US-JEPA paper (2026), mean of 5 seeds, not ranked'
     return [heading, "", *_md_table(datasets, [*_rows(results, LINEAR, datasets), *paper])]
 
 
 def _knn_md(results: Results, datasets: list[str]) -> list[str]:
-    heading = (f"**kNN probe** (k = {_field(_grid(results, KNN), 'k')}): test macro-F1 (%), one deterministic "
-               "run; best of each column in bold")
+    heading = (
+        f"**kNN probe** (k = {_field(_grid(results, KNN), 'k')}): test macro-F1 (%), one deterministic "
+        "run; best of each column in bold"
+    )
     return [heading, "", *_md_table(datasets, _rows(results, KNN, datasets))]
 
 
@@ -162,9 +175,11 @@ def _video_md(results: Results, datasets: list[str]) -> list[str]:
     grid = _grid(results, VIDEO)
     # Only the datasets whose test split has videos: the others would be all "–".
     columns = [d for d in datasets if any(d in row for row in grid.values())]
-    heading = ("**Video-level linear probe** (frame probabilities combined per video by rule: "
-               f"{_field(grid, 'rule')}): test macro-F1 (%) over videos, mean ± sd over {_seed_counts(grid)} "
-               "probe seeds; best of each column in bold")
+    heading = (
+        "**Video-level linear probe** (frame probabilities combined per video by rule: "
+        f"{_field(grid, 'rule')}): test macro-F1 (%) over videos, mean ± sd over {_seed_counts(grid)} "
+        "probe seeds; best of each column in bold"
+    )
     return [heading, "", *_md_table(columns, _rows(results, VIDEO, columns))]
 
 
@@ -191,9 +206,11 @@ def _csv_text(results: Results) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["backbone", "source", *(f"{d}_{stat}" for d in datasets for stat in ("mean", "std")), "best_in"])
     for b, row in grid.items():
-        values = [v for d in datasets
-                  for v in ((_csv_pct(row[d]["macro_f1_mean"]), _csv_pct(row[d]["macro_f1_std"])) if d in row
-                            else ("", ""))]
+        values = [
+            v
+            for d in datasets
+            for v in ((_csv_pct(row[d]["macro_f1_mean"]), _csv_pct(row[d]["macro_f1_std"])) if d in row else ("", ""))
+        ]
         w.writerow([b, "bench", *values, ";".join(d for d in datasets if b in best.get(d, ()))])
     keys = [paper_dataset(d) for d in datasets]
     if any(keys):
@@ -276,14 +293,24 @@ def _bar_plot(results: Results, dataset: str, colors: dict[str, str]) -> Figure 
     paper = [(f"paper: {model}", scores[key]) for model, scores in PAPER_MACRO_F1.items()] if key else []
     fig = _figure(max(4.0, 0.6 * (len(ours) + len(paper)) + 2), 4.5)
     ax = fig.add_subplot()
-    ax.bar(range(len(ours)), [100 * e["macro_f1_mean"] for _, e in ours],
-           yerr=[100 * e["macro_f1_std"] for _, e in ours], capsize=3, color=[colors[b] for b, _ in ours])
+    ax.bar(
+        range(len(ours)),
+        [100 * e["macro_f1_mean"] for _, e in ours],
+        yerr=[100 * e["macro_f1_std"] for _, e in ours],
+        capsize=3,
+        color=[colors[b] for b, _ in ours],
+    )
     if paper:
-        ax.bar(range(len(ours), len(ours) + len(paper)), [v for _, v in paper], color="0.85", hatch="//",
-               edgecolor="0.4", label="US-JEPA paper (2026), mean of 5 seeds")
+        ax.bar(
+            range(len(ours), len(ours) + len(paper)),
+            [v for _, v in paper],
+            color="0.85",
+            hatch="//",
+            edgecolor="0.4",
+            label="US-JEPA paper (2026), mean of 5 seeds",
+        )
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_xticks(range(len(ours) + len(paper)), [b for b, _ in ours] + [m for m, _ in paper],
-                  rotation=30, ha="right")
+    ax.set_xticks(range(len(ours) + len(paper)), [b for b, _ in ours] + [m for m, _ in paper], rotation=30, ha="right")
     ax.set_ylabel("test macro-F1 (%)")
     ax.set_title(f"{dataset}: linear probe, mean ± sd over probe seeds", fontsize=10)
     return fig
@@ -310,8 +337,9 @@ def _fewshot_plot(results: Results, dataset: str, colors: dict[str, str]) -> Fig
 
 
 def _robustness_plot(results: Results, dataset: str, colors: dict[str, str]) -> Figure | None:
-    curves = {b: cells[dataset]["robustness"] for b, cells in results.items()
-              if cells.get(dataset, {}).get("robustness")}
+    curves = {
+        b: cells[dataset]["robustness"] for b, cells in results.items() if cells.get(dataset, {}).get("robustness")
+    }
     if not curves:
         return None
     kinds = list(dict.fromkeys(kind for by_kind in curves.values() for kind in by_kind))
@@ -332,9 +360,12 @@ def _robustness_plot(results: Results, dataset: str, colors: dict[str, str]) -> 
 
 def _confusion_plots(results: Results, plots: Path) -> list[Path]:
     """confusion_<backbone>_<dataset>.png for every linear result with a confusion matrix."""
-    return [write_confusion_plot(c["linear"], plots / f"confusion_{_safe(b)}_{_safe(d)}.png", f"{b} on {d}")
-            for b, by_dataset in results.items() for d, c in by_dataset.items()
-            if "confusion_matrix" in c.get("linear", {})]
+    return [
+        write_confusion_plot(c["linear"], plots / f"confusion_{_safe(b)}_{_safe(d)}.png", f"{b} on {d}")
+        for b, by_dataset in results.items()
+        for d, c in by_dataset.items()
+        if "confusion_matrix" in c.get("linear", {})
+    ]
 
 
 def write_plots(results: Results, out: Path) -> list[Path]:

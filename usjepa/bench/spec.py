@@ -73,14 +73,20 @@ def _check(ok: bool, key: str, why: str) -> None:
 def _validate_backbone(name: str, b: BackboneSpec) -> None:
     key = f"backbones.{name}"
     if b.kind == "random":
-        _check(bool(b.like) != bool(b.model), key, "a random backbone takes its architecture from `like: RUN_DIR` "
-               "or `model: TIMM_NAME` (exactly one)")
+        _check(
+            bool(b.like) != bool(b.model),
+            key,
+            "a random backbone takes its architecture from `like: RUN_DIR` or `model: TIMM_NAME` (exactly one)",
+        )
     else:
         _check(bool(b.path), f"{key}.path", f"a {b.kind} backbone needs `path`")
     _check(b.kind in ("run", "random") or not b.like, f"{key}.like", "only a random backbone takes `like`")
     _check(bool(b.mean) == bool(b.std), key, "mean and std go together: set both or neither")
-    _check(b.kind not in ("run", "export") or not (b.mean or b.model),
-           key, f"a {b.kind} backbone carries its own architecture and normalisation; remove model/mean/std")
+    _check(
+        b.kind not in ("run", "export") or not (b.mean or b.model),
+        key,
+        f"a {b.kind} backbone carries its own architecture and normalisation; remove model/mean/std",
+    )
 
 
 def validate_bench(spec: BenchSpec) -> BenchSpec:

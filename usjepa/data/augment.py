@@ -27,8 +27,9 @@ def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - PIXEL_MEAN) / PIXEL_STD
 
 
-def crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
-             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+def crop_box(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random resized crop: area fraction in `scale`, w/h in `ratio`.
 
     Same rule as torchvision's RandomResizedCrop (10 tries, then a centre crop), but seeded.
@@ -67,7 +68,7 @@ def speckle(rng: np.random.Generator, image: torch.Tensor, std: float) -> torch.
     """Multiplicative, spatially correlated noise: what a different transducer position gives."""
     # torch draws the normals (3x faster than numpy's), seeded from `rng` so they stay a
     # pure function of the sample.
-    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(int(rng.integers(2 ** 62))))
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(int(rng.integers(2**62))))
     noise = gaussian_blur(noise, 0.7)
     return image * (1 + std * noise / noise.std().clamp_min(1e-6))
 
@@ -76,8 +77,10 @@ def nearest_crop(mask: torch.Tensor, top: int, left: int, h: int, w: int, size: 
     """The crop (top, left, h, w) of `mask` [C, H, W] resized to size x size by nearest
     neighbour, each output pixel taking the source pixel under its centre (the alignment of
     the bilinear image resize)."""
+
     def source(start: int, length: int) -> torch.Tensor:
         return start + ((torch.arange(size) + 0.5) * (length / size)).long().clamp(max=length - 1)
+
     return mask.index_select(-2, source(top, h)).index_select(-1, source(left, w))
 
 
@@ -87,12 +90,13 @@ def lower_median(values: np.ndarray) -> float:
     return float(np.partition(values, k)[k])
 
 
-def augment(rng: np.random.Generator, image: torch.Tensor, region: torch.Tensor, cfg: AugmentConfig,
-            size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def augment(
+    rng: np.random.Generator, image: torch.Tensor, region: torch.Tensor, cfg: AugmentConfig, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """image uint8 [1, H, W], region bool [1, H, W] -> pixels float [1, S, S] in [0, 1], region bool."""
     top, left, h, w = crop_box(rng, image.shape[-2], image.shape[-1], cfg.crop_scale, cfg.crop_ratio)
     # Crop before the float conversion: only the kept pixels are converted.
-    pixels = TF.resize(image[:, top:top + h, left:left + w].float(), [size, size], antialias=True).div_(255)
+    pixels = TF.resize(image[:, top : top + h, left : left + w].float(), [size, size], antialias=True).div_(255)
     region = nearest_crop(region, top, left, h, w, size)
     if rng.random() < cfg.hflip:
         pixels, region = pixels.flip(-1), region.flip(-1)
@@ -119,6 +123,7 @@ def resize_eval(image: torch.Tensor, region: torch.Tensor, size: int) -> tuple[t
         # Shorter side to `size`, then the centre square: shards stored with their aspect
         # ratio (resize mode short_side) are not distorted.
         pixels = TF.center_crop(TF.resize(pixels, size, antialias=True), [size, size])
-        region = TF.center_crop(TF.resize(region.to(torch.uint8), size, interpolation=InterpolationMode.NEAREST),
-                                [size, size]).bool()
+        region = TF.center_crop(
+            TF.resize(region.to(torch.uint8), size, interpolation=InterpolationMode.NEAREST), [size, size]
+        ).bool()
     return pixels, region

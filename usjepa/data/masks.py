@@ -27,8 +27,9 @@ class SampleMasks:
     targets: tuple[np.ndarray, ...]  # one sorted index array per target block
 
 
-def block_shape(rng: np.random.Generator, scale: tuple[float, float], aspect: tuple[float, float],
-                grid: int) -> tuple[int, int]:
+def block_shape(
+    rng: np.random.Generator, scale: tuple[float, float], aspect: tuple[float, float], grid: int
+) -> tuple[int, int]:
     """Height and width (in patches) of a block covering `scale` of the grid with ratio h/w = `aspect`."""
     s = rng.uniform(*scale)
     # Aspect is drawn log-uniformly so that 0.75 and 1/0.75 are equally likely.
@@ -39,8 +40,9 @@ def block_shape(rng: np.random.Generator, scale: tuple[float, float], aspect: tu
     return min(max(h, 1), grid), min(max(w, 1), grid)
 
 
-def place_block(rng: np.random.Generator, shape: tuple[int, int], grid: int, allowed: np.ndarray,
-                min_keep: int, max_tries: int) -> np.ndarray:
+def place_block(
+    rng: np.random.Generator, shape: tuple[int, int], grid: int, allowed: np.ndarray, min_keep: int, max_tries: int
+) -> np.ndarray:
     """A boolean (grid, grid) block of `shape` at a random position, intersected with `allowed`.
 
     Re-placed until it keeps `min_keep` allowed patches; after `max_tries` the attempt that
@@ -52,7 +54,7 @@ def place_block(rng: np.random.Generator, shape: tuple[int, int], grid: int, all
         top = rng.integers(0, grid - h + 1)
         left = rng.integers(0, grid - w + 1)
         block = np.zeros((grid, grid), dtype=bool)
-        block[top:top + h, left:left + w] = True
+        block[top : top + h, left : left + w] = True
         block &= allowed
         if best is None or block.sum() > best.sum():
             best = block
@@ -76,8 +78,9 @@ def batch_shapes(cfg: MaskConfig, grid: int, seed: int, step: int) -> tuple[tupl
     return context, target
 
 
-def sample_masks(cfg: MaskConfig, grid: int, seed: int, step: int, sample: int,
-                 region_valid: np.ndarray | None = None) -> SampleMasks:
+def sample_masks(
+    cfg: MaskConfig, grid: int, seed: int, step: int, sample: int, region_valid: np.ndarray | None = None
+) -> SampleMasks:
     """Context and target indices for one sample; identical for identical arguments.
 
     The targets are re-drawn until the context keeps `min_keep` patches (large stage-1 targets
@@ -92,8 +95,9 @@ def sample_masks(cfg: MaskConfig, grid: int, seed: int, step: int, sample: int,
         allowed = region_valid
     best = None
     for _ in range(cfg.max_tries):
-        targets = [place_block(rng, target_shape, grid, allowed, cfg.min_keep, cfg.max_tries)
-                   for _ in range(cfg.num_targets)]
+        targets = [
+            place_block(rng, target_shape, grid, allowed, cfg.min_keep, cfg.max_tries) for _ in range(cfg.num_targets)
+        ]
         covered = np.logical_or.reduce(targets)
         context = place_block(rng, context_shape, grid, allowed & ~covered, cfg.min_keep, cfg.max_tries)
         if not context.any():  # the block missed what is left: fall back to any uncovered patch
@@ -146,8 +150,9 @@ class MaskBatch:
     target_valid: torch.Tensor
 
 
-def collate_masks(masks: list[SampleMasks], sample_ids: list[int], seed: int, step: int,
-                  truncate_to: tuple[int, int] | None = None) -> MaskBatch:
+def collate_masks(
+    masks: list[SampleMasks], sample_ids: list[int], seed: int, step: int, truncate_to: tuple[int, int] | None = None
+) -> MaskBatch:
     """Stack per-sample masks into padded tensors; every sample keeps all its patches.
 
     With `truncate_to` = (Kc, Kt) every mask is instead cut to those lengths (I-JEPA's
@@ -174,5 +179,9 @@ def collate_masks(masks: list[SampleMasks], sample_ids: list[int], seed: int, st
     target_lengths = torch.tensor([[len(t) for t in m.targets] for m in masks]).T  # [T, B]
     if truncate_to is not None:
         lengths, target_lengths = lengths.clamp(max=kc), target_lengths.clamp(max=kt)
-    return MaskBatch(context=context, context_valid=torch.arange(kc) < lengths[:, None],
-                     targets=target, target_valid=torch.arange(kt) < target_lengths[..., None])
+    return MaskBatch(
+        context=context,
+        context_valid=torch.arange(kc) < lengths[:, None],
+        targets=target,
+        target_valid=torch.arange(kt) < target_lengths[..., None],
+    )

@@ -38,7 +38,6 @@ from usjepa.shardset.manifest import Manifest
 from usjepa.shardset.sample import decode_sample
 from usjepa.signals import STOP_SIGNALS
 
-
 VALIDATION_SEED = 1_000_003  # validation masks come from a seed no training batch uses
 _TENSORS = ("images", "regions", "labels")
 
@@ -67,8 +66,7 @@ class TrainParts(IterableDataset):
                 continue
             records = wds.tarfile_to_samples(handler=_log_read_error)([{"url": shards.paths[i]} for i in mine])
             rng = random.Random(f"{seed}-{stream}-{epoch}")
-            buffered = wds.shuffle(self.cfg.data.shuffle_buffer, initial=self.cfg.data.shuffle_buffer,
-                                   rng=rng)(records)
+            buffered = wds.shuffle(self.cfg.data.shuffle_buffer, initial=self.cfg.data.shuffle_buffer, rng=rng)(records)
             read = 0
             for record in buffered:
                 read += 1
@@ -86,11 +84,15 @@ class TrainParts(IterableDataset):
             return
         names = ", ".join(Path(self.shard_set.paths[i]).name for i in shards)
         if not read:
-            raise UserError(f"data stream {stream}: no readable record in its shards ({names}); "
-                            "run `usjepa shards verify` on the shard set")
-        print(f"usjepa: data stream {stream}, epoch {epoch}: read {read} records of the {expected} the manifest "
-              f"lists for {names}; a resumed run will not see exactly the same data: run `usjepa shards verify`",
-              file=sys.stderr)
+            raise UserError(
+                f"data stream {stream}: no readable record in its shards ({names}); "
+                "run `usjepa shards verify` on the shard set"
+            )
+        print(
+            f"usjepa: data stream {stream}, epoch {epoch}: read {read} records of the {expected} the manifest "
+            f"lists for {names}; a resumed run will not see exactly the same data: run `usjepa shards verify`",
+            file=sys.stderr,
+        )
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -99,13 +101,15 @@ class TrainParts(IterableDataset):
         records = {s: self._raw_records(s, skip=self.start_step * chunk) for s in streams}
         step = self.start_step
         while True:
-            yield join_parts([decode_chunk(self.cfg, [next(records[s]) for _ in range(chunk)], step, stream=s)
-                              for s in streams])
+            yield join_parts(
+                [decode_chunk(self.cfg, [next(records[s]) for _ in range(chunk)], step, stream=s) for s in streams]
+            )
             step += 1
 
 
-def decode_chunk(cfg: Config, records: list[dict], step: int, stream: int = 0, augmented: bool = True,
-                 mask_seed: int | None = None) -> dict:
+def decode_chunk(
+    cfg: Config, records: list[dict], step: int, stream: int = 0, augmented: bool = True, mask_seed: int | None = None
+) -> dict:
     """Decode, view (augmented, or just resized) and mask the chunk of `stream` in step `step`.
 
     Sample i of the chunk has id `stream * len(records) + i` (its place in the global batch).
@@ -125,8 +129,9 @@ def decode_chunk(cfg: Config, records: list[dict], step: int, stream: int = 0, a
             continue
         image, region = torch.tensor(image)[None], torch.tensor(region)[None]
         if augmented:
-            pixels, region = augment(np.random.default_rng([seed, stream, step, i]), image, region,
-                                     cfg.data.augment, size)
+            pixels, region = augment(
+                np.random.default_rng([seed, stream, step, i]), image, region, cfg.data.augment, size
+            )
         else:
             pixels, region = resize_eval(image, region, size)
         sample = stream * len(records) + i
@@ -137,10 +142,16 @@ def decode_chunk(cfg: Config, records: list[dict], step: int, stream: int = 0, a
         regions.append(region)
         labels.append(int(meta.get("label", -1)))
     empty = torch.empty(0, 1, size, size)
-    return {"images": torch.stack(images) if images else empty,
-            "regions": torch.stack(regions) if regions else empty.bool(),
-            "labels": torch.tensor(labels, dtype=torch.long), "masks": masks, "ids": ids, "corrupt": bad,
-            "step": step, "mask_seed": mask_seed}
+    return {
+        "images": torch.stack(images) if images else empty,
+        "regions": torch.stack(regions) if regions else empty.bool(),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "masks": masks,
+        "ids": ids,
+        "corrupt": bad,
+        "step": step,
+        "mask_seed": mask_seed,
+    }
 
 
 def join_parts(parts: list[dict]) -> dict:
@@ -148,8 +159,13 @@ def join_parts(parts: list[dict]) -> dict:
     steps = {p["step"] for p in parts}
     assert len(steps) == 1, f"parts of different steps {sorted(steps)} joined: the loader order is broken"
     joined = {k: torch.cat([p[k] for p in parts]) for k in _TENSORS}
-    joined.update(masks=[m for p in parts for m in p["masks"]], ids=[i for p in parts for i in p["ids"]],
-                  corrupt=sum(p["corrupt"] for p in parts), step=parts[0]["step"], mask_seed=parts[0]["mask_seed"])
+    joined.update(
+        masks=[m for p in parts for m in p["masks"]],
+        ids=[i for p in parts for i in p["ids"]],
+        corrupt=sum(p["corrupt"] for p in parts),
+        step=parts[0]["step"],
+        mask_seed=parts[0]["mask_seed"],
+    )
     return joined
 
 
@@ -161,14 +177,17 @@ def collate_batch(batch: dict, truncate_to: tuple[int, int] | None = None) -> di
     the smallest mask sizes of the global batch, asks for I-JEPA's cut.
     """
     if not batch["ids"]:
-        raise UserError(f"step {batch['step']}: every sample of a batch failed to decode; "
-                        "run `usjepa shards verify` on the shard set")
+        raise UserError(
+            f"step {batch['step']}: every sample of a batch failed to decode; "
+            "run `usjepa shards verify` on the shard set"
+        )
     masks = collate_masks(batch["masks"], batch["ids"], batch["mask_seed"], batch["step"], truncate_to)
     return {**batch, **vars(masks)}
 
 
-def make_batch(cfg: Config, records: list[dict], step: int, augmented: bool = True,
-               mask_seed: int | None = None) -> dict:
+def make_batch(
+    cfg: Config, records: list[dict], step: int, augmented: bool = True, mask_seed: int | None = None
+) -> dict:
     """One self-contained collated batch of `records` (validation, tools); with
     `mask.truncate_to_shortest` its masks are cut to the shortest of this batch."""
     batch = decode_chunk(cfg, records, step, augmented=augmented, mask_seed=mask_seed)
@@ -181,8 +200,14 @@ def _records(manifest: Manifest, split: str) -> Iterator[dict]:
     return wds.tarfile_to_samples()([{"url": str(p)} for p in manifest.shard_paths(split)])
 
 
-def validation_batches(cfg: Config, manifests: tuple[Manifest, ...], split: str = "val", max_batches: int = 0,
-                       rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, dict]]:
+def validation_batches(
+    cfg: Config,
+    manifests: tuple[Manifest, ...],
+    split: str = "val",
+    max_batches: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[int, dict]]:
     """(index, batch) of the un-augmented batches of a held-out split (of every shard set that
     has one), with masks fixed for the whole run, so the validation losses of two steps are
     measured on identical inputs and targets. Batch n belongs to rank n % world_size; the
@@ -198,8 +223,9 @@ def validation_batches(cfg: Config, manifests: tuple[Manifest, ...], split: str 
         n += 1
 
 
-def validation_batch_count(cfg: Config, manifests: tuple[Manifest, ...], split: str = "val",
-                           max_batches: int = 0) -> int:
+def validation_batch_count(
+    cfg: Config, manifests: tuple[Manifest, ...], split: str = "val", max_batches: int = 0
+) -> int:
     samples = sum(m.count(split) for m in manifests if split in m.splits)
     batches = -(-samples // cfg.data.batch_size)
     return min(batches, max_batches) if max_batches else batches
@@ -216,15 +242,22 @@ def _unchanged(part: dict) -> dict:
     return part  # DataLoader's default conversion would turn the per-sample masks into tensors
 
 
-def make_train_loader(cfg: Config, shard_set: ShardSet, start_step: int = 0, rank: int = 0,
-                      world_size: int = 1) -> Iterator[dict]:
+def make_train_loader(
+    cfg: Config, shard_set: ShardSet, start_step: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[dict]:
     """This rank's share of the batches of steps `start_step`, `start_step + 1`, ... (masks
     per sample; pass each through `collate_batch`)."""
     plan = StreamPlan.of(cfg, rank, world_size)
     workers = cfg.data.num_workers
-    loader = DataLoader(TrainParts(cfg, shard_set, plan, start_step), batch_size=None, num_workers=workers,
-                        collate_fn=_unchanged, worker_init_fn=_ignore_stop_signals,
-                        prefetch_factor=2 if workers else None, persistent_workers=False)
+    loader = DataLoader(
+        TrainParts(cfg, shard_set, plan, start_step),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_unchanged,
+        worker_init_fn=_ignore_stop_signals,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=False,
+    )
     return _steps(iter(loader), plan.readers)
 
 
@@ -243,9 +276,13 @@ def eval_samples(manifest: Manifest, split: str, image_size: int) -> Iterator[tu
         yield pixels, region, {**meta, "__key__": record["__key__"]}
 
 
-def eval_batches(manifest: Manifest, split: str, image_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    manifest: Manifest, split: str, image_size: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) of a split in manifest order, un-augmented: for probes and validation."""
     samples = eval_samples(manifest, split, image_size)
     while chunk := list(itertools.islice(samples, batch_size)):
-        yield (torch.stack([to_model_input(pixels) for pixels, _, _ in chunk]),
-               torch.tensor([int(meta["label"]) for _, _, meta in chunk]))
+        yield (
+            torch.stack([to_model_input(pixels) for pixels, _, _ in chunk]),
+            torch.tensor([int(meta["label"]) for _, _, meta in chunk]),
+        )

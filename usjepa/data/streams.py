@@ -48,23 +48,27 @@ class StreamPlan:
     def worker_streams(self, worker: int) -> range:
         mine = self.rank_streams()
         per_worker = len(mine) // self.readers
-        return mine[worker * per_worker:(worker + 1) * per_worker]
+        return mine[worker * per_worker : (worker + 1) * per_worker]
 
     @staticmethod
-    def of(cfg: Config, rank: int = 0, world_size: int = 1) -> "StreamPlan":
+    def of(cfg: Config, rank: int = 0, world_size: int = 1) -> StreamPlan:
         """The plan for `rank`, or a UserError saying which setting to change."""
         d = cfg.data
         plan = StreamPlan(d.streams, d.batch_size, rank, world_size, d.num_workers)
         if d.streams % world_size:
-            raise UserError(f"data.streams={d.streams} cannot be split over {world_size} ranks: set data.streams to a "
-                            f"multiple of {world_size} (it fixes the data order of a run, so pick a multiple of every "
-                            "world size you plan to use, e.g. 64) and data.batch_size to a multiple of it")
+            raise UserError(
+                f"data.streams={d.streams} cannot be split over {world_size} ranks: set data.streams to a "
+                f"multiple of {world_size} (it fixes the data order of a run, so pick a multiple of every "
+                "world size you plan to use, e.g. 64) and data.batch_size to a multiple of it"
+            )
         per_rank = d.streams // world_size
         if per_rank % plan.readers:
             fits = [n for n in range(1, per_rank + 1) if per_rank % n == 0]
-            raise UserError(f"each of the {world_size} ranks reads {per_rank} of data.streams={d.streams}, which "
-                            f"data.num_workers={d.num_workers} does not divide: use data.num_workers in {fits} "
-                            f"or raise data.streams to a multiple of {world_size * d.num_workers}")
+            raise UserError(
+                f"each of the {world_size} ranks reads {per_rank} of data.streams={d.streams}, which "
+                f"data.num_workers={d.num_workers} does not divide: use data.num_workers in {fits} "
+                f"or raise data.streams to a multiple of {world_size * d.num_workers}"
+            )
         return plan
 
 
@@ -82,7 +86,7 @@ class ShardSet:
         return self.probs is not None
 
     @staticmethod
-    def load(cfg: Config) -> "ShardSet":
+    def load(cfg: Config) -> ShardSet:
         split = cfg.data.split
         manifests, paths, counts, probs = [], [], [], []
         entries = cfg.data.shard_sets
@@ -90,9 +94,11 @@ class ShardSet:
         for entry in entries:
             manifest = load_manifest(entry.shards)
             if split not in manifest.splits or not manifest.count(split):
-                raise UserError(f"{manifest.root}: no samples in split '{split}' (it has "
-                                f"{', '.join(f'{k}: {v.count}' for k, v in manifest.splits.items()) or 'none'}); "
-                                "set data.split or rebuild the shards")
+                raise UserError(
+                    f"{manifest.root}: no samples in split '{split}' (it has "
+                    f"{', '.join(f'{k}: {v.count}' for k, v in manifest.splits.items()) or 'none'}); "
+                    "set data.split or rebuild the shards"
+                )
             manifests.append(manifest)
             # docs/method.md#mixture-weights: a set's default weight is min(train samples, 50,000), the
             # manifest's sampling_weight.
@@ -106,13 +112,16 @@ class ShardSet:
             # samples (draws x shard sizes) is its weight: p = weight / samples in the set.
             probs += [weight / total_weight / sum(shard_counts)] * len(shard_counts)
         resampled = bool(cfg.data.mixture)
-        shard_set = ShardSet(tuple(manifests), tuple(paths), tuple(counts),
-                             np.asarray(probs) / sum(probs) if resampled else None)
+        shard_set = ShardSet(
+            tuple(manifests), tuple(paths), tuple(counts), np.asarray(probs) / sum(probs) if resampled else None
+        )
         if not resampled and len(paths) < cfg.data.streams:
-            raise UserError(f"{manifests[0].root}: split '{split}' has {len(paths)} shards but data.streams="
-                            f"{cfg.data.streams} (at least ranks x data.num_workers) needs at least {cfg.data.streams}, "
-                            "one per stream: lower data.streams (and data.num_workers) or rebuild with a smaller "
-                            "--shard-size")
+            raise UserError(
+                f"{manifests[0].root}: split '{split}' has {len(paths)} shards but data.streams="
+                f"{cfg.data.streams} (at least ranks x data.num_workers) needs at least {cfg.data.streams}, "
+                "one per stream: lower data.streams (and data.num_workers) or rebuild with a smaller "
+                "--shard-size"
+            )
         return shard_set
 
     def epoch_shards(self, seed: int, epoch: int, stream: int, streams: int) -> list[int]:

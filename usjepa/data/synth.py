@@ -23,9 +23,9 @@ import argparse
 import functools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -78,10 +78,17 @@ def sample_patient(rng: np.random.Generator, patient_id: str) -> Patient:
         probe_radius=float(rng.uniform(0.05, 0.45)) if sector else 0.0,
         half_angle=float(np.deg2rad(rng.uniform(26, 38))) if sector else 0.0,
         aspect=0.0 if sector else float(rng.uniform(0.75, 1.1)),
-        layers=(float(rng.uniform(0.015, 0.035) * thin), float(rng.uniform(0.05, 0.2) * thin),
-                float(rng.uniform(0.08, 0.2) * thin)),
-        echo=(float(rng.uniform(1.6, 2.4)), float(rng.uniform(0.3, 0.6)), float(rng.uniform(0.6, 1.0)),
-              float(rng.uniform(0.8, 1.2))),
+        layers=(
+            float(rng.uniform(0.015, 0.035) * thin),
+            float(rng.uniform(0.05, 0.2) * thin),
+            float(rng.uniform(0.08, 0.2) * thin),
+        ),
+        echo=(
+            float(rng.uniform(1.6, 2.4)),
+            float(rng.uniform(0.3, 0.6)),
+            float(rng.uniform(0.6, 1.0)),
+            float(rng.uniform(0.8, 1.2)),
+        ),
         density=float(rng.uniform(0.2, 0.7)),
         psf=(float(rng.uniform(0.55, 0.85)), float(rng.uniform(1.3, 2.2))),
         attenuation_db=float(rng.uniform(30, 50)),
@@ -207,9 +214,15 @@ def _tissue(rng: np.random.Generator, patient: Patient, geo: _Geometry) -> tuple
     return scene, b_muscle
 
 
-def _shape(geo: _Geometry, centre: tuple[float, float], radius: float, aspect: float, angle: float,
-           harmonics: tuple[tuple[int, float, float], ...] = (), spikes: tuple[tuple[int, float, float], ...] = ()
-           ) -> np.ndarray:
+def _shape(
+    geo: _Geometry,
+    centre: tuple[float, float],
+    radius: float,
+    aspect: float,
+    angle: float,
+    harmonics: tuple[tuple[int, float, float], ...] = (),
+    spikes: tuple[tuple[int, float, float], ...] = (),
+) -> np.ndarray:
     """Normalised radius of each beam cell w.r.t. a (deformed) ellipse: < 1 inside, 1 on the boundary.
 
     `harmonics` (k, amplitude, phase) make lobulated outlines; `spikes` are sharpened harmonics
@@ -238,8 +251,7 @@ def _lerp_into(field: np.ndarray, weight: np.ndarray, value: float | np.ndarray)
     field *= 1 + weight * (np.asarray(value) - 1)
 
 
-def _lesion_site(rng: np.random.Generator, geo: _Geometry, organ_top: np.ndarray, radius: float
-                 ) -> tuple[float, float]:
+def _lesion_site(rng: np.random.Generator, geo: _Geometry, organ_top: np.ndarray, radius: float) -> tuple[float, float]:
     """A lesion centre (x, y in depth units) inside the organ, away from the FOV edges."""
     line = rng.uniform(0.22, 0.78)
     top = float(np.interp(line, geo.lat[0], organ_top[0])) + radius + 0.03
@@ -247,12 +259,15 @@ def _lesion_site(rng: np.random.Generator, geo: _Geometry, organ_top: np.ndarray
     j = line * (geo.size - 1)
     i = depth * (geo.size - 1)
     coords = np.array([[i], [j]])
-    return (float(ndimage.map_coordinates(geo.x, coords, order=1)[0]),
-            float(ndimage.map_coordinates(geo.y, coords, order=1)[0]))
+    return (
+        float(ndimage.map_coordinates(geo.x, coords, order=1)[0]),
+        float(ndimage.map_coordinates(geo.y, coords, order=1)[0]),
+    )
 
 
-def _add_cyst(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
-              ) -> tuple[tuple[float, float], float]:
+def _add_cyst(
+    rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
+) -> tuple[tuple[float, float], float]:
     """Anechoic, smooth, sharply bounded; fluid barely attenuates, so the far side is enhanced."""
     radius = rng.uniform(0.10, 0.20)
     centre = _lesion_site(rng, geo, organ_top, radius)
@@ -267,8 +282,9 @@ def _add_cyst(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top
     return centre, radius
 
 
-def _add_solid(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
-               ) -> tuple[tuple[float, float], float]:
+def _add_solid(
+    rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
+) -> tuple[tuple[float, float], float]:
     """Hypoechoic, heterogeneous, lobulated or spiculated with a fuzzy edge; shadows behind."""
     radius = rng.uniform(0.12, 0.22)
     centre = _lesion_site(rng, geo, organ_top, radius)
@@ -290,11 +306,12 @@ def _add_solid(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_to
 
 
 def _gaussian_spot(geo: _Geometry, x0: float, y0: float, sigma: float) -> np.ndarray:
-    return np.exp(-0.5 * ((geo.x - x0) ** 2 + (geo.y - y0) ** 2) / sigma ** 2)
+    return np.exp(-0.5 * ((geo.x - x0) ** 2 + (geo.y - y0) ** 2) / sigma**2)
 
 
-def _add_calcified(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
-                   ) -> tuple[tuple[float, float], float]:
+def _add_calcified(
+    rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_top: np.ndarray
+) -> tuple[tuple[float, float], float]:
     """A slightly heterogeneous region holding bright foci, each casting a narrow shadow."""
     radius = rng.uniform(0.12, 0.22)
     centre = _lesion_site(rng, geo, organ_top, radius)
@@ -315,8 +332,9 @@ def _add_calcified(rng: np.random.Generator, scene: _Scene, geo: _Geometry, orga
         scene.coherent += rng.uniform(20, 40) * _gaussian_spot(geo, x0, y0, sigma)
         # Round-trip loss of 10-25 dB whatever the focus size; it sits just below the reflecting
         # surface, because the focus itself is bright and only what lies behind it is shadowed.
-        scene.attenuation += (_gaussian_spot(geo, x0, y0 + 2 * sigma, sigma)
-                              * rng.uniform(5, 12.5) / (sigma * math.sqrt(2 * math.pi)))
+        scene.attenuation += (
+            _gaussian_spot(geo, x0, y0 + 2 * sigma, sigma) * rng.uniform(5, 12.5) / (sigma * math.sqrt(2 * math.pi))
+        )
     return centre, radius
 
 
@@ -329,7 +347,7 @@ def _add_vessel(rng: np.random.Generator, scene: _Scene, geo: _Geometry, organ_t
     along = np.abs(math.cos(angle) * dx + math.sin(angle) * dy) / half_length
     dist = np.abs(-math.sin(angle) * dx + math.cos(angle) * dy) / radius
     # The vessel leaves the image plane at its ends, so it tapers out instead of stopping.
-    dist = dist / np.clip(1 - along ** 4, 1e-3, None)
+    dist = dist / np.clip(1 - along**4, 1e-3, None)
     w = _inside(dist, 0.3)
     _lerp_into(scene.amplitude, w, 0.03)
     scene.amplitude += 0.8 * np.exp(-0.5 * ((dist - 1.1) / 0.25) ** 2) * scene.amplitude.mean()
@@ -357,7 +375,7 @@ def _psf(patient: Patient, size: int) -> np.ndarray:
     k = size / 128
     sa, sl = patient.psf[0] * k, patient.psf[1] * k
     ha, hl = int(math.ceil(3 * sa)), int(math.ceil(3 * sl))
-    za, xl = np.mgrid[-ha:ha + 1, -hl:hl + 1].astype(np.float64)
+    za, xl = np.mgrid[-ha : ha + 1, -hl : hl + 1].astype(np.float64)
     wavelength = max(2.5, 3.0 * sa)
     return np.exp(-0.5 * ((za / sa) ** 2 + (xl / sl) ** 2) + 2j * np.pi * za / wavelength)
 
@@ -426,8 +444,13 @@ def _font(px: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _overlay(rng: np.random.Generator, image: np.ndarray, patient: Patient, geo: _Geometry,
-             caliper_site: tuple[tuple[float, float], float] | None) -> np.ndarray:
+def _overlay(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    patient: Patient,
+    geo: _Geometry,
+    caliper_site: tuple[tuple[float, float], float] | None,
+) -> np.ndarray:
     """Screen furniture: preset text, a depth ruler and sometimes a pair of '+' calipers."""
     size = geo.size
     canvas = Image.fromarray(image)
@@ -465,8 +488,9 @@ def _overlay(rng: np.random.Generator, image: np.ndarray, patient: Patient, geo:
     return np.array(canvas)
 
 
-def render_image(rng: np.random.Generator, class_name: str, patient: Patient, size: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def render_image(
+    rng: np.random.Generator, class_name: str, patient: Patient, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One B-mode image, uint8 (size, size), and its FOV mask, bool (size, size)."""
     if class_name not in CLASS_NAMES:
         raise ValueError(f"unknown class {class_name!r}; expected one of {CLASS_NAMES}")
@@ -572,8 +596,7 @@ def write_synthetic_dataset(out, n: int, size: int = 128, seed: int = 0) -> dict
     out = Path(out)
     _check_args(n, size)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output {out} already exists and is not an empty folder; "
-                        f"pass a new path or remove it")
+        raise UserError(f"output {out} already exists and is not an empty folder; pass a new path or remove it")
     for name in CLASS_NAMES:
         (out / name).mkdir(parents=True, exist_ok=True)
     counts = dict.fromkeys(CLASS_NAMES, 0)
@@ -589,8 +612,10 @@ def _run_cli(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     summary = write_synthetic_dataset(args.out, args.n, size=args.size, seed=args.seed)
     classes = ", ".join(f"{name} {count}" for name, count in summary["classes"].items())
-    print(f"synth: wrote {summary['n']} images ({classes}) from {summary['groups']} patients "
-          f"to {summary['out']} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"synth: wrote {summary['n']} images ({classes}) from {summary['groups']} patients "
+        f"to {summary['out']} in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 
@@ -599,12 +624,11 @@ def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "synth",
         description="Write N synthetic B-mode ultrasound PNGs to OUT/<class>/<patient>_<index>.png, "
-                    f"classes {', '.join(CLASS_NAMES)}, several images per simulated patient "
-                    f"(group regex {GROUP_PATTERN}). Same arguments, same bytes.",
+        f"classes {', '.join(CLASS_NAMES)}, several images per simulated patient "
+        f"(group regex {GROUP_PATTERN}). Same arguments, same bytes.",
     )
     parser.add_argument("out", type=Path, metavar="OUT", help="output folder; must not exist or be empty")
     parser.add_argument("--n", type=int, required=True, help="number of images (at least one per class)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels, at least 32 (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.set_defaults(func=_run_cli)
-

@@ -29,8 +29,9 @@ def backbone_name(spec: str) -> str:
     return spec if spec in BACKBONES else Path(spec).resolve().name
 
 
-def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Sequence[str] = (),
-                  checkpoint: str = "best") -> tuple[torch.nn.Module, Config]:
+def load_backbone(
+    kind: str, run_dir: Path, device: torch.device, overrides: Sequence[str] = (), checkpoint: str = "best"
+) -> tuple[torch.nn.Module, Config]:
     """The encoder `kind` of run `run_dir` (frozen, eval mode) and that run's config.
 
     - student: the run's encoder at its `best` checkpoint (lowest validation loss, docs/method.md#model-selection;
@@ -50,13 +51,18 @@ def load_backbone(kind: str, run_dir: Path, device: torch.device, overrides: Seq
         if checkpoint not in CHECKPOINTS:
             raise UserError(f"unknown checkpoint '{checkpoint}'; choose one of {', '.join(CHECKPOINTS)}")
         if kind == "target" and objective != "ema":
-            raise UserError(f"{run_dir} is a {objective} run: only an EMA run (train.objective=ema) has a "
-                            "target encoder; probe --backbone student" + (" or teacher" if objective == "salt" else ""))
+            raise UserError(
+                f"{run_dir} is a {objective} run: only an EMA run (train.objective=ema) has a "
+                "target encoder; probe --backbone student" + (" or teacher" if objective == "salt" else "")
+            )
         encoder = load_encoder(run_dir, which=kind, checkpoint=checkpoint).encoder
     elif kind == "teacher":
         if objective != "salt":
-            hint = ("its encoder is the teacher; probe it with --backbone student" if objective == "mae" else
-                    "its targets come from the EMA of its own encoder; probe it with --backbone target")
+            hint = (
+                "its encoder is the teacher; probe it with --backbone student"
+                if objective == "mae"
+                else "its targets come from the EMA of its own encoder; probe it with --backbone target"
+            )
             raise UserError(f"{run_dir} is a {objective} run without a frozen teacher: {hint}")
         encoder, _ = load_teacher(cfg, device)
     elif kind == "random":

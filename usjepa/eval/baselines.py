@@ -53,8 +53,10 @@ def build_baseline(kind: str, cfg: Config) -> torch.nn.Module:
     if kind == "pixels":
         size, image = cfg.probe.pixels_size, cfg.data.image_size
         if size > image:
-            raise UserError(f"probe.pixels_size={size} is larger than the run's data.image_size={image}; "
-                            f"pass probe.pixels_size={image} or less")
+            raise UserError(
+                f"probe.pixels_size={size} is larger than the run's data.image_size={image}; "
+                f"pass probe.pixels_size={image} or less"
+            )
         return Pixels(size)
     if kind == "histogram":
         return Histogram(cfg.probe.histogram_bins)

@@ -100,10 +100,7 @@ def extract_features(
                     )
                 y = torch.as_tensor(y).reshape(-1)
                 if y.shape[0] != images.shape[0]:
-                    raise UserError(
-                        f"extract_features: a batch has {images.shape[0]} images but "
-                        f"{y.shape[0]} labels"
-                    )
+                    raise UserError(f"extract_features: a batch has {images.shape[0]} images but {y.shape[0]} labels")
                 feats.append(tokens.float().mean(dim=1))
                 labels.append(y.to(device="cpu", dtype=torch.int64))
     finally:

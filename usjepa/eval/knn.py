@@ -92,15 +92,24 @@ def knn_votes(
     return torch.cat(votes).cpu().numpy()
 
 
-def knn_predict(train_x: np.ndarray, train_y: np.ndarray, queries: np.ndarray, num_classes: int, k: int,
-                temperature: float, device: torch.device | str = "cpu", **chunks: int) -> np.ndarray:
+def knn_predict(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    queries: np.ndarray,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    device: torch.device | str = "cpu",
+    **chunks: int,
+) -> np.ndarray:
     """Class index per query row: the largest summed vote, the smallest class on a tie."""
     votes = knn_votes(train_x, train_y, queries, num_classes, k, temperature, device, **chunks)
     return votes.argmax(axis=1).astype(np.int64)  # argmax takes the first of equal maxima
 
 
-def knn_probe(splits: dict[str, ProbeSplit], num_classes: int, cfg: ProbeConfig,
-              device: torch.device | str = "cpu") -> dict:
+def knn_probe(
+    splits: dict[str, ProbeSplit], num_classes: int, cfg: ProbeConfig, device: torch.device | str = "cpu"
+) -> dict:
     """kNN scores of splits['val'] and splits['test'] against splits['train'] (checked by the
     caller): macro_f1, balanced_accuracy, accuracy (test), val_macro_f1,
     val_balanced_accuracy, and the k (capped at the train size) and temperature used."""

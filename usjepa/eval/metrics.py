@@ -16,5 +16,4 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str
     with warnings.catch_warnings():  # "y_pred contains classes not in y_true"
         warnings.simplefilter("ignore", UserWarning)
         bal = balanced_accuracy_score(y_true, y_pred)
-    return {"macro_f1": float(f1), "balanced_accuracy": float(bal),
-            "accuracy": float(accuracy_score(y_true, y_pred))}
+    return {"macro_f1": float(f1), "balanced_accuracy": float(bal), "accuracy": float(accuracy_score(y_true, y_pred))}

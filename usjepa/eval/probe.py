@@ -66,9 +66,7 @@ def _check_split(name: str, split: ProbeSplit, num_classes: int, dim: int | None
     if len(split) == 0:
         raise UserError(_empty_msg(name))
     if dim is not None and split.features.shape[1] != dim:
-        raise UserError(
-            f"the {name} split has {split.features.shape[1]} features per sample, train has {dim}"
-        )
+        raise UserError(f"the {name} split has {split.features.shape[1]} features per sample, train has {dim}")
     lo, hi = int(split.labels.min()), int(split.labels.max())
     if lo < 0 or hi >= num_classes:
         raise UserError(
@@ -108,16 +106,12 @@ def _logits(model: torch.nn.Module, features: np.ndarray, device: torch.device |
     return torch.cat([model(x[i : i + _EVAL_CHUNK]) for i in range(0, x.shape[0], _EVAL_CHUNK)])
 
 
-def predict(
-    model: torch.nn.Module, features: np.ndarray, device: torch.device | str = "cpu"
-) -> np.ndarray:
+def predict(model: torch.nn.Module, features: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
     """Class index per row of raw (unstandardized) features."""
     return _logits(model, features, device).argmax(dim=1).cpu().numpy().astype(np.int64)
 
 
-def class_probabilities(
-    model: torch.nn.Module, features: np.ndarray, device: torch.device | str = "cpu"
-) -> np.ndarray:
+def class_probabilities(model: torch.nn.Module, features: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
     """Softmax class probabilities [N, C] per row of raw features (for video-level means)."""
     return _logits(model, features, device).softmax(dim=1).cpu().numpy()
 
@@ -285,9 +279,7 @@ def run_probe(
     """
     missing = [s for s in SPLITS if s not in splits]
     if missing:
-        raise UserError(
-            f"run_probe needs the splits train, val and test; missing: {', '.join(missing)}"
-        )
+        raise UserError(f"run_probe needs the splits train, val and test; missing: {', '.join(missing)}")
     if not cfg.seeds:
         raise UserError("probe.seeds is empty; give at least one seed")
     num_classes = len(class_names)

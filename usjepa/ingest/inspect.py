@@ -67,8 +67,9 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return text + "..."
 
 
-def contact_sheet(shards_dir, grid_path, split: str = "train", n: int = 32, columns: int | None = None,
-                  min_tile: int = 128) -> dict:
+def contact_sheet(
+    shards_dir, grid_path, split: str = "train", n: int = 32, columns: int | None = None, min_tile: int = 128
+) -> dict:
     """Write a PNG contact sheet of the first `n` samples of `split`; returns what it drew."""
     if n < 1:
         raise UserError(f"--n {n}: draw at least one sample")
@@ -91,8 +92,13 @@ def contact_sheet(shards_dir, grid_path, split: str = "train", n: int = 32, colu
     size = (pad + columns * (tile_w + pad), title_h + pad + rows * (tile_h + caption + pad))
     sheet = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 4), f"{manifest.root.name}: {split}, first {len(samples)} of {manifest.count(split)} "
-              f"({manifest.image_size} px; green: region border, blue: outside)", fill=TEXT, font=font)
+    draw.text(
+        (pad, 4),
+        f"{manifest.root.name}: {split}, first {len(samples)} of {manifest.count(split)} "
+        f"({manifest.image_size} px; green: region border, blue: outside)",
+        fill=TEXT,
+        font=font,
+    )
     for i, ((key, _, _, meta), tile) in enumerate(zip(samples, tiles)):
         x = pad + (i % columns) * (tile_w + pad)
         y = title_h + pad + (i // columns) * (tile_h + caption + pad)
@@ -106,15 +112,25 @@ def contact_sheet(shards_dir, grid_path, split: str = "train", n: int = 32, colu
             flags.append("inpainted")
         draw.text((x, y + tile_h + 2), _fit(draw, f"{name} ({label})", font, tile_w), fill=TEXT, font=font)
         second = " ".join([*flags, key]) if flags else key
-        draw.text((x, y + tile_h + font_size + 6), _fit(draw, second, font, tile_w),
-                  fill=FLAG_TEXT if flags else TEXT, font=font)
+        draw.text(
+            (x, y + tile_h + font_size + 6),
+            _fit(draw, second, font, tile_w),
+            fill=FLAG_TEXT if flags else TEXT,
+            font=font,
+        )
     grid_path = Path(grid_path).expanduser()
     if grid_path.parent and not grid_path.parent.exists():
-        raise UserError(f"folder {grid_path.parent} for the contact sheet does not exist; create it or choose "
-                        "another path")
+        raise UserError(
+            f"folder {grid_path.parent} for the contact sheet does not exist; create it or choose another path"
+        )
     atomic_write(grid_path, lambda f: sheet.save(f, format="PNG"))
-    return {"path": str(grid_path), "split": split, "samples": len(samples), "size": list(sheet.size),
-            "keys": [key for key, *_ in samples]}
+    return {
+        "path": str(grid_path),
+        "split": split,
+        "samples": len(samples),
+        "size": list(sheet.size),
+        "keys": [key for key, *_ in samples],
+    }
 
 
 def contents_lines(manifest: Manifest) -> list[str]:
@@ -123,21 +139,26 @@ def contents_lines(manifest: Manifest) -> list[str]:
     for split, info in manifest.splits.items():
         per_class = ", ".join(f"{c} {k}" for c, k in info.class_counts.items())
         unl = f", unlabelled {info.unlabelled}" if info.unlabelled else ""
-        lines.append(f"{split:5s} {info.count:7d} samples, {info.groups} groups, {len(info.shards)} shard(s) "
-                     f"({per_class}{unl})")
+        lines.append(
+            f"{split:5s} {info.count:7d} samples, {info.groups} groups, {len(info.shards)} shard(s) ({per_class}{unl})"
+        )
     return lines
 
 
 def summary_lines(manifest: Manifest) -> list[str]:
     """A few lines on what the shard set holds and how it was built."""
-    lines = [f"{manifest.root}: {manifest.total} samples, {manifest.image_size} px, source "
-             f"{manifest.source_format} {manifest.source_root or '(root not recorded)'}"]
+    lines = [
+        f"{manifest.root}: {manifest.total} samples, {manifest.image_size} px, source "
+        f"{manifest.source_format} {manifest.source_root or '(root not recorded)'}"
+    ]
     lines += contents_lines(manifest)
     s = manifest.build_summary
     if s:
-        lines.append(f"built from {s.get('items')} items ({s.get('frames')} frames): skipped {s.get('skipped')}, "
-                     f"duplicates {s.get('duplicates')}, inpainted {s.get('overlay_inpainted')}, flagged "
-                     f"{s.get('overlay_flagged')}, over the cap {s.get('capped')}")
+        lines.append(
+            f"built from {s.get('items')} items ({s.get('frames')} frames): skipped {s.get('skipped')}, "
+            f"duplicates {s.get('duplicates')}, inpainted {s.get('overlay_inpainted')}, flagged "
+            f"{s.get('overlay_flagged')}, over the cap {s.get('capped')}"
+        )
     if manifest.sampling_weight is not None:
         lines.append(f"sampling weight {manifest.sampling_weight} (min(train samples, {manifest.weight_cap}))")
     return lines

@@ -24,8 +24,11 @@ TOP_KEYS = ("name", "description", "format", "source", "options", "build")
 REQUIRED_KEYS = ("format", "source")
 # Video sampling settings written under build: source options of the readers that take them.
 VIDEO_BUILD_KEYS = ("fps", "max_frames")
-_NOT_IN_BUILD = {"format": "at the top level of the recipe", "overwrite": "on the command line (--overwrite)",
-                 "source_options": "under the recipe's options"}
+_NOT_IN_BUILD = {
+    "format": "at the top level of the recipe",
+    "overwrite": "on the command line (--overwrite)",
+    "source_options": "under the recipe's options",
+}
 
 _PLACEHOLDER = re.compile(r"\$(\$)?\{([^}]*)\}")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -67,8 +70,10 @@ class _Expander:
         name, has_default, default = match.group(2).partition(":-")
         name = name.strip()
         if not _NAME.match(name):
-            raise UserError(f"recipe {self.recipe}: placeholder '${{{match.group(2)}}}' in {where} is not a variable "
-                            "name (letters, digits, _); fix the recipe")
+            raise UserError(
+                f"recipe {self.recipe}: placeholder '${{{match.group(2)}}}' in {where} is not a variable "
+                "name (letters, digits, _); fix the recipe"
+            )
         if name in self.variables:
             value = str(self.variables[name])
         elif name in self.environ:
@@ -166,8 +171,9 @@ def read_recipe(path, variables: Mapping[str, str] | None = None, environ: Mappi
     }
 
 
-def load_recipe(path, variables: Mapping[str, str] | None = None,
-                environ: Mapping[str, str] | None = None) -> tuple[Path, BuildSettings, dict]:
+def load_recipe(
+    path, variables: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[Path, BuildSettings, dict]:
     """(source path, BuildSettings, source options) of the recipe at `path`; placeholders
     come from `variables` (the CLI's --set), then `environ` (default os.environ)."""
     recipe = read_recipe(path, variables, environ)
@@ -183,4 +189,3 @@ def parse_assignments(pairs) -> dict[str, str]:
             raise UserError(f"--set {pair!r} must look like NAME=value, e.g. --set ULTRABENCH=/data/ultrabench")
         out[key.strip()] = value
     return out
-

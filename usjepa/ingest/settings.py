@@ -53,9 +53,14 @@ class BuildSettings:
     """The source format's options (e.g. fps=3, max_frames=30), checked against its `Options`."""
 
     def preprocess_settings(self) -> PreprocessSettings:
-        return PreprocessSettings(image_size=self.image_size, low_percentile=self.low_percentile,
-                                  high_percentile=self.high_percentile, resize_mode=self.resize_mode,
-                                  interpolation=self.interpolation, region=self.region)
+        return PreprocessSettings(
+            image_size=self.image_size,
+            low_percentile=self.low_percentile,
+            high_percentile=self.high_percentile,
+            resize_mode=self.resize_mode,
+            interpolation=self.interpolation,
+            region=self.region,
+        )
 
     def item_settings(self) -> ItemSettings:
         return ItemSettings(self.preprocess_settings(), self.overlay)
@@ -68,24 +73,34 @@ class BuildSettings:
 
         positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
         checks = [
-            (isinstance(self.image_size, int) and self.image_size >= 8,
-             f"image size {self.image_size!r} must be an integer >= 8"),
+            (
+                isinstance(self.image_size, int) and self.image_size >= 8,
+                f"image size {self.image_size!r} must be an integer >= 8",
+            ),
             (positive(self.shard_size), f"shard size {self.shard_size!r} must be an integer >= 1"),
             (0 <= self.val_fraction <= 1, f"val fraction {self.val_fraction} must be in [0, 1]"),
             (0 <= self.test_fraction <= 1, f"test fraction {self.test_fraction} must be in [0, 1]"),
-            (self.val_fraction + self.test_fraction <= 1,
-             f"val + test fractions ({self.val_fraction} + {self.test_fraction}) exceed 1"),
-            (0 <= self.low_percentile < self.high_percentile <= 100,
-             f"percentiles {self.low_percentile}/{self.high_percentile} need 0 <= low < high <= 100"),
+            (
+                self.val_fraction + self.test_fraction <= 1,
+                f"val + test fractions ({self.val_fraction} + {self.test_fraction}) exceed 1",
+            ),
+            (
+                0 <= self.low_percentile < self.high_percentile <= 100,
+                f"percentiles {self.low_percentile}/{self.high_percentile} need 0 <= low < high <= 100",
+            ),
             choice(self.resize_mode, "resize mode", RESIZE_MODES),
             choice(self.interpolation, "interpolation", list(INTERPOLATIONS)),
             choice(self.format, "source format", format_choices()),
             choice(self.large_overlay, "large overlay action", LARGE_OVERLAY_ACTIONS),
-            (self.max_samples is None or positive(self.max_samples),
-             f"max samples {self.max_samples!r} must be a positive integer (or unset)"),
+            (
+                self.max_samples is None or positive(self.max_samples),
+                f"max samples {self.max_samples!r} must be a positive integer (or unset)",
+            ),
             (positive(self.weight_cap), f"weight cap {self.weight_cap!r} must be a positive integer"),
-            (isinstance(self.source_options, dict),
-             f"source options must be a mapping of option name to value, got {self.source_options!r}"),
+            (
+                isinstance(self.source_options, dict),
+                f"source options must be a mapping of option name to value, got {self.source_options!r}",
+            ),
         ]
         problems = [why for ok, why in checks if not ok] + self.overlay.problems()
         if problems:

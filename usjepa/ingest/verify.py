@@ -118,21 +118,25 @@ class _Checker:
         if m.split_settings.get("group_disjoint", True):
             names = list(seen)
             for i, a in enumerate(names):
-                for b in names[i + 1:]:
+                for b in names[i + 1 :]:
                     shared = seen[a].groups & seen[b].groups
                     if shared:
                         self.problems.append(f"{len(shared)} group(s) in both {a} and {b}, e.g. {sorted(shared)[:3]}")
-        counted = {"overlay_flagged": sum(s.flagged for s in seen.values()),
-                   "overlay_inpainted": sum(s.inpainted for s in seen.values())}
+        counted = {
+            "overlay_flagged": sum(s.flagged for s in seen.values()),
+            "overlay_inpainted": sum(s.inpainted for s in seen.values()),
+        }
         for field, n in counted.items():
             if field in m.build_summary and m.build_summary[field] != n:
-                self.problems.append(f"{n} samples with {field.replace('overlay_', '')} overlays, manifest says "
-                                     f"{m.build_summary[field]}")
+                self.problems.append(
+                    f"{n} samples with {field.replace('overlay_', '')} overlays, manifest says {m.build_summary[field]}"
+                )
         if m.sampling_weight is not None and m.weight_cap is not None and "train" in m.splits:
             expected = min(m.splits["train"].count, m.weight_cap)
             if m.sampling_weight != expected:
-                self.problems.append(f"sampling_weight {m.sampling_weight} is not min(train samples, weight_cap) = "
-                                     f"{expected}")
+                self.problems.append(
+                    f"sampling_weight {m.sampling_weight} is not min(train samples, weight_cap) = {expected}"
+                )
 
 
 def verify_shards(out) -> dict:
@@ -154,9 +158,18 @@ def verify_shards(out) -> dict:
         "ok": not check.problems,
         "shards_dir": str(manifest.root),
         "samples": sum(s.decoded for s in seen.values()),
-        "splits": {split: {"count": s.decoded, "shards": len(manifest.splits[split].shards), "groups": len(s.groups),
-                           "class_counts": dict(s.class_counts), "unlabelled": s.unlabelled,
-                           "overlay_flagged": s.flagged, "inpainted": s.inpainted} for split, s in seen.items()},
+        "splits": {
+            split: {
+                "count": s.decoded,
+                "shards": len(manifest.splits[split].shards),
+                "groups": len(s.groups),
+                "class_counts": dict(s.class_counts),
+                "unlabelled": s.unlabelled,
+                "overlay_flagged": s.flagged,
+                "inpainted": s.inpainted,
+            }
+            for split, s in seen.items()
+        },
         "classes": list(manifest.classes),
         "image_size": manifest.image_size,
         "overlay_flagged": sum(s.flagged for s in seen.values()),
@@ -164,8 +177,11 @@ def verify_shards(out) -> dict:
         "skipped_at_build": manifest.skipped_count,
         "duplicates_at_build": manifest.build_summary.get("duplicates"),
         "sampling_weight": manifest.sampling_weight,
-        "unlisted_shards": sorted(p.name for p in manifest.root.iterdir()  # not an error: readers go by the manifest
-                                  if SHARD_PATTERN.match(p.name) and p.name not in listed),
+        "unlisted_shards": sorted(
+            p.name
+            for p in manifest.root.iterdir()  # not an error: readers go by the manifest
+            if SHARD_PATTERN.match(p.name) and p.name not in listed
+        ),
         "leftover_work": (manifest.root / WORK_DIR).is_dir(),  # kept with --keep-work; not an error
         "problems": check.problems,
         "seconds": round(time.perf_counter() - start, 3),
@@ -173,9 +189,12 @@ def verify_shards(out) -> dict:
     if check.problems:
         problems = check.problems
         more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        error = UserError(f"shard set {manifest.root} failed verification ({len(problems)} problem(s)): "
-                          + "; ".join(problems[:MAX_LISTED]) + more
-                          + "; rebuild it with `usjepa shards build SRC OUT --overwrite`")
+        error = UserError(
+            f"shard set {manifest.root} failed verification ({len(problems)} problem(s)): "
+            + "; ".join(problems[:MAX_LISTED])
+            + more
+            + "; rebuild it with `usjepa shards build SRC OUT --overwrite`"
+        )
         error.report = report
         raise error
     return report

@@ -53,7 +53,8 @@ def _import_xformers() -> tuple[object | None, str]:
     try:
         import xformers.ops as xops  # optional dependency
     except Exception as e:  # noqa: BLE001 - ImportError, or a broken build raising at import time
-        return None, f"xformers is not importable ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        return None, f"xformers is not importable ({type(e).__name__}: {first})"
     if not hasattr(xops, "memory_efficient_attention"):
         return None, "xformers.ops has no memory_efficient_attention (too old a version?)"
     return xops, ""
@@ -81,12 +82,15 @@ def _startup_check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]
         q, k, v = (torch.randn(2, 77, 4, 32, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             got = xops.memory_efficient_attention(q, k, v)  # [B, N, H, D]
-            want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                  v.transpose(1, 2)).transpose(1, 2)
+            want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
+                1, 2
+            )
         err = (got.float() - want.float()).abs().max().item()
         ok = bool(torch.allclose(got.float(), want.float(), atol=tol, rtol=tol))
-        verdict = (ok, "" if ok else f"xformers disagrees with SDPA on {device} in {dtype} "
-                                     f"(max abs diff {err:.2e} > {tol:g})")
+        verdict = (
+            ok,
+            "" if ok else f"xformers disagrees with SDPA on {device} in {dtype} (max abs diff {err:.2e} > {tol:g})",
+        )
     except Exception as e:  # noqa: BLE001 - no kernel for this GPU/dtype, CUDA error: fall back
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         verdict = (False, f"xformers failed its start-up check on {device} in {dtype}: {first}")
@@ -108,22 +112,28 @@ def explain_backend(setting: str, device: torch.device | str, dtype: torch.dtype
     if setting in ("sdpa", "matmul"):
         return Resolution(setting, "")
     if setting == "auto" and device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return Resolution("matmul", f"model.attention=auto uses matmul on cpu in {dtype}: faster than the fused "
-                                    "CPU kernel at ViT sequence lengths")
+        return Resolution(
+            "matmul",
+            f"model.attention=auto uses matmul on cpu in {dtype}: faster than the fused "
+            "CPU kernel at ViT sequence lengths",
+        )
     xops, why_not = _import_xformers()
     if xops is not None and device.type != "cuda":
         why_not = f"xformers needs a CUDA device, this is {device.type}"
     if xops is not None and device.type == "cuda":
         ok, why_not = _startup_check(device, dtype)
         if ok:
-            return Resolution("xformers", "" if setting == "xformers" else f"xformers passed its start-up check on {device} in {dtype}")
+            return Resolution(
+                "xformers",
+                "" if setting == "xformers" else f"xformers passed its start-up check on {device} in {dtype}",
+            )
     if setting == "xformers":
         raise UserError(f"model.attention=xformers cannot run: {why_not}; {_FIX}")
     return Resolution("sdpa", f"model.attention=auto uses sdpa: {why_not}")
 
 
 def resolve_backend(setting: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
-    """"sdpa", "xformers" or "matmul" for `setting` (auto | sdpa | xformers | matmul) on
+    """ "sdpa", "xformers" or "matmul" for `setting` (auto | sdpa | xformers | matmul) on
     `device` in `dtype`.
 
     `auto` falls back to sdpa and logs why, once per (setting, device, dtype); an explicit
@@ -142,8 +152,15 @@ def resolve_backend(setting: str, device: torch.device | str, dtype: torch.dtype
 # ----------------------------------------------------------------------------- the layer
 
 
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                     dropout: float, is_causal: bool, scale: float) -> torch.Tensor:
+def matmul_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout: float,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
     """softmax(q k^T * scale) v on [B, H, N, D], attending where the boolean `attn_mask` is
     True: what SDPA computes, as plain matmuls."""
     attn = (q * scale) @ k.transpose(-2, -1)
@@ -194,14 +211,15 @@ class BackendAttention(Attention):
             kernel = self._resolved[key] = resolve_backend(self.backend, q.device, q.dtype)
         return kernel
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
-        return self._project(self._attend(self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim),
-                                          attn_mask, is_causal), x)
+        return self._project(
+            self._attend(self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim), attn_mask, is_causal), x
+        )
 
-    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, batch: int, length: int,
-                     attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward_rows(
+        self, x: torch.Tensor, rows: torch.Tensor, batch: int, length: int, attn_mask: torch.Tensor
+    ) -> torch.Tensor:
         """`forward` of a [batch, length, D] sequence of which only the flat positions `rows`
         are real, given as packed tokens `x` [len(rows), D]; returns the packed outputs. The
         projections run on the real tokens only; the kernel sees them padded, and `attn_mask`
@@ -219,6 +237,7 @@ class BackendAttention(Attention):
         # Masks go through SDPA: xformers wants its own bias types and none is used here.
         if attn_mask is None and kernel == "xformers":
             import xformers.ops as xops  # resolved above, so it imports
+
             q, k, v = qkv.unbind(2)  # [B, N, H, D] each
             q, k = self.q_norm(q), self.k_norm(k)  # norms act on the last (head_dim) axis
             bias = xops.LowerTriangularMask() if is_causal else None
@@ -229,8 +248,9 @@ class BackendAttention(Attention):
         if kernel == "matmul":
             x = matmul_attention(q, k, v, attn_mask, dropout, is_causal, self.scale)
         else:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                               is_causal=is_causal, scale=self.scale)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
+            )
         return x.transpose(1, 2).reshape(B, N, self.attn_dim)
 
     def _project(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

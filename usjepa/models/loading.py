@@ -102,27 +102,35 @@ def _load_file(path: Path) -> object:
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     """The state dict in checkpoint file `path` and the step it records (else None)."""
     if path.suffix not in STATE_DICT_SUFFIXES:
-        raise UserError(f"{path}: not a checkpoint file ({', '.join(STATE_DICT_SUFFIXES)}); pass the weights "
-                        "file itself")
+        raise UserError(
+            f"{path}: not a checkpoint file ({', '.join(STATE_DICT_SUFFIXES)}); pass the weights file itself"
+        )
     try:
         obj = _load_file(path)
     except pickle.UnpicklingError as e:
         # A dotted name: bytes that merely look like a GLOBAL opcode name no class.
         found = re.search(r"Unsupported global: GLOBAL (\w+(?:\.\w+)+)", str(e))
         if not found:
-            raise UserError(f"{path}: not a readable checkpoint (not a torch pickle); is the file complete and "
-                            "a torch or safetensors file?") from None
-        raise UserError(f"{path}: pickles a {found.group(1)}, which a weights-only load refuses; if you trust the "
-                        "file, re-save its state dict: torch.save(torch.load(F, weights_only=False)['model'], "
-                        "'weights.pth')") from None
+            raise UserError(
+                f"{path}: not a readable checkpoint (not a torch pickle); is the file complete and "
+                "a torch or safetensors file?"
+            ) from None
+        raise UserError(
+            f"{path}: pickles a {found.group(1)}, which a weights-only load refuses; if you trust the "
+            "file, re-save its state dict: torch.save(torch.load(F, weights_only=False)['model'], "
+            "'weights.pth')"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError, SafetensorError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"{path}: not a readable checkpoint ({why}); is the file complete and a torch or "
-                        "safetensors file?") from None
+        raise UserError(
+            f"{path}: not a readable checkpoint ({why}); is the file complete and a torch or safetensors file?"
+        ) from None
     sd = _unwrap(obj)
     if not sd:
-        raise UserError(f"{path}: holds no state dict (no tensors found, also not under "
-                        f"{', '.join(_WRAPPERS)}); save one with torch.save(model.state_dict(), F)")
+        raise UserError(
+            f"{path}: holds no state dict (no tensors found, also not under "
+            f"{', '.join(_WRAPPERS)}); save one with torch.save(model.state_dict(), F)"
+        )
     return sd, _recorded_step(obj)
 
 
@@ -146,29 +154,33 @@ def recorded_normalisation(path: Path) -> tuple[tuple[float, ...], tuple[float, 
         try:
             fields = json.loads(config.read_text()).get(section) or {}
         except (json.JSONDecodeError, AttributeError) as e:
-            raise UserError(f"{config}: not a readable {name} ({e}); fix or remove it, or set teacher.mean "
-                            "and teacher.std") from None
+            raise UserError(
+                f"{config}: not a readable {name} ({e}); fix or remove it, or set teacher.mean and teacher.std"
+            ) from None
         if "mean" in fields and "std" in fields:
             return tuple(map(float, fields["mean"])), tuple(map(float, fields["std"]))
     return None
 
 
-def check_normalisation(mean: tuple[float, ...], std: tuple[float, ...], channels: int, where: str,
-                        key: str = "") -> None:
+def check_normalisation(
+    mean: tuple[float, ...], std: tuple[float, ...], channels: int, where: str, key: str = ""
+) -> None:
     """A per-channel input normalisation for an encoder with `channels` inputs (`where`), set
     as `{key}mean` / `{key}std`: both or neither, 1 or `channels` values, every std > 0."""
     if bool(mean) != bool(std):
         raise UserError(f"{key}mean and {key}std go together: set both (one value per input channel) or neither")
     for name, values in (("mean", mean), ("std", std)):
         if values and len(values) not in (1, channels):
-            raise UserError(f"{key}{name}={list(values)}: {where} has {channels} input channels; give 1 or "
-                            f"{channels} values")
+            raise UserError(
+                f"{key}{name}={list(values)}: {where} has {channels} input channels; give 1 or {channels} values"
+            )
     if std and min(std) <= 0:
         raise UserError(f"{key}std={list(std)}: every std must be > 0")
 
 
-def fold_input_normalisation(weight: torch.Tensor, bias: torch.Tensor, mean: tuple[float, ...],
-                             std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_input_normalisation(
+    weight: torch.Tensor, bias: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A patch embedding (weight [D, C, p, p], bias [D]) trained on C channels normalised with
     (mean, std), rewritten for one channel normalised as ours ((x - PIXEL_MEAN) / PIXEL_STD).
 
@@ -186,8 +198,9 @@ def fold_input_normalisation(weight: torch.Tensor, bias: torch.Tensor, mean: tup
     return folded.to(weight.dtype), folded_bias.to(bias.dtype)
 
 
-def _file_normalisation(mean: Sequence[float], std: Sequence[float], path: Path, channels: int,
-                        key: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _file_normalisation(
+    mean: Sequence[float], std: Sequence[float], path: Path, channels: int, key: str
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The setting's normalisation, else the one the file ships with, else ours."""
     check_normalisation(tuple(mean), tuple(std), channels, str(path), key=key)
     mean, std = (mean, std) if mean else (recorded_normalisation(path) or ((PIXEL_MEAN,), (PIXEL_STD,)))
@@ -195,16 +208,26 @@ def _file_normalisation(mean: Sequence[float], std: Sequence[float], path: Path,
     return tuple(mean), tuple(std)
 
 
-def encoder_from_state_dict(sd: dict[str, torch.Tensor], image_size: int, patch_size: int, source: str,
-                            attention: str = "sdpa", num_heads: int = 0, mean: tuple[float, ...] = (PIXEL_MEAN,),
-                            std: tuple[float, ...] = (PIXEL_STD,), key: str = "teacher.") -> Encoder:
+def encoder_from_state_dict(
+    sd: dict[str, torch.Tensor],
+    image_size: int,
+    patch_size: int,
+    source: str,
+    attention: str = "sdpa",
+    num_heads: int = 0,
+    mean: tuple[float, ...] = (PIXEL_MEAN,),
+    std: tuple[float, ...] = (PIXEL_STD,),
+    key: str = "teacher.",
+) -> Encoder:
     """Build a single-channel Encoder that matches a timm ViT state dict and load it, its
     training normalisation (`mean`, `std` per input channel) folded into the patch embedding.
     `num_heads` 0: timm's 64 channels per head (heads are not in the weights)."""
     width, in_chans, p, _ = sd["patch_embed.proj.weight"].shape
     if p != patch_size:
-        raise UserError(f"{source}: patch size {p} != model.patch_size {patch_size}; "
-                        "the student must use the teacher's patch size so token positions align")
+        raise UserError(
+            f"{source}: patch size {p} != model.patch_size {patch_size}; "
+            "the student must use the teacher's patch size so token positions align"
+        )
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     heads = num_heads or max(1, width // 64)
     reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd else 0
@@ -216,25 +239,40 @@ def encoder_from_state_dict(sd: dict[str, torch.Tensor], image_size: int, patch_
     old_grid = int(round((old_tokens - n_prefix) ** 0.5))
     no_embed_class = n_prefix > 0 and old_grid * old_grid == old_tokens
     if no_embed_class:
-        old_grid = int(round(old_tokens ** 0.5))
-    encoder = Encoder(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
-                      num_heads=heads, class_token=class_token, reg_tokens=reg_tokens,
-                      no_embed_class=no_embed_class, fixed_pos_embed=False, attention=attention)
+        old_grid = int(round(old_tokens**0.5))
+    encoder = Encoder(
+        img_size=image_size,
+        patch_size=patch_size,
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        class_token=class_token,
+        reg_tokens=reg_tokens,
+        no_embed_class=no_embed_class,
+        fixed_pos_embed=False,
+        attention=attention,
+    )
     sd = dict(sd)
     if "patch_embed.proj.bias" in sd:  # else the check below names it
         sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = fold_input_normalisation(
-            sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], mean, std)
+            sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], mean, std
+        )
     if "norm.weight" not in sd:  # e.g. MAE/BEiT checkpoints that pool through fc_norm instead
         encoder.norm = nn.Identity()
     if old_grid != grid:
-        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=[grid, grid],
-                                                 old_size=[old_grid, old_grid],
-                                                 num_prefix_tokens=0 if no_embed_class else n_prefix)
+        sd["pos_embed"] = resample_abs_pos_embed(
+            sd["pos_embed"],
+            new_size=[grid, grid],
+            old_size=[old_grid, old_grid],
+            num_prefix_tokens=0 if no_embed_class else n_prefix,
+        )
     wanted = encoder.state_dict()
     missing = sorted(set(wanted) - set(sd))
     if missing:
-        raise UserError(f"{source}: the weights lack {len(missing)} encoder entries (first: {missing[0]}); "
-                        "is it a ViT with timm parameter names?")
+        raise UserError(
+            f"{source}: the weights lack {len(missing)} encoder entries (first: {missing[0]}); "
+            "is it a ViT with timm parameter names?"
+        )
     try:
         encoder.load_state_dict({k: sd[k] for k in wanted})
     except RuntimeError as e:
@@ -249,8 +287,10 @@ def _from_run(path: Path, which: str, checkpoint: str, image_size: int | None, a
         raise UserError(f"unknown run encoder '{which}'; choose one of {', '.join(RUN_ENCODERS)}")
     cfg = rundir.run_config(path)
     if which == "target" and cfg.train.objective != "ema":
-        raise UserError(f"{path} is a {cfg.train.objective} run: only an EMA run (train.objective=ema) has a "
-                        "target encoder; use its student")
+        raise UserError(
+            f"{path} is a {cfg.train.objective} run: only an EMA run (train.objective=ema) has a "
+            "target encoder; use its student"
+        )
     step_dir = rundir.find_checkpoint(path, checkpoint)
     encoder = build_encoder(cfg.model, image_size or cfg.data.image_size, attention=attention)
     if which == "student":
@@ -265,33 +305,61 @@ def _from_export(path: Path, image_size: int | None, attention: str) -> LoadedEn
     config = json.loads((path / EXPORT_CONFIG).read_text())
     args = config["model_args"]
     if image_size not in (None, args["img_size"]):
-        raise UserError(f"export {path} takes {args['img_size']} px images, not {image_size}; use a run of "
-                        f"data.image_size={args['img_size']}, or pass {path / EXPORT_WEIGHTS} to resample its "
-                        "position embedding")
-    encoder = Encoder(img_size=args["img_size"], patch_size=args["patch_size"], embed_dim=args["embed_dim"],
-                      depth=args["depth"], num_heads=args["num_heads"], mlp_ratio=args["mlp_ratio"],
-                      attention=attention)
+        raise UserError(
+            f"export {path} takes {args['img_size']} px images, not {image_size}; use a run of "
+            f"data.image_size={args['img_size']}, or pass {path / EXPORT_WEIGHTS} to resample its "
+            "position embedding"
+        )
+    encoder = Encoder(
+        img_size=args["img_size"],
+        patch_size=args["patch_size"],
+        embed_dim=args["embed_dim"],
+        depth=args["depth"],
+        num_heads=args["num_heads"],
+        mlp_ratio=args["mlp_ratio"],
+        attention=attention,
+    )
     encoder.load_state_dict(load_file(str(path / EXPORT_WEIGHTS)))
     step = config.get("usjepa", {}).get("step")
     return LoadedEncoder(encoder, "export", path, files_sha256([path / EXPORT_WEIGHTS]), step, export_config=config)
 
 
-def _from_file(path: Path, image_size: int, patch_size: int, attention: str, num_heads: int,
-               mean: Sequence[float], std: Sequence[float], key: str) -> LoadedEncoder:
+def _from_file(
+    path: Path,
+    image_size: int,
+    patch_size: int,
+    attention: str,
+    num_heads: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    key: str,
+) -> LoadedEncoder:
     sd, step = read_checkpoint(path)
     if "patch_embed.proj.weight" not in sd:
-        raise UserError(f"{path}: not a timm-style ViT state dict (no 'patch_embed.proj.weight'); "
-                        "export one with model.state_dict() from a timm VisionTransformer")
+        raise UserError(
+            f"{path}: not a timm-style ViT state dict (no 'patch_embed.proj.weight'); "
+            "export one with model.state_dict() from a timm VisionTransformer"
+        )
     mean, std = _file_normalisation(mean, std, path, sd["patch_embed.proj.weight"].shape[1], key)
-    encoder = encoder_from_state_dict(sd, image_size, patch_size, str(path), attention,
-                                      num_heads or recorded_heads(path), mean, std, key)
+    encoder = encoder_from_state_dict(
+        sd, image_size, patch_size, str(path), attention, num_heads or recorded_heads(path), mean, std, key
+    )
     return LoadedEncoder(encoder, "file", path, files_sha256([path]), step, mean=mean, std=std)
 
 
-def load_encoder(source: str | Path, *, which: str = "student", checkpoint: str = "latest",
-                 image_size: int | None = None, patch_size: int | None = None, attention: str = "sdpa",
-                 num_heads: int = 0, mean: Sequence[float] = (), std: Sequence[float] = (),
-                 key: str = "") -> LoadedEncoder:
+def load_encoder(
+    source: str | Path,
+    *,
+    which: str = "student",
+    checkpoint: str = "latest",
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    attention: str = "sdpa",
+    num_heads: int = 0,
+    mean: Sequence[float] = (),
+    std: Sequence[float] = (),
+    key: str = "",
+) -> LoadedEncoder:
     """The encoder at `source` (a run dir, an export folder or a state-dict file), on the CPU in
     fp32, and where it came from.
 
@@ -309,5 +377,7 @@ def load_encoder(source: str | Path, *, which: str = "student", checkpoint: str 
         if image_size is None or patch_size is None:
             raise ValueError("loading a state-dict file needs image_size and patch_size")
         return _from_file(path, image_size, patch_size, attention, num_heads, mean, std, key)
-    raise UserError(f"{key}checkpoint={source}: not a run dir (with {rundir.RESOLVED_CONFIG}), an export folder "
-                    f"({EXPORT_CONFIG} + {EXPORT_WEIGHTS}) nor a state-dict file ({', '.join(STATE_DICT_SUFFIXES)})")
+    raise UserError(
+        f"{key}checkpoint={source}: not a run dir (with {rundir.RESOLVED_CONFIG}), an export folder "
+        f"({EXPORT_CONFIG} + {EXPORT_WEIGHTS}) nor a state-dict file ({', '.join(STATE_DICT_SUFFIXES)})"
+    )

@@ -17,14 +17,32 @@ from torch import nn
 
 from usjepa.config import PredictorConfig
 from usjepa.models.attention import attention_layer
-from usjepa.models.vit import (PackedBlock, attention_backend, gather_tokens, key_padding_mask, run_blocks,
-                               sincos_pos_embed, timm_init_mode)
+from usjepa.models.vit import (
+    PackedBlock,
+    attention_backend,
+    gather_tokens,
+    key_padding_mask,
+    run_blocks,
+    sincos_pos_embed,
+    timm_init_mode,
+)
 
 
 class Predictor(nn.Module):
-    def __init__(self, *, in_dim: int, out_dim: int, grid: int, embed_dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa", layout: str = "shared_context",
-                 init: str = "timm"):
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        out_dim: int,
+        grid: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        attention: str = "sdpa",
+        layout: str = "shared_context",
+        init: str = "timm",
+    ):
         super().__init__()
         self.layout = layout  # per_block | shared_context (PredictorConfig.layout)
         self.attention = attention  # sdpa | xformers | auto (resolved on first forward)
@@ -32,18 +50,31 @@ class Predictor(nn.Module):
         self.embed = nn.Linear(in_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed(grid, embed_dim).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(PackedBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=True,
-                                                norm_layer=nn.LayerNorm, attn_layer=attention_layer(attention))
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            PackedBlock(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias=True,
+                norm_layer=nn.LayerNorm,
+                attn_layer=attention_layer(attention),
+            )
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(embed_dim)
         self.proj = nn.Linear(embed_dim, out_dim)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         # The encoder's scheme (`model.init`), by timm's own initialisers.
         named_apply(get_init_weights_vit(timm_init_mode(init)), self)
 
-    def forward(self, context_tokens: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
-                context_valid: torch.Tensor | None = None,
-                target_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        context_tokens: torch.Tensor,
+        context_idx: torch.Tensor,
+        target_idx: torch.Tensor,
+        context_valid: torch.Tensor | None = None,
+        target_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """context_tokens [B, Kc, in_dim] at positions context_idx [B, Kc], target blocks
         target_idx [T, B, Kt] -> predictions [T*B, Kt, out_dim] (block-major, as the targets).
 
@@ -62,17 +93,23 @@ class Predictor(nn.Module):
             flat_idx = target_idx.permute(1, 0, 2).reshape(batch, n_targets * kt)
             masks = self.mask_token + gather_tokens(batch_pos, flat_idx)
             valid = torch.cat([context_valid, target_valid.permute(1, 0, 2).reshape(batch, -1)], dim=1)
-            x = run_blocks(self.blocks, torch.cat([context, masks], dim=1), self.grad_checkpointing,
-                           shared_context_mask(valid, context.shape[1], n_targets, kt), valid if padded else None)
-            out = x[:, context.shape[1]:].reshape(batch, n_targets, kt, -1).transpose(0, 1).flatten(0, 1)
+            x = run_blocks(
+                self.blocks,
+                torch.cat([context, masks], dim=1),
+                self.grad_checkpointing,
+                shared_context_mask(valid, context.shape[1], n_targets, kt),
+                valid if padded else None,
+            )
+            out = x[:, context.shape[1] :].reshape(batch, n_targets, kt, -1).transpose(0, 1).flatten(0, 1)
         else:  # per_block: the context is repeated once per block
             context = context.repeat(n_targets, 1, 1)
             flat_idx = target_idx.flatten(0, 1)
             masks = self.mask_token + gather_tokens(batch_pos.repeat(n_targets, 1, 1), flat_idx)
             valid = torch.cat([context_valid.repeat(n_targets, 1), target_valid.flatten(0, 1)], dim=1)
             valid = valid if padded else None
-            x = run_blocks(self.blocks, torch.cat([context, masks], dim=1), self.grad_checkpointing,
-                           key_padding_mask(valid), valid)
+            x = run_blocks(
+                self.blocks, torch.cat([context, masks], dim=1), self.grad_checkpointing, key_padding_mask(valid), valid
+            )
             out = x[:, -kt:]
         return self.proj(self.norm(out))
 
@@ -85,18 +122,38 @@ def shared_context_mask(valid: torch.Tensor, n_context: int, n_targets: int, blo
     """Boolean attention mask [B, 1, L, L] of the shared-context layout (L = Kc + T*Kt): a
     context query attends to valid context keys; a query of block t to valid context keys
     and the valid keys of block t."""
-    group = torch.cat([torch.full((n_context,), -1, device=valid.device),
-                       torch.arange(n_targets, device=valid.device).repeat_interleave(block_len)])
+    group = torch.cat(
+        [
+            torch.full((n_context,), -1, device=valid.device),
+            torch.arange(n_targets, device=valid.device).repeat_interleave(block_len),
+        ]
+    )
     same = (group[None, :] == -1) | (group[None, :] == group[:, None])  # [L queries, L keys]
     return (same[None] & valid[:, None, :])[:, None]
 
 
-def build_predictor(cfg: PredictorConfig, in_dim: int, out_dim: int, grid: int, *,
-                    attention: str = "auto", init: str = "timm", device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> Predictor:
+def build_predictor(
+    cfg: PredictorConfig,
+    in_dim: int,
+    out_dim: int,
+    grid: int,
+    *,
+    attention: str = "auto",
+    init: str = "timm",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Predictor:
     """The predictor for `cfg`; `attention` and `init` are the `model.` settings (the predictor
     follows the student's), attention resolved for `device`/`dtype` when given, else on first
     forward."""
-    return Predictor(in_dim=in_dim, out_dim=out_dim, grid=grid, embed_dim=cfg.embed_dim,
-                     depth=cfg.depth, num_heads=cfg.num_heads, layout=cfg.layout, init=init,
-                     attention=attention_backend(attention, device, dtype))
+    return Predictor(
+        in_dim=in_dim,
+        out_dim=out_dim,
+        grid=grid,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        layout=cfg.layout,
+        init=init,
+        attention=attention_backend(attention, device, dtype),
+    )

@@ -41,7 +41,9 @@ def teacher_dtype(setting: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         if setting == "bf16":
-            raise UserError(f"teacher.dtype=bf16: {torch.cuda.get_device_name(device)} has no bf16; use teacher.dtype=fp32")
+            raise UserError(
+                f"teacher.dtype=bf16: {torch.cuda.get_device_name(device)} has no bf16; use teacher.dtype=fp32"
+            )
         return torch.float32
     return torch.bfloat16
 
@@ -56,24 +58,46 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[Encoder, TeacherInf
     # The teacher runs in its own dtype (often bf16) on its device: resolve the kernel for that.
     attention = resolve_backend(cfg.model.attention, device, dtype)
     if source.lower() == "none":
-        arch = ModelConfig(patch_size=patch_size, embed_dim=t.embed_dim or cfg.model.embed_dim,
-                           depth=t.depth or cfg.model.depth, num_heads=t.num_heads or cfg.model.num_heads)
+        arch = ModelConfig(
+            patch_size=patch_size,
+            embed_dim=t.embed_dim or cfg.model.embed_dim,
+            depth=t.depth or cfg.model.depth,
+            num_heads=t.num_heads or cfg.model.num_heads,
+        )
         with torch.random.fork_rng():
             torch.manual_seed(cfg.run.seed + 1)
             encoder, digest = build_encoder(arch, image_size, attention=attention), ""
     else:
-        loaded = load_encoder(source, checkpoint="latest", image_size=image_size, patch_size=patch_size,
-                              attention=attention, num_heads=t.num_heads, mean=t.mean, std=t.std, key="teacher.")
+        loaded = load_encoder(
+            source,
+            checkpoint="latest",
+            image_size=image_size,
+            patch_size=patch_size,
+            attention=attention,
+            num_heads=t.num_heads,
+            mean=t.mean,
+            std=t.std,
+            key="teacher.",
+        )
         if loaded.kind != "file" and (t.mean or t.std):
-            raise UserError(f"teacher.mean/std: teacher {source} was trained by this project on its own input "
-                            "normalisation; unset teacher.mean and teacher.std")
+            raise UserError(
+                f"teacher.mean/std: teacher {source} was trained by this project on its own input "
+                "normalisation; unset teacher.mean and teacher.std"
+            )
         patch = loaded.encoder.patch_embed.patch_size[0]
         if patch != patch_size:
-            raise UserError(f"teacher {source} uses patch size {patch}, the student {patch_size}: "
-                            f"set model.patch_size={patch}")
+            raise UserError(
+                f"teacher {source} uses patch size {patch}, the student {patch_size}: set model.patch_size={patch}"
+            )
         encoder, digest, mean, std = loaded.encoder, loaded.sha256, loaded.mean, loaded.std
         source = str(loaded.path.resolve())
     encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return encoder, TeacherInfo(source=source, sha256=digest, embed_dim=encoder.embed_dim,
-                                dtype=str(dtype).removeprefix("torch."), mean=mean, std=std,
-                                final_norm=not isinstance(encoder.norm, nn.Identity))
+    return encoder, TeacherInfo(
+        source=source,
+        sha256=digest,
+        embed_dim=encoder.embed_dim,
+        dtype=str(dtype).removeprefix("torch."),
+        mean=mean,
+        std=std,
+        final_norm=not isinstance(encoder.norm, nn.Identity),
+    )

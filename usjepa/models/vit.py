@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
-from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from usjepa.config import ModelConfig
 from usjepa.models.attention import BackendAttention, attention_layer, resolve_backend
@@ -23,8 +23,13 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def run_blocks(blocks: torch.nn.ModuleList, x: torch.Tensor, recompute: bool,
-               attn_mask: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+def run_blocks(
+    blocks: torch.nn.ModuleList,
+    x: torch.Tensor,
+    recompute: bool,
+    attn_mask: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`x` [B, N, D] through `blocks`, attending where `attn_mask` (boolean, broadcastable to
     [B, heads, N, N]) is True; with `recompute`, each block's activations are recomputed in
     the backward instead of stored (activation checkpointing).
@@ -53,9 +58,13 @@ def run_blocks(blocks: torch.nn.ModuleList, x: torch.Tensor, recompute: bool,
 def packable(blocks: torch.nn.ModuleList) -> bool:
     """Are `blocks` `PackedBlock`s with our attention layer and no stochastic depth (which
     drops per sample, not per token)? A loaded timm teacher's blocks are not."""
-    return all(isinstance(b, PackedBlock) and isinstance(b.attn, BackendAttention)
-               and isinstance(b.drop_path1, nn.Identity) and isinstance(b.drop_path2, nn.Identity)
-               for b in blocks)
+    return all(
+        isinstance(b, PackedBlock)
+        and isinstance(b.attn, BackendAttention)
+        and isinstance(b.drop_path1, nn.Identity)
+        and isinstance(b.drop_path2, nn.Identity)
+        for b in blocks
+    )
 
 
 class PackedBlock(Block):
@@ -63,8 +72,15 @@ class PackedBlock(Block):
     tokens of a padded [batch, length, D] sequence packed as `x` [len(rows), D], `rows` being
     their flat positions (`run_blocks`)."""
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                rows: torch.Tensor | None = None, batch: int = 0, length: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rows: torch.Tensor | None = None,
+        batch: int = 0,
+        length: int = 0,
+    ) -> torch.Tensor:
         if rows is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         x = x + self.ls1(self.attn.forward_rows(self.norm1(x), rows, batch, length, attn_mask))
@@ -91,18 +107,43 @@ def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
 
 
 class Encoder(VisionTransformer):
-    def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, class_token: bool = False,
-                 reg_tokens: int = 0, no_embed_class: bool = False, fixed_pos_embed: bool = True,
-                 attention: str = "sdpa", init: str = "timm"):
+    def __init__(
+        self,
+        *,
+        img_size: int,
+        patch_size: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        class_token: bool = False,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        fixed_pos_embed: bool = True,
+        attention: str = "sdpa",
+        init: str = "timm",
+    ):
         # `attention`: sdpa | xformers | auto (auto is resolved per device/dtype on first use);
         # the attention layer keeps timm's parameter names, so state dicts are unchanged.
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=1, num_classes=0,
-                         global_pool="", class_token=class_token, reg_tokens=reg_tokens,
-                         no_embed_class=no_embed_class, embed_dim=embed_dim, depth=depth,
-                         num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path,
-                         attn_layer=attention_layer(attention), block_fn=PackedBlock,
-                         weight_init=timm_init_mode(init))
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=1,
+            num_classes=0,
+            global_pool="",
+            class_token=class_token,
+            reg_tokens=reg_tokens,
+            no_embed_class=no_embed_class,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            drop_path_rate=drop_path,
+            attn_layer=attention_layer(attention),
+            block_fn=PackedBlock,
+            weight_init=timm_init_mode(init),
+        )
         self.attention = attention
         self.grid = img_size // patch_size
         if fixed_pos_embed:
@@ -116,8 +157,9 @@ class Encoder(VisionTransformer):
     def width(self) -> int:
         return self.embed_dim
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None,
-                keep_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, keep: torch.Tensor | None = None, keep_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final-normed patch tokens [B, K, D] of `images` [B, 1, H, W].
 
         `keep` [B, K] lists the patch positions to encode (the context); None encodes all.
@@ -136,20 +178,19 @@ class Encoder(VisionTransformer):
         if keep is not None:
             x = gather_tokens(x, keep)
         if n_prefix:
-            prefix = torch.cat([t.expand(x.shape[0], -1, -1)
-                                for t in (self.cls_token, self.reg_token) if t is not None], dim=1)
+            prefix = torch.cat(
+                [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None], dim=1
+            )
             if prefix_pos is not None:
                 prefix = prefix + prefix_pos
             x = torch.cat([prefix, x], dim=1)
         if keep_valid is not None and n_prefix:
             keep_valid = torch.cat([keep_valid.new_ones(keep_valid.shape[0], n_prefix), keep_valid], dim=1)
-        x = run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing, key_padding_mask(keep_valid),
-                       keep_valid)
+        x = run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing, key_padding_mask(keep_valid), keep_valid)
         return self.norm(x)[:, n_prefix:]
 
 
-def attention_backend(setting: str, device: torch.device | str | None,
-                      dtype: torch.dtype | None = None) -> str:
+def attention_backend(setting: str, device: torch.device | str | None, dtype: torch.dtype | None = None) -> str:
     """`setting` resolved for `device`/`dtype` when the device is known, else left as is
     (the layers then resolve `auto` on their first forward)."""
     if device is None:
@@ -157,12 +198,26 @@ def attention_backend(setting: str, device: torch.device | str | None,
     return resolve_backend(setting, torch.device(device), dtype or torch.float32)
 
 
-def build_encoder(cfg: ModelConfig, image_size: int, *, attention: str | None = None,
-                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Encoder:
+def build_encoder(
+    cfg: ModelConfig,
+    image_size: int,
+    *,
+    attention: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Encoder:
     """The encoder for `cfg`. Its attention backend is `attention` if given, else
     `cfg.attention` resolved for `device`/`dtype` (explicit xformers that cannot run there
     raises UserError now rather than at the first step)."""
     backend = attention if attention is not None else attention_backend(cfg.attention, device, dtype)
-    return Encoder(img_size=image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                   depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                   drop_path=cfg.drop_path, attention=backend, init=cfg.init)
+    return Encoder(
+        img_size=image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        drop_path=cfg.drop_path,
+        attention=backend,
+        init=cfg.init,
+    )

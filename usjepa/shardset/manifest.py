@@ -93,8 +93,11 @@ class Manifest:
             "format_version": self.format_version,
             "created": self.created,
             "tool": self.tool,
-            "source": {**({} if self.source_root is None else {"root": self.source_root}),
-                       "format": self.source_format, **self.source_stats},
+            "source": {
+                **({} if self.source_root is None else {"root": self.source_root}),
+                "format": self.source_format,
+                **self.source_stats,
+            },
             "grouping": self.grouping,
             "split_settings": self.split_settings,
             "image_size": self.image_size,
@@ -172,7 +175,7 @@ def load_manifest(shards_dir) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"shard manifest {path} is unreadable ({exc}); rebuild it: {hint} --overwrite") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise UserError(f"{path} is not a US-JEPA shard manifest (no \"format\": \"{FORMAT_NAME}\"); {hint}")
+        raise UserError(f'{path} is not a US-JEPA shard manifest (no "format": "{FORMAT_NAME}"); {hint}')
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise UserError(
@@ -182,5 +185,6 @@ def load_manifest(shards_dir) -> Manifest:
     try:
         return Manifest.from_dict(data, root=path.parent.absolute())
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UserError(f"shard manifest {path} is missing or has a bad field ({exc!r}); rebuild it: {hint} "
-                        "--overwrite") from None
+        raise UserError(
+            f"shard manifest {path} is missing or has a bad field ({exc!r}); rebuild it: {hint} --overwrite"
+        ) from None

@@ -23,8 +23,10 @@ def run_study(spec_path: str, overrides: list[str], progress: bool = True, dry_r
     build_shard_sets(spec, paths)
     run_jobs(jobs, paths.out, spec.jobs, progress)
     text = write_report(spec, paths)
-    return f"{text}\nstudy finished in {(time.perf_counter() - start) / 60:.1f} min (this invocation); " \
-           f"{paths.out / 'table.md'}, {paths.out / 'results.json'}"
+    return (
+        f"{text}\nstudy finished in {(time.perf_counter() - start) / 60:.1f} min (this invocation); "
+        f"{paths.out / 'table.md'}, {paths.out / 'results.json'}"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -34,12 +36,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "study", description="Pretrain every arm of SPEC (e.g. configs/study_real.yaml) on the same shard sets, "
-                    "steps and seeds, probe each (linear, 5 seeds, and kNN) on the labelled tasks, and write "
-                    "OUT/table.md and OUT/results.json (macro-F1, balanced accuracy, GFLOPs and wall time per arm). "
-                    "Jobs run as separate processes, `jobs` at a time; rerun the same command to resume.")
+        "study",
+        description="Pretrain every arm of SPEC (e.g. configs/study_real.yaml) on the same shard sets, "
+        "steps and seeds, probe each (linear, 5 seeds, and kNN) on the labelled tasks, and write "
+        "OUT/table.md and OUT/results.json (macro-F1, balanced accuracy, GFLOPs and wall time per arm). "
+        "Jobs run as separate processes, `jobs` at a time; rerun the same command to resume.",
+    )
     p.add_argument("spec", help="study spec (YAML), e.g. configs/study_real.yaml")
     p.add_argument("--dry-run", action="store_true", help="list the jobs (usjepa commands) and run nothing")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides of the spec, e.g. out=/tmp/study seeds=[0] steps=100")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides of the spec, e.g. out=/tmp/study seeds=[0] steps=100",
+    )
     p.set_defaults(func=_run)

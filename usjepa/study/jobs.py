@@ -52,8 +52,13 @@ def _start(job: Job, logs: Path) -> subprocess.Popen:
     log = logs / (job.key.replace("/", "_") + ".log")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "usjepa", *job.args], stdout=f, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "usjepa", *job.args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _last_line(log: Path) -> str:
@@ -72,11 +77,14 @@ def run_jobs(jobs: list[Job], out: Path, slots: int, progress: bool = True) -> N
     waiting = [j for j in jobs if j.key not in finished]
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     failed: list[str] = []
-    bar = tqdm(total=len(jobs), initial=len(finished), desc="study", unit="job", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(jobs), initial=len(finished), desc="study", unit="job", disable=not progress, dynamic_ncols=True
+    )
     try:
         while waiting or running:
-            for job in [j for j in waiting if not failed and all(d in finished for d in j.after)][:slots - len(running)]:
+            for job in [j for j in waiting if not failed and all(d in finished for d in j.after)][
+                : slots - len(running)
+            ]:
                 waiting.remove(job)
                 running[job.key] = (_start(job, logs), time.perf_counter())
                 bar.set_postfix_str(", ".join(running))
@@ -103,8 +111,10 @@ def run_jobs(jobs: list[Job], out: Path, slots: int, progress: bool = True) -> N
         bar.close()
     if failed:
         log = logs / (failed[0].replace("/", "_") + ".log")
-        raise UserError(f"study job {failed[0]} failed: {_last_line(log)} (log: {log}); fix it and rerun the "
-                        "same command: finished jobs are kept")
+        raise UserError(
+            f"study job {failed[0]} failed: {_last_line(log)} (log: {log}); fix it and rerun the "
+            "same command: finished jobs are kept"
+        )
 
 
 def write_json(path: Path, data: dict) -> None:

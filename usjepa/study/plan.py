@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from usjepa import rundir
 from usjepa.config import load_config
-from usjepa.ingest.recipes import load_recipe
 from usjepa.ingest.build.run import build_shards
+from usjepa.ingest.recipes import load_recipe
 from usjepa.study.jobs import Job
 from usjepa.study.spec import StudySpec
-from usjepa import rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,21 +47,33 @@ def build_shard_sets(spec: StudySpec, paths: Paths, say=print) -> None:
             continue
         say(f"building shard set {name} from {entry.recipe} -> {out}")
         src, settings, _ = load_recipe(entry.recipe, {**spec.vars, **entry.vars})
-        build_shards(src, out, dataclasses.replace(settings, image_size=spec.image_size), progress=False,
-                     workers=spec.jobs)
+        build_shards(
+            src, out, dataclasses.replace(settings, image_size=spec.image_size), progress=False, workers=spec.jobs
+        )
 
 
 def _train_overrides(spec: StudySpec, paths: Paths, arm: str, seed: int) -> list[str]:
     a = spec.arms[arm]
     mixture = ", ".join(f"{{shards: {paths.shards(name)}}}" for name in spec.corpus)
-    study = [f"run.dir={paths.run(arm, seed)}", f"run.seed={seed}", "run.threads=1", "data.num_workers=0",
-             "data.shards=", f"data.mixture=[{mixture}]", f"data.image_size={spec.image_size}", "log.progress=false"]
+    study = [
+        f"run.dir={paths.run(arm, seed)}",
+        f"run.seed={seed}",
+        "run.threads=1",
+        "data.num_workers=0",
+        "data.shards=",
+        f"data.mixture=[{mixture}]",
+        f"data.image_size={spec.image_size}",
+        "log.progress=false",
+    ]
     if a.teacher:
         study.append(f"teacher.checkpoint={paths.run(a.teacher, seed)}")
     if spec.steps:
         cfg = load_config(a.config, [*a.overrides, *spec.train_overrides])
-        study += [f"train.total_steps={spec.steps}", f"optim.warmup_steps={min(cfg.optim.warmup_steps, spec.steps // 10)}",
-                  f"checkpoint.every_steps={min(cfg.checkpoint.every_steps, spec.steps)}"]
+        study += [
+            f"train.total_steps={spec.steps}",
+            f"optim.warmup_steps={min(cfg.optim.warmup_steps, spec.steps // 10)}",
+            f"checkpoint.every_steps={min(cfg.checkpoint.every_steps, spec.steps)}",
+        ]
     return [*a.overrides, *spec.train_overrides, *study]
 
 
@@ -71,11 +83,22 @@ def _trained(config: str, overrides: list[str]) -> bool:
     return latest is not None and rundir.read_meta(latest)["step"] >= cfg.train.total_steps
 
 
-def _probe_job(spec: StudySpec, paths: Paths, key: str, run: Path, backbone: str, task: str, out: Path,
-               after: list[str]) -> Job:
-    args = ["probe", str(run), "--backbone", backbone, "--shards", str(paths.shards(spec.tasks[task])),
-            "--out", str(out), "--checkpoint", spec.checkpoint,
-            f"probe.seeds=[{','.join(map(str, spec.probe_seeds))}]"]
+def _probe_job(
+    spec: StudySpec, paths: Paths, key: str, run: Path, backbone: str, task: str, out: Path, after: list[str]
+) -> Job:
+    args = [
+        "probe",
+        str(run),
+        "--backbone",
+        backbone,
+        "--shards",
+        str(paths.shards(spec.tasks[task])),
+        "--out",
+        str(out),
+        "--checkpoint",
+        spec.checkpoint,
+        f"probe.seeds=[{','.join(map(str, spec.probe_seeds))}]",
+    ]
     return Job(key, args, done=lambda: (out / f"{backbone}.json").is_file(), after=after)
 
 
@@ -87,17 +110,43 @@ def plan_jobs(spec: StudySpec, paths: Paths) -> list[Job]:
             a = spec.arms[arm]
             overrides = _train_overrides(spec, paths, arm, seed)
             after = [f"train/{a.teacher}/seed{seed}"] if a.teacher else []
-            jobs.append(Job(f"train/{arm}/seed{seed}", ["train", a.config, *overrides],
-                            done=lambda c=a.config, o=overrides: _trained(c, o), after=after))
+            jobs.append(
+                Job(
+                    f"train/{arm}/seed{seed}",
+                    ["train", a.config, *overrides],
+                    done=lambda c=a.config, o=overrides: _trained(c, o),
+                    after=after,
+                )
+            )
     for seed in spec.seeds:
         for arm, a in spec.arms.items():
             source = a.like if a.probe == "random" else arm
             for task in spec.tasks:
-                jobs.append(_probe_job(spec, paths, f"probe/{arm}/seed{seed}/{task}", paths.run(source, seed),
-                                       a.probe, task, paths.probe(arm, task, seed), [f"train/{source}/seed{seed}"]))
+                jobs.append(
+                    _probe_job(
+                        spec,
+                        paths,
+                        f"probe/{arm}/seed{seed}/{task}",
+                        paths.run(source, seed),
+                        a.probe,
+                        task,
+                        paths.probe(arm, task, seed),
+                        [f"train/{source}/seed{seed}"],
+                    )
+                )
     host = f"{trained[0]}/seed{spec.seeds[0]}"  # any run: baselines take only its image size and probe settings
     for baseline in spec.baselines:
         for task in spec.tasks:
-            jobs.append(_probe_job(spec, paths, f"probe/{baseline}/{task}", paths.run(trained[0], spec.seeds[0]),
-                                   baseline, task, paths.probe(baseline, task), [f"train/{host}"]))
+            jobs.append(
+                _probe_job(
+                    spec,
+                    paths,
+                    f"probe/{baseline}/{task}",
+                    paths.run(trained[0], spec.seeds[0]),
+                    baseline,
+                    task,
+                    paths.probe(baseline, task),
+                    [f"train/{host}"],
+                )
+            )
     return jobs

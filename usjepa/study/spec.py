@@ -73,12 +73,18 @@ def validate_study(spec: StudySpec) -> StudySpec:
     for name, arm in arms.items():
         key = f"arms.{name}"
         if arm.probe == "random":
-            _check(arm.like in arms and arms[arm.like].probe != "random", f"{key}.like",
-                   "a random arm needs `like`: a trained arm whose architecture and seed it takes")
+            _check(
+                arm.like in arms and arms[arm.like].probe != "random",
+                f"{key}.like",
+                "a random arm needs `like`: a trained arm whose architecture and seed it takes",
+            )
         else:
             _check(bool(arm.config), f"{key}.config", "a trained arm needs a run config")
-            _check(not arm.teacher or (arm.teacher in arms and arms[arm.teacher].probe != "random"),
-                   f"{key}.teacher", f"'{arm.teacher}' is not a trained arm")
+            _check(
+                not arm.teacher or (arm.teacher in arms and arms[arm.teacher].probe != "random"),
+                f"{key}.teacher",
+                f"'{arm.teacher}' is not a trained arm",
+            )
             _check(arm.teacher != name, f"{key}.teacher", "an arm cannot be its own teacher")
     names = [*arms, *spec.baselines]
     for b in spec.baselines:

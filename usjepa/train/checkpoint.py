@@ -19,15 +19,16 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from usjepa.fileio import atomic_write_text
 from usjepa.rundir import META, best_checkpoint, checkpoint_dir, list_checkpoints, read_meta, single_process_quiet
 from usjepa.train.distributed import barrier, in_process_group, is_main
-
-
-
 
 
 def rng_state() -> dict[str, str]:
@@ -47,14 +48,6 @@ def set_rng_state(states: dict[str, str]) -> None:
         torch.cuda.set_rng_state(tensor(states["cuda"]))
 
 
-
-
-
-
-
-
-
-
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, target: torch.nn.Module | None) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -63,8 +56,15 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, target: tor
     return state
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], keep_last: int, target: torch.nn.Module | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    keep_last: int,
+    target: torch.nn.Module | None = None,
+) -> Path:
     """Write checkpoint `step` of model + optimizer (+ the EMA `target`) + meta; prune to the
     newest `keep_last`."""
     root = checkpoint_dir(run_dir)
@@ -93,8 +93,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    target: torch.nn.Module | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, target: torch.nn.Module | None = None
+) -> dict[str, Any]:
     """Restore model + optimizer (+ the EMA `target`) in place from `path`; return its meta."""
     state = _state(model, optimizer, target)
     with single_process_quiet():

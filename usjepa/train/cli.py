@@ -18,23 +18,32 @@ def _run(args: argparse.Namespace) -> int:
             print(f"usjepa: {requeue_this_job(args.requeue_on_stop)}", file=sys.stderr)
         return 0
     if result.rank == 0:
-        print(f"{cfg.train.objective}: step {result.step}/{cfg.train.total_steps}, loss {result.loss:.4f}, "
-              f"{result.images_per_s:.0f} images/s, {result.seconds:.0f} s; run dir {result.run_dir} "
-              f"(tensorboard --logdir {result.run_dir / 'tb'})")
+        print(
+            f"{cfg.train.objective}: step {result.step}/{cfg.train.total_steps}, loss {result.loss:.4f}, "
+            f"{result.images_per_s:.0f} images/s, {result.seconds:.0f} s; run dir {result.run_dir} "
+            f"(tensorboard --logdir {result.run_dir / 'tb'})"
+        )
     return 0
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", description="Train with the settings of CONFIG (YAML) and KEY=VALUE overrides "
-                    "(e.g. train.total_steps=100 run.dir=runs/x optim.lr=1e-4). Unknown keys fail "
-                    "before any work. Rerunning with the same run.dir resumes from its latest checkpoint. "
-                    "SIGTERM/SIGUSR2/Ctrl-C finish the step, save and exit. "
-                    "Works under `torchrun -m usjepa train`.")
+        "train",
+        description="Train with the settings of CONFIG (YAML) and KEY=VALUE overrides "
+        "(e.g. train.total_steps=100 run.dir=runs/x optim.lr=1e-4). Unknown keys fail "
+        "before any work. Rerunning with the same run.dir resumes from its latest checkpoint. "
+        "SIGTERM/SIGUSR2/Ctrl-C finish the step, save and exit. "
+        "Works under `torchrun -m usjepa train`.",
+    )
     p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
-    p.add_argument("--requeue-on-stop", type=int, default=0, metavar="MAX",
-                   help="in a Slurm job: after a signal stopped the run and every rank saved, rank 0 requeues "
-                        "the job (scontrol requeue) unless it has been requeued MAX times already "
-                        "(launch/multinode.sbatch uses it; submitit jobs requeue through submitit)")
+    p.add_argument(
+        "--requeue-on-stop",
+        type=int,
+        default=0,
+        metavar="MAX",
+        help="in a Slurm job: after a signal stopped the run and every rank saved, rank 0 requeues "
+        "the job (scontrol requeue) unless it has been requeued MAX times already "
+        "(launch/multinode.sbatch uses it; submitit jobs requeue through submitit)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of config settings")
     p.set_defaults(func=_run)

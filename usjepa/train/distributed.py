@@ -116,7 +116,7 @@ def _expand_host(expr: str, whole: str) -> list[str]:
     hosts = [""]
     pos = 0
     for m in re.finditer(r"\[([^\]]*)\]", expr):
-        literal = expr[pos:m.start()]
+        literal = expr[pos : m.start()]
         values = _expand_brackets(m.group(1), whole)
         hosts = [h + literal + v for h in hosts for v in values]
         pos = m.end()
@@ -146,6 +146,7 @@ def expand_nodelist(text: str) -> list[str]:
 
 # --------------------------------------------------------------------------- environment
 
+
 def _int(environ: Mapping[str, str], name: str, *, minimum: int = 0) -> int:
     raw = environ[name]
     try:
@@ -172,31 +173,48 @@ def slurm_master_port(job_id: int) -> int:
 
 def _check_rank(rank: int, world: int, rank_name: str, world_name: str) -> None:
     if rank >= world:
-        raise UserError(f"{rank_name}={rank} is not below {world_name}={world}: the launcher environment is inconsistent")
+        raise UserError(
+            f"{rank_name}={rank} is not below {world_name}={world}: the launcher environment is inconsistent"
+        )
 
 
 def _from_torchrun(environ: Mapping[str, str]) -> DistEnv:
     if not _set(environ, "WORLD_SIZE"):
-        raise UserError("RANK is set but WORLD_SIZE is not: launch with torchrun (which sets RANK, WORLD_SIZE, "
-                        "LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or unset RANK for a single-process run")
+        raise UserError(
+            "RANK is set but WORLD_SIZE is not: launch with torchrun (which sets RANK, WORLD_SIZE, "
+            "LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or unset RANK for a single-process run"
+        )
     world = _int(environ, "WORLD_SIZE", minimum=1)
     rank = _int(environ, "RANK")
     _check_rank(rank, world, "RANK", "WORLD_SIZE")
     if world == 1:
         local = _int(environ, "LOCAL_RANK") if _set(environ, "LOCAL_RANK") else 0
-        return DistEnv(rank=rank, world_size=1, local_rank=local, master_addr=environ.get("MASTER_ADDR") or None,
-                       master_port=_int(environ, "MASTER_PORT", minimum=1) if _set(environ, "MASTER_PORT") else None,
-                       source="torchrun")
+        return DistEnv(
+            rank=rank,
+            world_size=1,
+            local_rank=local,
+            master_addr=environ.get("MASTER_ADDR") or None,
+            master_port=_int(environ, "MASTER_PORT", minimum=1) if _set(environ, "MASTER_PORT") else None,
+            source="torchrun",
+        )
     missing = _missing(environ, ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
     if missing:
-        raise UserError(f"RANK and WORLD_SIZE={world} are set but {', '.join(missing)} "
-                        f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, which sets all of "
-                        f"{', '.join(_TORCHRUN_VARS)}, or set the missing variables")
+        raise UserError(
+            f"RANK and WORLD_SIZE={world} are set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, which sets all of "
+            f"{', '.join(_TORCHRUN_VARS)}, or set the missing variables"
+        )
     port = _int(environ, "MASTER_PORT", minimum=1)
     if port > 65535:
         raise UserError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
-    return DistEnv(rank=rank, world_size=world, local_rank=_int(environ, "LOCAL_RANK"),
-                   master_addr=environ["MASTER_ADDR"].strip(), master_port=port, source="torchrun")
+    return DistEnv(
+        rank=rank,
+        world_size=world,
+        local_rank=_int(environ, "LOCAL_RANK"),
+        master_addr=environ["MASTER_ADDR"].strip(),
+        master_port=port,
+        source="torchrun",
+    )
 
 
 def _from_slurm(environ: Mapping[str, str]) -> DistEnv | None:
@@ -207,20 +225,34 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv | None:
     if world == 1 and not _set(environ, "SLURM_STEP_ID"):
         return None  # a one-task batch script or salloc shell: a plain single process
     if world == 1:
-        return DistEnv(rank=0, world_size=1, local_rank=_int(environ, "SLURM_LOCALID") if
-                       _set(environ, "SLURM_LOCALID") else 0, master_addr=None, master_port=None, source="slurm")
+        return DistEnv(
+            rank=0,
+            world_size=1,
+            local_rank=_int(environ, "SLURM_LOCALID") if _set(environ, "SLURM_LOCALID") else 0,
+            master_addr=None,
+            master_port=None,
+            source="slurm",
+        )
     missing = _missing(environ, ("SLURM_LOCALID", "SLURM_JOB_ID"))
     if not (_set(environ, "SLURM_STEP_NODELIST") or _set(environ, "SLURM_JOB_NODELIST")):
         missing.append("SLURM_JOB_NODELIST (or SLURM_STEP_NODELIST)")
     if missing:
-        raise UserError(f"SLURM_PROCID and SLURM_NTASKS={world} are set but {', '.join(missing)} "
-                        f"{'is' if len(missing) == 1 else 'are'} not: start the tasks with srun inside a Slurm job "
-                        "(or use launch/submit.py), or unset SLURM_PROCID/SLURM_NTASKS for a single process")
+        raise UserError(
+            f"SLURM_PROCID and SLURM_NTASKS={world} are set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: start the tasks with srun inside a Slurm job "
+            "(or use launch/submit.py), or unset SLURM_PROCID/SLURM_NTASKS for a single process"
+        )
     nodelist_var = "SLURM_STEP_NODELIST" if _set(environ, "SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
     master = expand_nodelist(environ[nodelist_var])[0]
     job_id = _int(environ, "SLURM_JOB_ID")
-    return DistEnv(rank=rank, world_size=world, local_rank=_int(environ, "SLURM_LOCALID"), master_addr=master,
-                   master_port=slurm_master_port(job_id), source="slurm")
+    return DistEnv(
+        rank=rank,
+        world_size=world,
+        local_rank=_int(environ, "SLURM_LOCALID"),
+        master_addr=master,
+        master_port=slurm_master_port(job_id),
+        source="slurm",
+    )
 
 
 def detect_env(environ: Mapping[str, str]) -> DistEnv:
@@ -228,12 +260,16 @@ def detect_env(environ: Mapping[str, str]) -> DistEnv:
     if _set(environ, "RANK"):
         return _from_torchrun(environ)
     if _set(environ, "WORLD_SIZE") and _int(environ, "WORLD_SIZE", minimum=1) > 1:
-        raise UserError(f"WORLD_SIZE={environ['WORLD_SIZE'].strip()} is set but RANK is not: launch with torchrun "
-                        "(which sets RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT too) or unset WORLD_SIZE")
+        raise UserError(
+            f"WORLD_SIZE={environ['WORLD_SIZE'].strip()} is set but RANK is not: launch with torchrun "
+            "(which sets RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT too) or unset WORLD_SIZE"
+        )
     has_procid, has_ntasks = _set(environ, "SLURM_PROCID"), _set(environ, "SLURM_NTASKS")
     if has_procid and not has_ntasks:
-        raise UserError("SLURM_PROCID is set but SLURM_NTASKS is not: start the tasks with srun inside a Slurm job "
-                        "(which sets both), or unset SLURM_PROCID for a single-process run")
+        raise UserError(
+            "SLURM_PROCID is set but SLURM_NTASKS is not: start the tasks with srun inside a Slurm job "
+            "(which sets both), or unset SLURM_PROCID for a single-process run"
+        )
     # SLURM_NTASKS alone is an salloc shell or a batch script outside srun: one process.
     if has_procid and has_ntasks:
         env = _from_slurm(environ)
@@ -243,6 +279,7 @@ def detect_env(environ: Mapping[str, str]) -> DistEnv:
 
 
 # --------------------------------------------------------------------------- process group
+
 
 def init_distributed(device: torch.device, env: DistEnv | None = None, timeout_s: int = 600) -> DistEnv:
     """Join the process group described by `env` (default: `detect_env(os.environ)`).
@@ -259,11 +296,18 @@ def init_distributed(device: torch.device, env: DistEnv | None = None, timeout_s
         raise UserError(f"a {env.world_size}-process run needs a master address and port; got {env}")
     if dist.is_initialized():
         if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
-            raise UserError(f"a process group (rank {dist.get_rank()} of {dist.get_world_size()}) already exists "
-                            f"and does not match {env}")
+            raise UserError(
+                f"a process group (rank {dist.get_rank()} of {dist.get_world_size()}) already exists "
+                f"and does not match {env}"
+            )
         return env
-    wanted = {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),
-              "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank)}
+    wanted = {
+        "MASTER_ADDR": env.master_addr,
+        "MASTER_PORT": str(env.master_port),
+        "RANK": str(env.rank),
+        "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.local_rank),
+    }
     for name, value in wanted.items():
         old = os.environ.get(name)
         if old is None or env.source != "torchrun":
@@ -275,10 +319,22 @@ def init_distributed(device: torch.device, env: DistEnv | None = None, timeout_s
         backend = "nccl"
     else:
         backend = "gloo"
-    log.info("joining %s process group: rank %d of %d via %s:%d (%s)", backend, env.rank, env.world_size,
-             env.master_addr, env.master_port, env.source)
-    dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    log.info(
+        "joining %s process group: rank %d of %d via %s:%d (%s)",
+        backend,
+        env.rank,
+        env.world_size,
+        env.master_addr,
+        env.master_port,
+        env.source,
+    )
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     return env
 
 
@@ -289,8 +345,10 @@ def cuda_index(local_rank: int) -> int:
     if count == 1:
         return 0
     if local_rank >= count:
-        raise UserError(f"local rank {local_rank} has no GPU: this node shows {count}; "
-                        "start at most one task per GPU (e.g. srun --ntasks-per-node / torchrun --nproc_per_node)")
+        raise UserError(
+            f"local rank {local_rank} has no GPU: this node shows {count}; "
+            "start at most one task per GPU (e.g. srun --ntasks-per-node / torchrun --nproc_per_node)"
+        )
     return local_rank
 
 

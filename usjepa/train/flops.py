@@ -34,8 +34,9 @@ def encoder_forward_flops(encoder: nn.Module, tokens: int) -> float:
     dim, _, p, q = encoder.patch_embed.proj.weight.shape
     in_chans = encoder.patch_embed.proj.weight.shape[1]
     patches = encoder.patch_embed.num_patches
-    return 2 * patches * in_chans * p * q * dim + blocks_forward_flops(encoder.blocks,
-                                                                       tokens + encoder.num_prefix_tokens)
+    return 2 * patches * in_chans * p * q * dim + blocks_forward_flops(
+        encoder.blocks, tokens + encoder.num_prefix_tokens
+    )
 
 
 def predictor_forward_flops(predictor: nn.Module, context: int, targets: Sequence[int]) -> float:
@@ -49,23 +50,27 @@ def predictor_forward_flops(predictor: nn.Module, context: int, targets: Sequenc
         passes = blocks_forward_flops(predictor.blocks, context + sum(targets), attended)
     else:
         passes = sum(blocks_forward_flops(predictor.blocks, context + t) for t in targets)
-    return 2 * context * embed.in_features * embed.out_features + passes \
+    return (
+        2 * context * embed.in_features * embed.out_features
+        + passes
         + 2 * sum(targets) * proj.in_features * proj.out_features
+    )
 
 
-def sample_flops(student: nn.Module, target_encoder: nn.Module | None, context: int,
-                 targets: Sequence[int]) -> float:
+def sample_flops(student: nn.Module, target_encoder: nn.Module | None, context: int, targets: Sequence[int]) -> float:
     """FLOPs of one sample of a training step, with a context of `context` patches and target
     blocks of `targets` patches: three forwards of the student (encoder + predictor), one of
     the target encoder on every patch."""
-    trained = encoder_forward_flops(student.encoder, context) + \
-        predictor_forward_flops(student.predictor, context, targets)
+    trained = encoder_forward_flops(student.encoder, context) + predictor_forward_flops(
+        student.predictor, context, targets
+    )
     frozen = encoder_forward_flops(target_encoder, target_encoder.patch_embed.num_patches) if target_encoder else 0.0
     return 3 * trained + frozen
 
 
-def batch_flops(student: nn.Module, target_encoder: nn.Module | None, context_valid: torch.Tensor,
-                target_valid: torch.Tensor) -> float:
+def batch_flops(
+    student: nn.Module, target_encoder: nn.Module | None, context_valid: torch.Tensor, target_valid: torch.Tensor
+) -> float:
     """FLOPs of a collated batch (valid flags [B, Kc] and [T, B, Kt]): padding is not work."""
     contexts = context_valid.sum(1).tolist()
     blocks = target_valid.sum(2).T.tolist()  # [B][T]
@@ -76,8 +81,12 @@ def batch_flops(student: nn.Module, target_encoder: nn.Module | None, context_va
 # GPUs: NVIDIA datasheets (SXM, no sparsity). cpu: measured on the 2-core development machine
 # (a 2048^2 matmul on both cores, `python tools/bench_step.py --peak`); another CPU gets its own
 # figure from that command, given as log.peak_tflops.
-PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp32": 66.9},
-               "A100": {"bf16": 312.0, "fp32": 19.5}, "cpu": {"bf16": 0.41, "fp32": 0.18}}
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.4, "fp32": 66.9},
+    "H200": {"bf16": 989.4, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp32": 19.5},
+    "cpu": {"bf16": 0.41, "fp32": 0.18},
+}
 
 
 def peak_tflops(device: torch.device, precision: str, setting: float = 0.0) -> float | None:

@@ -35,8 +35,9 @@ def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def mask_overlay(images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor, patch: int,
-                 max_images: int = 8) -> torch.Tensor:
+def mask_overlay(
+    images: torch.Tensor, context: torch.Tensor, targets: torch.Tensor, patch: int, max_images: int = 8
+) -> torch.Tensor:
     """RGB grid [3, H', W'] (uint8): each input with its context patches tinted green and its
     target patches tinted red, for TensorBoard."""
     n = min(max_images, images.shape[0])

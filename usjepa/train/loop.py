@@ -30,10 +30,10 @@ from usjepa.data.masks import mask_lengths
 from usjepa.data.pipeline import collate_batch, make_train_loader, validation_batch_count, validation_batches
 from usjepa.data.streams import ShardSet
 from usjepa.errors import UserError
-from usjepa.rundir import latest_checkpoint, prepare_run_dir, resolve_device
 from usjepa.models.predictor import Predictor, build_predictor
 from usjepa.models.teacher import TeacherInfo, load_teacher
 from usjepa.models.vit import Encoder, build_encoder
+from usjepa.rundir import latest_checkpoint, prepare_run_dir, resolve_device
 from usjepa.signals import STOP_SIGNALS
 from usjepa.train import checkpoint as ckpt
 from usjepa.train.distributed import shutdown_distributed
@@ -42,8 +42,16 @@ from usjepa.train.flops import batch_flops, peak_tflops
 from usjepa.train.health import feature_std, mask_overlay, rankme
 from usjepa.train.meter import Meter, module_gib, peak_memory_gib
 from usjepa.train.objectives import latent_targets, pixel_targets, regression_loss
-from usjepa.train.parallel import (World, as_float, micro_batches_per_step, prepare_student, prepare_target,
-                                   reshard_target, set_gradient_sync, split_sizes)
+from usjepa.train.parallel import (
+    World,
+    as_float,
+    micro_batches_per_step,
+    prepare_student,
+    prepare_target,
+    reshard_target,
+    set_gradient_sync,
+    split_sizes,
+)
 from usjepa.train.provenance import record_start
 from usjepa.train.schedules import cosine, ema_momentum, warmup_cosine
 
@@ -63,8 +71,9 @@ class Student(nn.Module):
         if masks is None:
             return self.encoder(images).detach(), None
         tokens = self.encoder(images, masks["context"], masks["context_valid"])
-        return tokens.detach(), self.predictor(tokens, masks["context"], masks["targets"],
-                                               masks["context_valid"], masks["target_valid"])
+        return tokens.detach(), self.predictor(
+            tokens, masks["context"], masks["targets"], masks["context_valid"], masks["target_valid"]
+        )
 
 
 @dataclass
@@ -105,14 +114,21 @@ def masked_mean(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
     return (tokens * weight).sum(1) / weight.sum(1)
 
 
-
 def build_student(cfg: Config, out_dim: int, device: torch.device) -> Student:
     """Encoder and predictor; the attention backend is resolved for `device` here, so an
     explicit `model.attention=xformers` that cannot run fails before any training."""
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     encoder = build_encoder(cfg.model, cfg.data.image_size, device=device, dtype=dtype)
-    predictor = build_predictor(cfg.predictor, cfg.model.embed_dim, out_dim, cfg.grid_size,
-                                attention=cfg.model.attention, init=cfg.model.init, device=device, dtype=dtype)
+    predictor = build_predictor(
+        cfg.predictor,
+        cfg.model.embed_dim,
+        out_dim,
+        cfg.grid_size,
+        attention=cfg.model.attention,
+        init=cfg.model.init,
+        device=device,
+        dtype=dtype,
+    )
     return Student(encoder, predictor)
 
 
@@ -139,7 +155,7 @@ class StopSignal:
         self.received: int | None = None
         self._previous = {}
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -174,14 +190,13 @@ class Trainer:
             self.teacher, self.teacher_info = load_teacher(cfg, self.device)
             out_dim = self.teacher_info.embed_dim
         else:
-            out_dim = cfg.model.embed_dim if objective == "ema" else cfg.model.patch_size ** 2
+            out_dim = cfg.model.embed_dim if objective == "ema" else cfg.model.patch_size**2
         student = build_student(cfg, out_dim, self.device).to(self.device)
         self.parameters_m = sum(p.numel() for p in student.parameters()) / 1e6
         if objective == "ema":
             self.ema_target = prepare_target(make_target(student.encoder), cfg, self.world)
         self.student = prepare_student(student, cfg, self.world)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=cfg.optim.start_lr,
-                                           betas=cfg.optim.betas)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=cfg.optim.start_lr, betas=cfg.optim.betas)
         self.step = 0
         self.nonfinite_in_a_row = 0
         # Run totals, kept across resumes (flops: model FLOPs of every step so far, train/flops.py).
@@ -190,8 +205,7 @@ class Trainer:
         latest = latest_checkpoint(self.run_dir)
         if latest is not None:
             self._resume(latest, drift)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                       enabled=cfg.train.precision == "bf16")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
         # MFU's denominator is this times the world size (None: a GPU of unknown peak).
         self.peak_tflops = peak_tflops(self.device, cfg.train.precision, cfg.log.peak_tflops)
 
@@ -206,7 +220,9 @@ class Trainer:
         else:  # another world size: the data is unchanged, only drop-path draws differ
             torch.manual_seed(self.cfg.run.seed + self.world.rank + 7919 * self.step)
         saved_world = meta.get("world_size", 1)
-        resharded = f"; resharded from {saved_world} to {self.world.size} ranks" if saved_world != self.world.size else ""
+        resharded = (
+            f"; resharded from {saved_world} to {self.world.size} ranks" if saved_world != self.world.size else ""
+        )
         changed = f"; changed settings: {', '.join(drift)}" if drift else ""
         _say(self.world, f"resuming {self.run_dir} from step {self.step}{resharded}{changed}")
 
@@ -214,50 +230,71 @@ class Trainer:
         saved = meta.get("teacher")
         now = self.teacher_info.as_dict() if self.teacher_info else None
         if saved and now and saved["sha256"] != now["sha256"]:
-            raise UserError(f"{self.run_dir}: its checkpoints were trained against teacher {saved['source']} "
-                            f"(sha256 {saved['sha256'][:12]}), not {now['source']} ({now['sha256'][:12]}); "
-                            "restore teacher.checkpoint or start a new run.dir")
+            raise UserError(
+                f"{self.run_dir}: its checkpoints were trained against teacher {saved['source']} "
+                f"(sha256 {saved['sha256'][:12]}), not {now['source']} ({now['sha256'][:12]}); "
+                "restore teacher.checkpoint or start a new run.dir"
+            )
         for key in ("mean", "std"):
             if saved and now and key in saved and list(saved[key]) != list(now[key]):
-                raise UserError(f"{self.run_dir}: its checkpoints were trained with teacher.{key}={list(saved[key])}, "
-                                f"not {list(now[key])}; restore that setting or start a new run.dir")
+                raise UserError(
+                    f"{self.run_dir}: its checkpoints were trained with teacher.{key}={list(saved[key])}, "
+                    f"not {list(now[key])}; restore that setting or start a new run.dir"
+                )
 
     def describe(self) -> str:
         """The effective batch and what runs where: printed at start, logged as text."""
         cfg, w = self.cfg, self.world
         share = cfg.data.batch_size // w.size
         micro = f" in {self.micro_batches} micro-batches" if self.micro_batches > 1 else ""
-        lines = [f"global batch {cfg.data.batch_size} = {w.size} rank(s) x {share}{micro}; "
-                 f"{cfg.data.streams} data stream(s) x {cfg.data.batch_size // cfg.data.streams} samples; "
-                 f"peak lr {cfg.optim.lr:g}, {cfg.train.total_steps} steps",
-                 f"student {self.parameters_m:.2f} M parameters"
-                 f"{' (FSDP2, sharded over %d ranks)' % w.size if w.distributed else ''} on {self.device}, "
-                 f"{cfg.train.precision}, attention {self.student.encoder.blocks[0].attn.backend}"]
+        lines = [
+            f"global batch {cfg.data.batch_size} = {w.size} rank(s) x {share}{micro}; "
+            f"{cfg.data.streams} data stream(s) x {cfg.data.batch_size // cfg.data.streams} samples; "
+            f"peak lr {cfg.optim.lr:g}, {cfg.train.total_steps} steps",
+            f"student {self.parameters_m:.2f} M parameters"
+            f"{f' (FSDP2, sharded over {w.size} ranks)' if w.distributed else ''} on {self.device}, "
+            f"{cfg.train.precision}, attention {self.student.encoder.blocks[0].attn.backend}",
+        ]
         if self.peak_tflops:
-            lines.append(f"perf/mfu against a peak of {self.peak_tflops:g} TFLOP/s per device "
-                         f"({cfg.train.precision}{', log.peak_tflops' if cfg.log.peak_tflops else ''})")
+            lines.append(
+                f"perf/mfu against a peak of {self.peak_tflops:g} TFLOP/s per device "
+                f"({cfg.train.precision}{', log.peak_tflops' if cfg.log.peak_tflops else ''})"
+            )
         else:
-            lines.append(f"no peak TFLOP/s known for {torch.cuda.get_device_name(self.device)}: set log.peak_tflops "
-                         "to log perf/mfu")
+            lines.append(
+                f"no peak TFLOP/s known for {torch.cuda.get_device_name(self.device)}: set log.peak_tflops "
+                "to log perf/mfu"
+            )
         if cfg.train.validate:
             every = validation_batch_count(cfg, self.shard_set.manifests)
             used = validation_batch_count(cfg, self.shard_set.manifests, max_batches=cfg.val_batch_limit)
-            lines.append(f"validation at each checkpoint (every {cfg.checkpoint.every_steps} steps): {used} of the "
-                         f"{every} batches of the val split" + ("" if used else " (no val split: nothing to validate)"))
+            lines.append(
+                f"validation at each checkpoint (every {cfg.checkpoint.every_steps} steps): {used} of the "
+                f"{every} batches of the val split" + ("" if used else " (no val split: nothing to validate)")
+            )
         if self.teacher is not None:
             info = self.teacher_info
-            lines.append(f"teacher {info.source}: {info.dtype}, replicated, "
-                         f"{1024 * module_gib(self.teacher):.1f} MiB per rank; input normalised with mean "
-                         f"{list(info.mean)}, std {list(info.std)}")
+            lines.append(
+                f"teacher {info.source}: {info.dtype}, replicated, "
+                f"{1024 * module_gib(self.teacher):.1f} MiB per rank; input normalised with mean "
+                f"{list(info.mean)}, std {list(info.std)}"
+            )
             if not info.final_norm:
-                lines.append("teacher has no final norm on its tokens: " + (
-                    "its targets are LayerNorm'd (teacher.layernorm_targets=true)" if cfg.teacher.layernorm_targets
-                    else "WARNING, teacher.layernorm_targets=false regresses raw, unnormalised latents"))
+                lines.append(
+                    "teacher has no final norm on its tokens: "
+                    + (
+                        "its targets are LayerNorm'd (teacher.layernorm_targets=true)"
+                        if cfg.teacher.layernorm_targets
+                        else "WARNING, teacher.layernorm_targets=false regresses raw, unnormalised latents"
+                    )
+                )
         if self.ema_target is not None:
             start, end = cfg.train.ema_momentum
-            lines.append(f"EMA target of the student's encoder: momentum {start:g} -> {end:g}, "
-                         f"{'sharded like the student' if w.distributed else 'fp32'}, "
-                         f"{1024 * module_gib(self.ema_target):.3g} MiB per rank")
+            lines.append(
+                f"EMA target of the student's encoder: momentum {start:g} -> {end:g}, "
+                f"{'sharded like the student' if w.distributed else 'fp32'}, "
+                f"{1024 * module_gib(self.ema_target):.3g} MiB per rank"
+            )
         return "\n  ".join(lines)
 
     # -- one step -----------------------------------------------------------------------------
@@ -292,8 +329,9 @@ class Trainer:
         with self.autocast:
             tokens, pred = self.student(batch["images"], batch)
         valid = batch["target_valid"]
-        return regression_loss(pred, target, None if valid is None else valid.flatten(0, 1),
-                               batch["targets"].shape[0], self.cfg.train), tokens
+        return regression_loss(
+            pred, target, None if valid is None else valid.flatten(0, 1), batch["targets"].shape[0], self.cfg.train
+        ), tokens
 
     def _on_device(self, batch: dict, sl: slice = slice(None)) -> dict:
         """Samples `sl` of a collated batch on the device, their masks cut to the longest of
@@ -301,18 +339,29 @@ class Trainer:
         decided here on the CPU, so the models run their unmasked kernels without a device sync."""
         kc = int(batch["context_valid"][sl].sum(1).max())
         kt = int(batch["target_valid"][:, sl].sum(2).max())
-        part = {"images": batch["images"][sl], "context": batch["context"][sl, :kc],
-                "context_valid": batch["context_valid"][sl, :kc], "targets": batch["targets"][:, sl, :kt],
-                "target_valid": batch["target_valid"][:, sl, :kt]}
-        return {k: None if k.endswith("_valid") and bool(v.all()) else v.to(self.device, non_blocking=True)
-                for k, v in part.items()}
+        part = {
+            "images": batch["images"][sl],
+            "context": batch["context"][sl, :kc],
+            "context_valid": batch["context_valid"][sl, :kc],
+            "targets": batch["targets"][:, sl, :kt],
+            "target_valid": batch["target_valid"][:, sl, :kt],
+        }
+        return {
+            k: None if k.endswith("_valid") and bool(v.all()) else v.to(self.device, non_blocking=True)
+            for k, v in part.items()
+        }
 
     def _placeholder(self) -> dict:
         """One blank sample with one-patch masks, for a pass without samples (weight 0)."""
         size, n_targets = self.cfg.data.image_size, self.cfg.mask.num_targets
         index = torch.zeros(n_targets, 1, 1, dtype=torch.long, device=self.device)
-        return {"images": torch.zeros(1, 1, size, size, device=self.device), "context": index[0],
-                "context_valid": None, "targets": index, "target_valid": None}
+        return {
+            "images": torch.zeros(1, 1, size, size, device=self.device),
+            "context": index[0],
+            "context_valid": None,
+            "targets": index,
+            "target_valid": None,
+        }
 
     def _set_schedules(self) -> tuple[float, float]:
         o, total = self.cfg.optim, self.cfg.train.total_steps
@@ -336,8 +385,11 @@ class Trainer:
             self.optimizer.step()
             if self.ema_target is not None:
                 start, end = self.cfg.train.ema_momentum
-                ema_update(self.ema_target, self.student.encoder,
-                           ema_momentum(self.step, self.cfg.train.total_steps, start, end))
+                ema_update(
+                    self.ema_target,
+                    self.student.encoder,
+                    ema_momentum(self.step, self.cfg.train.total_steps, start, end),
+                )
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -351,8 +403,11 @@ class Trainer:
         counts = self.world.gather([len(batch["ids"]), batch["corrupt"], *drawn, *shortest])
         if not sum(c[0] for c in counts):
             collate_batch(batch)  # raises the all-corrupt error (on every rank alike)
-        truncate = (int(min(c[4] for c in counts)), int(min(c[5] for c in counts))) \
-            if self.cfg.mask.truncate_to_shortest else None
+        truncate = (
+            (int(min(c[4] for c in counts)), int(min(c[5] for c in counts)))
+            if self.cfg.mask.truncate_to_shortest
+            else None
+        )
         return (collate_batch(batch, truncate) if batch["ids"] else batch), [c[:4] for c in counts]
 
     def _micro_batches(self, batch: dict) -> Iterator[tuple[dict, int]]:
@@ -365,23 +420,44 @@ class Trainer:
             yield (self._on_device(batch, slice(start, start + size)) if size else self._placeholder()), size
             start += size
 
-    def _outcome(self, batch: dict, counts: list[list[float]], loss_sum: torch.Tensor, pooled: list[torch.Tensor],
-                 stop_requested: int | None, lr: float, wd: float) -> StepOutcome:
+    def _outcome(
+        self,
+        batch: dict,
+        counts: list[list[float]],
+        loss_sum: torch.Tensor,
+        pooled: list[torch.Tensor],
+        stop_requested: int | None,
+        lr: float,
+        wd: float,
+    ) -> StepOutcome:
         """What every rank agrees on after the backward passes: the global mean loss, FLOPs and
         token counts over all ranks, and the first stop signal any rank received."""
         total = sum(c[0] for c in counts)
-        mine = [0.0, 0.0, 0.0] if not batch["ids"] else [
-            batch_flops(self.student, self.target_encoder, batch["context_valid"], batch["target_valid"]),
-            float(batch["context_valid"].sum()), float(batch["target_valid"].sum())]
+        mine = (
+            [0.0, 0.0, 0.0]
+            if not batch["ids"]
+            else [
+                batch_flops(self.student, self.target_encoder, batch["context_valid"], batch["target_valid"]),
+                float(batch["context_valid"].sum()),
+                float(batch["target_valid"].sum()),
+            ]
+        )
         shared = self.world.gather([loss_sum.item(), stop_requested or 0, *mine])
         received = {int(s[1]) for s in shared if s[1]}
         trained_context, trained_target = sum(s[3] for s in shared), sum(s[4] for s in shared)
-        return StepOutcome(loss=sum(s[0] for s in shared) / total, grad_norm=math.nan, lr=lr, weight_decay=wd,
-                           pooled=torch.cat(pooled) if pooled else None, corrupt=int(sum(c[1] for c in counts)),
-                           flops=sum(s[2] for s in shared), context_tokens=trained_context / total,
-                           target_tokens=trained_target / total,
-                           kept_fraction=(trained_context + trained_target) / sum(c[2] + c[3] for c in counts),
-                           stop=next((s for s in StopSignal.SIGNALS if s in received), None))
+        return StepOutcome(
+            loss=sum(s[0] for s in shared) / total,
+            grad_norm=math.nan,
+            lr=lr,
+            weight_decay=wd,
+            pooled=torch.cat(pooled) if pooled else None,
+            corrupt=int(sum(c[1] for c in counts)),
+            flops=sum(s[2] for s in shared),
+            context_tokens=trained_context / total,
+            target_tokens=trained_target / total,
+            kept_fraction=(trained_context + trained_target) / sum(c[2] + c[3] for c in counts),
+            stop=next((s for s in StopSignal.SIGNALS if s in received), None),
+        )
 
     def train_step(self, batch: dict, meter: Meter | None = None, stop_requested: int | None = None) -> StepOutcome:
         """One optimizer step on the global batch, of which `batch` is this rank's share (masks
@@ -455,12 +531,25 @@ class Trainer:
         return metrics
 
     def save(self, val_loss: float | None) -> Path:
-        meta = {"samples_seen": self.step * self.cfg.data.batch_size, "data_position": self.step,
-                "val_loss": val_loss, "counters": dict(self.counters), "world_size": self.world.size,
-                "rng": self.world.gather_objects(ckpt.rng_state()),
-                "teacher": self.teacher_info.as_dict() if self.teacher_info else None, "time": time.time()}
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.optimizer, meta,
-                                    self.cfg.checkpoint.keep_last, target=self.ema_target)
+        meta = {
+            "samples_seen": self.step * self.cfg.data.batch_size,
+            "data_position": self.step,
+            "val_loss": val_loss,
+            "counters": dict(self.counters),
+            "world_size": self.world.size,
+            "rng": self.world.gather_objects(ckpt.rng_state()),
+            "teacher": self.teacher_info.as_dict() if self.teacher_info else None,
+            "time": time.time(),
+        }
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.student,
+            self.optimizer,
+            meta,
+            self.cfg.checkpoint.keep_last,
+            target=self.ema_target,
+        )
 
     # -- the loop -----------------------------------------------------------------------------
     def _count_nonfinite(self, outcome: StepOutcome, writer: SummaryWriter | None) -> None:
@@ -472,22 +561,31 @@ class Trainer:
         if writer:
             writer.add_scalar("train/nonfinite_skipped", self.counters["nonfinite_skipped"], self.step)
         if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
-            raise UserError(f"step {self.step}: loss or gradient not finite for {self.nonfinite_in_a_row} steps "
-                            f"in a row (loss={outcome.loss}, grad norm={outcome.grad_norm}); the last checkpoint "
-                            "is intact: lower optim.lr or check the data, then rerun")
+            raise UserError(
+                f"step {self.step}: loss or gradient not finite for {self.nonfinite_in_a_row} steps "
+                f"in a row (loss={outcome.loss}, grad norm={outcome.grad_norm}); the last checkpoint "
+                "is intact: lower optim.lr or check the data, then rerun"
+            )
 
     def _log(self, writer: SummaryWriter, outcome: StepOutcome, meter: Meter) -> None:
         perf = meter.read_and_reset()
         if self.peak_tflops:
             perf["mfu"] = perf["tflop_per_s"] / (self.peak_tflops * self.world.size)
-        scalars = {"train/loss": outcome.loss, "train/lr": outcome.lr, "train/weight_decay": outcome.weight_decay,
-                   "train/grad_norm": outcome.grad_norm, "train/global_batch": self.cfg.data.batch_size,
-                   **{f"perf/{k}": v for k, v in perf.items()},
-                   "perf/tflops": outcome.flops / 1e12, "perf/total_pflops": self.counters["flops"] / 1e15,
-                   "perf/peak_memory_gib": peak_memory_gib(self.device),
-                   "data/corrupt_skipped": self.counters["corrupt_skipped"],
-                   "mask/context_tokens": outcome.context_tokens, "mask/target_tokens": outcome.target_tokens,
-                   "mask/kept_fraction": outcome.kept_fraction}
+        scalars = {
+            "train/loss": outcome.loss,
+            "train/lr": outcome.lr,
+            "train/weight_decay": outcome.weight_decay,
+            "train/grad_norm": outcome.grad_norm,
+            "train/global_batch": self.cfg.data.batch_size,
+            **{f"perf/{k}": v for k, v in perf.items()},
+            "perf/tflops": outcome.flops / 1e12,
+            "perf/total_pflops": self.counters["flops"] / 1e15,
+            "perf/peak_memory_gib": peak_memory_gib(self.device),
+            "data/corrupt_skipped": self.counters["corrupt_skipped"],
+            "mask/context_tokens": outcome.context_tokens,
+            "mask/target_tokens": outcome.target_tokens,
+            "mask/kept_fraction": outcome.kept_fraction,
+        }
         if outcome.pooled is not None:  # None: every sample of this rank's share was corrupt
             scalars["health/feature_std"] = feature_std(outcome.pooled)
         for tag, value in scalars.items():
@@ -510,10 +608,19 @@ class Trainer:
         _say(world, setup)
         if world.is_main:
             record_start(self.run_dir, self.step, world.size, world.launcher)
-        bar = tqdm(total=end, initial=self.step, disable=not (cfg.log.progress and world.is_main),
-                   desc=cfg.train.objective, unit="step", dynamic_ncols=True)
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None) \
-            if world.is_main else None
+        bar = tqdm(
+            total=end,
+            initial=self.step,
+            disable=not (cfg.log.progress and world.is_main),
+            desc=cfg.train.objective,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        writer = (
+            SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+            if world.is_main
+            else None
+        )
         if writer and not self.step:
             writer.add_text("run/setup", setup.replace("\n", "  \n"), 0)
         self.student.train()
@@ -530,19 +637,28 @@ class Trainer:
                     outcome = self.train_step(batch, meter, stop_requested=stop.received)
                     self.counters["corrupt_skipped"] += outcome.corrupt
                     self.counters["flops"] += outcome.flops
-                    meter.count(cfg.data.batch_size, outcome.flops,
-                                (outcome.context_tokens + outcome.target_tokens) * (cfg.data.batch_size - outcome.corrupt))
+                    meter.count(
+                        cfg.data.batch_size,
+                        outcome.flops,
+                        (outcome.context_tokens + outcome.target_tokens) * (cfg.data.batch_size - outcome.corrupt),
+                    )
                     self._count_nonfinite(outcome, writer)
                     if writer and logged:
                         self._log(writer, outcome, meter)
                     if world.is_main and logged:
                         bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}")
-                    if writer and batch["ids"] and cfg.log.image_every_steps and (self.step == 1 or
-                                                                 self.step % cfg.log.image_every_steps == 0):
+                    if (
+                        writer
+                        and batch["ids"]
+                        and cfg.log.image_every_steps
+                        and (self.step == 1 or self.step % cfg.log.image_every_steps == 0)
+                    ):
                         shown = collate_batch(batch)
-                        writer.add_image("masks/context_green_targets_red",
-                                         mask_overlay(shown["images"], shown["context"], shown["targets"],
-                                                      cfg.model.patch_size), self.step)
+                        writer.add_image(
+                            "masks/context_green_targets_red",
+                            mask_overlay(shown["images"], shown["context"], shown["targets"], cfg.model.patch_size),
+                            self.step,
+                        )
                     bar.update(1)
                     if self.step % cfg.checkpoint.every_steps == 0 or self.step == end or outcome.stop:
                         # A stop must save within the launcher's grace time: no validation then.

@@ -55,10 +55,13 @@ class Meter:
         FLOPs, all ranks), step time, and seconds per step of each phase."""
         elapsed = time.perf_counter() - self.window_start
         timed = max(self.timed_steps, 1)
-        figures = {"images_per_s": self.images / elapsed, "tokens_per_s": self.tokens / elapsed,
-                   "tflop_per_s": self.flops / elapsed / 1e12,
-                   "step_time_s": elapsed / max(self.steps, 1),
-                   **{f"{name}_s": seconds / timed for name, seconds in self.phases.items()}}
+        figures = {
+            "images_per_s": self.images / elapsed,
+            "tokens_per_s": self.tokens / elapsed,
+            "tflop_per_s": self.flops / elapsed / 1e12,
+            "step_time_s": elapsed / max(self.steps, 1),
+            **{f"{name}_s": seconds / timed for name, seconds in self.phases.items()},
+        }
         self._reset()
         return figures
 

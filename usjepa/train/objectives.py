@@ -16,8 +16,9 @@ from usjepa.config import TrainConfig
 from usjepa.models.vit import gather_tokens
 
 
-def regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, n_targets: int,
-                    cfg: TrainConfig) -> torch.Tensor:
+def regression_loss(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, n_targets: int, cfg: TrainConfig
+) -> torch.Tensor:
     """The paper's loss (docs/method.md#objective): per target block the mean over its tokens
     and features, then the mean over the blocks of a sample, then over the samples.
 

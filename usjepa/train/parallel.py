@@ -40,7 +40,7 @@ class World:
         return self.size > 1
 
     @staticmethod
-    def join(cfg: Config, device: torch.device, env: DistEnv | None = None) -> "World":
+    def join(cfg: Config, device: torch.device, env: DistEnv | None = None) -> World:
         """Join the process group of this launch (torchrun, srun, or none); on CUDA each rank
         takes the GPU of its local rank."""
         env = init_distributed(device, env, timeout_s=cfg.distributed.timeout_s)
@@ -121,8 +121,9 @@ def _shard(model: nn.Module, blocks: list[nn.Module], cfg: Config, world: World,
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(world.device.type, (world.size,))
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.train.precision],
-                                  reduce_dtype=DTYPES[cfg.distributed.reduce_dtype])
+    policy = MixedPrecisionPolicy(
+        param_dtype=DTYPES[cfg.train.precision], reduce_dtype=DTYPES[cfg.distributed.reduce_dtype]
+    )
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

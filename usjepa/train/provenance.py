@@ -64,17 +64,37 @@ def _append(run_dir: Path, name: str, record: dict) -> None:
 
 
 def record_submission(run_dir: Path, job_id: str, parameters: dict) -> None:
-    _append(run_dir, "submissions.jsonl",
-            {"time": time.time(), "command": [sys.executable, *sys.argv], "cwd": os.getcwd(), "job_id": job_id,
-             "parameters": parameters, "user": os.environ.get("USER", ""), "code": code_state(run_dir)})
+    _append(
+        run_dir,
+        "submissions.jsonl",
+        {
+            "time": time.time(),
+            "command": [sys.executable, *sys.argv],
+            "cwd": os.getcwd(),
+            "job_id": job_id,
+            "parameters": parameters,
+            "user": os.environ.get("USER", ""),
+            "code": code_state(run_dir),
+        },
+    )
 
 
 def record_start(run_dir: Path, step: int, world_size: int, launcher: str) -> None:
     """Called by rank 0 each time training starts or resumes."""
-    _append(run_dir, "starts.jsonl",
-            {"time": time.time(), "host": socket.gethostname(), "step": step, "world_size": world_size,
-             "launcher": launcher, "command": [sys.executable, *sys.argv], "code": code_state(run_dir),
-             **{k.lower(): os.environ[k] for k in SLURM_VARS if k in os.environ}})
+    _append(
+        run_dir,
+        "starts.jsonl",
+        {
+            "time": time.time(),
+            "host": socket.gethostname(),
+            "step": step,
+            "world_size": world_size,
+            "launcher": launcher,
+            "command": [sys.executable, *sys.argv],
+            "code": code_state(run_dir),
+            **{k.lower(): os.environ[k] for k in SLURM_VARS if k in os.environ},
+        },
+    )
 
 
 def read_records(run_dir: Path, name: str) -> list[dict]:

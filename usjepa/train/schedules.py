@@ -26,8 +26,7 @@ def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float
     return linear(step / total_steps, start, end)
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, start: float, peak: float,
-                  final: float) -> float:
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, start: float, peak: float, final: float) -> float:
     """Linear warm-up start -> peak over `warmup_steps`, then cosine peak -> final at `total_steps`."""
     if step < warmup_steps:
         return start + (peak - start) * step / warmup_steps

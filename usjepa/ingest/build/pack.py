@@ -11,6 +11,7 @@ import re
 import tarfile
 import zlib
 from pathlib import Path
+
 from tqdm import tqdm
 
 from usjepa.errors import UserError
@@ -117,8 +118,16 @@ def _read_members(kept: Kept, work_dir: Path) -> tuple[bytes, bytes, dict]:
     return data[:a], data[a : a + b], json.loads(data[a + b :])
 
 
-def pack_splits(out: Path, selection: Selection, splits_of: list[str], items: list[SourceItem], classes: list[str],
-                settings: BuildSettings, work_dir: Path, progress: bool) -> dict[str, SplitInfo]:
+def pack_splits(
+    out: Path,
+    selection: Selection,
+    splits_of: list[str],
+    items: list[SourceItem],
+    classes: list[str],
+    settings: BuildSettings,
+    work_dir: Path,
+    progress: bool,
+) -> dict[str, SplitInfo]:
     """Write every split's samples, in a seeded order, into its tars; the SplitInfo of each."""
     by_split: dict[str, list[Kept]] = {s: [] for s in SPLITS}
     for kept, split in zip(selection.kept, splits_of):
@@ -136,8 +145,14 @@ def pack_splits(out: Path, selection: Selection, splits_of: list[str], items: li
                 for kept in members:
                     item = items[kept.index]
                     image_png, region_png, frame_meta = _read_members(kept, work_dir)
-                    meta = {**frame_meta, "label": item.label, "class_name": item.class_name, "group": item.group,
-                            "source": item.source, "split": split}
+                    meta = {
+                        **frame_meta,
+                        "label": item.label,
+                        "class_name": item.class_name,
+                        "group": item.group,
+                        "source": item.source,
+                        "split": split,
+                    }
                     sink.write(sample_format.assemble_sample(kept.key, image_png, region_png, meta))
                     info.count += 1
                     if item.label < 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+
 import usjepa
 from usjepa.ingest.build.select import Selection
 from usjepa.ingest.settings import BuildSettings
@@ -23,8 +24,12 @@ def describe_source(source, format_name: str, detected: bool, options: dict) -> 
     root = getattr(source, "pseudonymised_root", None)
     if root is None and format_name != "dicom":
         root = source.root
-    return {**({} if root is None else {"root": str(root)}), "format": format_name, "format_detected": detected,
-            "options": options}
+    return {
+        **({} if root is None else {"root": str(root)}),
+        "format": format_name,
+        "format_detected": detected,
+        "options": options,
+    }
 
 
 def summarise(n_items: int, selection: Selection, items_not_read: int) -> dict:
@@ -62,8 +67,17 @@ def make_report(out: Path, created: str, described: dict, summary: dict, selecti
     }
 
 
-def make_manifest(out: Path, source, described: dict, settings: BuildSettings, splits: dict[str, SplitInfo],
-                  split_info: dict, selection: Selection, summary: dict, created: str) -> Manifest:
+def make_manifest(
+    out: Path,
+    source,
+    described: dict,
+    settings: BuildSettings,
+    splits: dict[str, SplitInfo],
+    split_info: dict,
+    selection: Selection,
+    summary: dict,
+    created: str,
+) -> Manifest:
     """The manifest of the shard set written into `out`."""
     return Manifest(
         root=out,
@@ -77,8 +91,11 @@ def make_manifest(out: Path, source, described: dict, settings: BuildSettings, s
         split_settings=_split_settings(settings, split_info),
         preprocessing=_preprocessing(settings),
         region_detection=asdict(settings.region),
-        source_stats={**source.stats(), "options": described["options"],
-                      "format_detected": described["format_detected"]},
+        source_stats={
+            **source.stats(),
+            "options": described["options"],
+            "format_detected": described["format_detected"],
+        },
         skipped=selection.failed[:MAX_SKIPPED_LISTED],
         num_skipped=len(selection.failed),
         sample_format=dict(SAMPLE_FORMAT),

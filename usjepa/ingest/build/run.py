@@ -34,8 +34,9 @@ class BuildResult:
     report: dict
 
 
-def run_build(src, out, settings: BuildSettings | None = None, progress: bool = True, workers: int = 1,
-              keep_work: bool = False) -> BuildResult:
+def run_build(
+    src, out, settings: BuildSettings | None = None, progress: bool = True, workers: int = 1, keep_work: bool = False
+) -> BuildResult:
     """Build the shard set for the source at `src` into `out`. workers: processes for phase 1
     (0: one per CPU core). keep_work: leave OUT/.work in place (a later --overwrite build with
     the same processing settings then only re-selects, re-splits and re-packs)."""
@@ -64,8 +65,17 @@ def run_build(src, out, settings: BuildSettings | None = None, progress: bool = 
     return result
 
 
-def _phases(source: Source, name: str, items: list[SourceItem], options: dict, settings: BuildSettings,
-            work: WorkDir, workers: int, progress: bool, times: dict) -> BuildResult:
+def _phases(
+    source: Source,
+    name: str,
+    items: list[SourceItem],
+    options: dict,
+    settings: BuildSettings,
+    work: WorkDir,
+    workers: int,
+    progress: bool,
+    times: dict,
+) -> BuildResult:
     out = work.dir.parent
     order = seeded_order([it.key for it in items], settings.seed, salt="process")
     selection, run_stats = process_items(items, order, work, settings, workers, progress)
@@ -79,16 +89,22 @@ def _phases(source: Source, name: str, items: list[SourceItem], options: dict, s
         reasons = "; ".join(f"{s['source']}: {s['reason']}" for s in selection.failed[:3])
         atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
         work.remove()
-        raise UserError(f"none of the {len(items)} items under {source.root} could be used ({reasons}); every reason "
-                        f"is in {out / REPORT_NAME}; check the files")
+        raise UserError(
+            f"none of the {len(items)} items under {source.root} could be used ({reasons}); every reason "
+            f"is in {out / REPORT_NAME}; check the files"
+        )
     splits = pack_splits(out, selection, splits_of, items, source.classes, settings, work.dir, progress)
     remove_stale(out, {s.name for info in splits.values() for s in info.shards})
     packed = time.perf_counter()
     manifest = make_manifest(out, source, described, settings, splits, split_info, selection, summary, created)
     listed, processed = times["listed"], times["processed"]
     report["run"].update(
-        seconds={"list": round(listed - times["started"], 3), "process": round(processed - listed, 3),
-                 "pack": round(packed - processed, 3), "total": round(time.perf_counter() - times["started"], 3)},
+        seconds={
+            "list": round(listed - times["started"], 3),
+            "process": round(processed - listed, 3),
+            "pack": round(packed - processed, 3),
+            "total": round(time.perf_counter() - times["started"], 3),
+        },
         frames_per_second=round(selection.frames / max(processed - listed, 1e-9), 1),
     )
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
@@ -96,23 +112,26 @@ def _phases(source: Source, name: str, items: list[SourceItem], options: dict, s
     return BuildResult(manifest, report)
 
 
-def build_shards(src, out, settings: BuildSettings | None = None, progress: bool = True, workers: int = 1,
-                 keep_work: bool = False) -> Manifest:
+def build_shards(
+    src, out, settings: BuildSettings | None = None, progress: bool = True, workers: int = 1, keep_work: bool = False
+) -> Manifest:
     """`run_build`, returning the manifest (the build report is `out/build_report.json`)."""
     return run_build(src, out, settings, progress, workers, keep_work).manifest
 
 
 def _fingerprint(name: str, source: Source, options: dict, settings: BuildSettings) -> dict:
     """Every setting that changes the result of an item (the work folder is reused only under the same)."""
-    return _jsonable({
-        "work_format": WORK_FORMAT,
-        "tool_version": usjepa.__version__,
-        "source_format": name,
-        "source_root": str(source.root),
-        "source_options": {k: v for k, v in options.items() if k not in GROUPING_OPTIONS},
-        "preprocess": asdict(settings.preprocess_settings()),
-        "overlay": asdict(settings.overlay),
-    })
+    return _jsonable(
+        {
+            "work_format": WORK_FORMAT,
+            "tool_version": usjepa.__version__,
+            "source_format": name,
+            "source_root": str(source.root),
+            "source_options": {k: v for k, v in options.items() if k not in GROUPING_OPTIONS},
+            "preprocess": asdict(settings.preprocess_settings()),
+            "overlay": asdict(settings.overlay),
+        }
+    )
 
 
 def _source_options(name: str, settings: BuildSettings) -> dict:
@@ -125,8 +144,10 @@ def _source_options(name: str, settings: BuildSettings) -> dict:
         value, default = getattr(settings, key), getattr(BuildSettings, key)
         if key in options:
             if value != default and options[key] != value:
-                raise UserError(f"{key} is given twice with different values ({value!r} and source option "
-                                f"{options[key]!r}); give it once")
+                raise UserError(
+                    f"{key} is given twice with different values ({value!r} and source option "
+                    f"{options[key]!r}); give it once"
+                )
         elif value == default:
             continue
         elif key in accepted:
@@ -150,15 +171,18 @@ def _build_options(name: str, settings: BuildSettings, out: Path) -> dict:
 def _items_in_order(source: Source, name: str) -> list[SourceItem]:
     items = list(source)
     if not items:
-        raise UserError(f"source format {name!r} found nothing to ingest in {source.root} (it looks for "
-                        f"{type(source).looks_for or 'its input files'})")
+        raise UserError(
+            f"source format {name!r} found nothing to ingest in {source.root} (it looks for "
+            f"{type(source).looks_for or 'its input files'})"
+        )
     duplicates = [k for k, n in Counter(it.key for it in items).items() if n > 1]
     if duplicates:  # a source bug, not a user mistake
         raise RuntimeError(f"source {name} produced duplicate keys, e.g. {duplicates[:3]}")
     bad = [it for it in items if it.split is not None and it.split not in SPLITS]
     if bad:
-        raise UserError(f"source item {bad[0].source!r} prescribes split {bad[0].split!r}; splits are "
-                        f"{', '.join(SPLITS)}")
+        raise UserError(
+            f"source item {bad[0].source!r} prescribes split {bad[0].split!r}; splits are {', '.join(SPLITS)}"
+        )
     return items
 
 
@@ -168,8 +192,10 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     manifest = out / MANIFEST_NAME
     if manifest.exists():
         if not overwrite:
-            raise UserError(f"{out} already holds a shard set ({MANIFEST_NAME}); pass --overwrite to replace it or "
-                            "choose another OUT")
+            raise UserError(
+                f"{out} already holds a shard set ({MANIFEST_NAME}); pass --overwrite to replace it or "
+                "choose another OUT"
+            )
         manifest.unlink()  # first: from here on the folder no longer claims a complete build
     out.mkdir(parents=True, exist_ok=True)
 

@@ -63,18 +63,26 @@ class Selection:
             flagged = {**where, "color_fraction": entry["color_fraction"]}
             if entry["flagged"] and self.skip_large:
                 self.flagged.append({**flagged, "kept": False})
-                self.failed.append({
-                    **where,
-                    "stage": "overlay",
-                    "reason": f"colour overlays cover {entry['color_fraction']:.1%} of the image "
-                    f"(>= {self.max_fraction:.0%}; large_overlay=skip)",
-                })
+                self.failed.append(
+                    {
+                        **where,
+                        "stage": "overlay",
+                        "reason": f"colour overlays cover {entry['color_fraction']:.1%} of the image "
+                        f"(>= {self.max_fraction:.0%}; large_overlay=skip)",
+                    }
+                )
                 continue
             digest = bytes.fromhex(entry["hash"])
             if self.dedup and digest in self.owner:
                 first = self.kept[self.owner[digest]]
-                self.duplicates.append({**where, "duplicate_of": self.items[first.index].source,
-                                        "duplicate_of_key": first.key, "pixel_hash": entry["hash"]})
+                self.duplicates.append(
+                    {
+                        **where,
+                        "duplicate_of": self.items[first.index].source,
+                        "duplicate_of_key": first.key,
+                        "pixel_hash": entry["hash"],
+                    }
+                )
                 continue
             if self.full:
                 self.capped += 1
@@ -83,8 +91,19 @@ class Selection:
             self.inpainted += bool(entry["inpainted"])
             if entry["flagged"]:
                 self.flagged.append({**flagged, "kept": True})
-            self.kept.append(Kept(index, key, path, base + entry["offset"], tuple(entry["sizes"]), entry["crc"],
-                                  bool(entry["flagged"]), bool(entry["inpainted"]), float(entry["color_fraction"])))
+            self.kept.append(
+                Kept(
+                    index,
+                    key,
+                    path,
+                    base + entry["offset"],
+                    tuple(entry["sizes"]),
+                    entry["crc"],
+                    bool(entry["flagged"]),
+                    bool(entry["inpainted"]),
+                    float(entry["color_fraction"]),
+                )
+            )
         if header["error"]:
             self.failed.append({"source": item.source, "key": item.key, "stage": "read", "reason": header["error"]})
 
@@ -97,10 +116,16 @@ def assign_samples(kept: list[Kept], items: list[SourceItem], settings: BuildSet
         item = items[k.index]
         if item.split is not None:
             prescribed[item.group][item.split] += 1
-    free = [(items[k.index].group, items[k.index].label) for k in kept
-            if items[k.index].split is None and items[k.index].group not in prescribed]
-    split_of_group = assign_splits(free, settings.val_fraction, settings.test_fraction, settings.seed,
-                                   stratify=settings.stratify) if free else {}
+    free = [
+        (items[k.index].group, items[k.index].label)
+        for k in kept
+        if items[k.index].split is None and items[k.index].group not in prescribed
+    ]
+    split_of_group = (
+        assign_splits(free, settings.val_fraction, settings.test_fraction, settings.seed, stratify=settings.stratify)
+        if free
+        else {}
+    )
     for group, counts in prescribed.items():
         split_of_group[group] = min(counts.items(), key=lambda kv: (-kv[1], SPLITS.index(kv[0])))[0]
     splits = [items[k.index].split or split_of_group[items[k.index].group] for k in kept]

@@ -7,8 +7,6 @@ import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
-from usjepa.shardset.manifest import SPLITS
-
 
 def seeded_hash(seed: int, *parts: str) -> str:
     """A stable hex digest of the seed and parts (not Python's salted hash())."""
@@ -64,4 +62,3 @@ def assign_splits(
         split_of[group] = next((name for bound, name in bounds if midpoint < bound), "train")
         done += sizes[group]
     return split_of
-

@@ -68,8 +68,9 @@ class _Phase1:
         self.next_pos = self.frontier = self.reused = self.processed = 0
         self.executor = None
         if workers > 1:
-            self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(),
-                                                initializer=_worker_init)
+            self.executor = ProcessPoolExecutor(
+                max_workers=workers, mp_context=_pool_context(), initializer=_worker_init
+            )
 
     def run(self) -> None:
         n, selection = len(self.order), self.selection
@@ -78,8 +79,9 @@ class _Phase1:
                 header, base, path = self.records.pop(self.frontier)
                 selection.feed(self.order[self.frontier], header, base, path)
                 self.frontier += 1
-            self.bar.set_postfix(frames=selection.frames, skipped=len(selection.failed),
-                                 dups=len(selection.duplicates), refresh=False)
+            self.bar.set_postfix(
+                frames=selection.frames, skipped=len(selection.failed), dups=len(selection.duplicates), refresh=False
+            )
             if selection.full or self.frontier >= n:
                 return
             self._schedule()
@@ -132,8 +134,9 @@ class _Phase1:
             self.bar.update(len(positions))
 
 
-def process_items(items, order, work: WorkDir, settings: BuildSettings, workers: int,
-                  progress: bool) -> tuple[Selection, dict]:
+def process_items(
+    items, order, work: WorkDir, settings: BuildSettings, workers: int, progress: bool
+) -> tuple[Selection, dict]:
     """Phase 1: results for the items in `order` fed in that order to a Selection; stops early
     once a sample cap is reached."""
     found = work.count_results()
@@ -156,5 +159,8 @@ def process_items(items, order, work: WorkDir, settings: BuildSettings, workers:
         bar.close()
         if phase is not None and phase.executor is not None:
             phase.executor.shutdown(wait=clean, cancel_futures=True)
-    return phase.selection, {"items_reused": phase.reused, "items_processed": phase.processed,
-                             "items_not_read": n - phase.frontier}
+    return phase.selection, {
+        "items_reused": phase.reused,
+        "items_processed": phase.processed,
+        "items_not_read": n - phase.frontier,
+    }

@@ -125,9 +125,7 @@ def resize_square(
     return image, region
 
 
-def preprocess(
-    image: np.ndarray, settings: PreprocessSettings, region: np.ndarray | None = None
-) -> Preprocessed:
+def preprocess(image: np.ndarray, settings: PreprocessSettings, region: np.ndarray | None = None) -> Preprocessed:
     """The whole chain for one uint8 grayscale image; `region` overrides detection when given."""
     if image.dtype != np.uint8 or image.ndim != 2:
         raise ValueError(f"preprocess expects uint8 HxW grayscale, got {image.dtype} {image.shape}")

@@ -81,9 +81,9 @@ def hull_polygon(mask: np.ndarray) -> np.ndarray | None:
     left = np.argmax(sub, axis=1)
     right = mask.shape[1] - 1 - np.argmax(sub[:, ::-1], axis=1)
     wide = right != left  # one point for a row holding a single pixel (np.unique is slower)
-    points = np.concatenate(
-        [np.column_stack([left, rows]), np.column_stack([right[wide], rows[wide]])]
-    ).astype(np.float64)
+    points = np.concatenate([np.column_stack([left, rows]), np.column_stack([right[wide], rows[wide]])]).astype(
+        np.float64
+    )
     if len(points) < 3:
         return None
     try:

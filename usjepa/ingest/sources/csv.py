@@ -36,9 +36,16 @@ from usjepa.shardset.sample import make_key
 
 ROLES = ("path", "label", "group", "split")
 SPLIT_NAMES = {
-    "train": "train", "training": "train", "trn": "train",
-    "val": "val", "valid": "val", "validation": "val", "dev": "val",
-    "test": "test", "testing": "test", "tst": "test",
+    "train": "train",
+    "training": "train",
+    "trn": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+    "tst": "test",
 }
 
 
@@ -90,8 +97,10 @@ class CsvSource(Source):
         if o.path_root:
             self.path_root = (self.root / Path(o.path_root).expanduser()).absolute()
             if not self.path_root.is_dir():
-                raise UserError(f"path_root {o.path_root!r} ({self.path_root}) is not a folder; give the folder the "
-                                "CSV's paths are relative to (relative to the CSV's folder, or absolute)")
+                raise UserError(
+                    f"path_root {o.path_root!r} ({self.path_root}) is not a folder; give the folder the "
+                    "CSV's paths are relative to (relative to the CSV's folder, or absolute)"
+                )
         self.path_suffix = o.path_suffix if not o.path_suffix or o.path_suffix.startswith(".") else "." + o.path_suffix
         self.patterns = Patterns(o.group_pattern, o.exclude_pattern)
         self._label_rx = compile_pattern(o.label_pattern, "label pattern", need_group=True)
@@ -145,8 +154,10 @@ class CsvSource(Source):
         given = getattr(self.options, option)
         if role == "label" and self.options.label_pattern is not None:
             if given not in (None, _default(option)):
-                raise UserError(f"label_column {given!r} and label_pattern {self.options.label_pattern!r} both give "
-                                "labels; keep one")
+                raise UserError(
+                    f"label_column {given!r} and label_pattern {self.options.label_pattern!r} both give "
+                    "labels; keep one"
+                )
             return None
         if not given:
             return None
@@ -158,8 +169,10 @@ class CsvSource(Source):
         if role != "path" and given == _default(option):
             return None
         none = "" if role == "path" else " (or to null: no such column)"
-        raise UserError(f"{self.csv_path} has no {role} column {given!r}; its columns are: {', '.join(header)}; "
-                        f"set {option} to one of them{none}")
+        raise UserError(
+            f"{self.csv_path} has no {role} column {given!r}; its columns are: {', '.join(header)}; "
+            f"set {option} to one of them{none}"
+        )
 
     def _resolve(self, raw: str, index: DirIndex) -> Path:
         path = self._join(raw)
@@ -176,8 +189,10 @@ class CsvSource(Source):
             if len(matches) == 1:
                 return path.with_name(matches[0])
             if len(matches) > 1:
-                raise UserError(f"{self.csv_path}: {raw!r} matches several files ({', '.join(matches)}); set "
-                                "path_suffix (e.g. '.mp4') to choose")
+                raise UserError(
+                    f"{self.csv_path}: {raw!r} matches several files ({', '.join(matches)}); set "
+                    "path_suffix (e.g. '.mp4') to choose"
+                )
         return path
 
     def _join(self, raw: str) -> Path:
@@ -189,12 +204,14 @@ class CsvSource(Source):
         if col is None:
             return None
         if col >= len(row):
-            raise UserError(f"{self.csv_path} line {line} has {len(row)} fields, fewer than the header's "
-                            f"{len(header)}; fix the row")
+            raise UserError(
+                f"{self.csv_path} line {line} has {len(row)} fields, fewer than the header's {len(header)}; fix the row"
+            )
         value = row[col].strip()
         if value == "" and role != "split":
-            raise UserError(f"{self.csv_path} line {line} has an empty {role} in column {header[col]!r}; fill it or "
-                            "delete the row")
+            raise UserError(
+                f"{self.csv_path} line {line} has an empty {role} in column {header[col]!r}; fill it or delete the row"
+            )
         return value
 
     def _listed(self, header, rows) -> tuple[list[dict], int]:
@@ -211,25 +228,42 @@ class CsvSource(Source):
             seen[path] = line
             label = self._cell(header, row, "label", line)
             if self._label_rx is not None:
-                label = capture(self._label_rx, self.options.label_pattern, raw, path, f"{self.csv_path} line {line}:",
-                                kind="label")
-            listed.append({"path": path, "raw": raw, "line": line, "label": label, "exists": index.exists(path),
-                           "group": self._cell(header, row, "group", line), "split": self._split(header, row, line)})
+                label = capture(
+                    self._label_rx, self.options.label_pattern, raw, path, f"{self.csv_path} line {line}:", kind="label"
+                )
+            listed.append(
+                {
+                    "path": path,
+                    "raw": raw,
+                    "line": line,
+                    "label": label,
+                    "exists": index.exists(path),
+                    "group": self._cell(header, row, "group", line),
+                    "split": self._split(header, row, line),
+                }
+            )
         if not listed:
-            raise UserError(f"every row of {self.csv_path} was excluded by the exclude pattern "
-                            f"'{self.options.exclude_pattern}'; loosen the pattern")
-        require_some_exist([(r["raw"], r["path"]) for r in listed], [r["exists"] for r in listed], str(self.csv_path),
-                           "paths are read relative to the CSV's folder (or path_root); check path_root and "
-                           "path_suffix")
+            raise UserError(
+                f"every row of {self.csv_path} was excluded by the exclude pattern "
+                f"'{self.options.exclude_pattern}'; loosen the pattern"
+            )
+        require_some_exist(
+            [(r["raw"], r["path"]) for r in listed],
+            [r["exists"] for r in listed],
+            str(self.csv_path),
+            "paths are read relative to the CSV's folder (or path_root); check path_root and path_suffix",
+        )
         return listed, excluded
 
     def _split(self, header, row, line: int) -> str | None:
         value = self._cell(header, row, "split", line)
         if value is None or normalize_split(value) is not None:
             return None if value is None else normalize_split(value)
-        raise UserError(f"{self.csv_path} line {line}: split {value!r} in column {header[self.columns['split']]!r} is "
-                        "not train/training, val/valid/validation or test/testing; fix the value, or set "
-                        "split_column: null to let the writer split by group")
+        raise UserError(
+            f"{self.csv_path} line {line}: split {value!r} in column {header[self.columns['split']]!r} is "
+            "not train/training, val/valid/validation or test/testing; fix the value, or set "
+            "split_column: null to let the writer split by group"
+        )
 
     def _items_of(self, header, rows, listed: list[dict], excluded: int):
         labelled = self.columns["label"] is not None or self._label_rx is not None
@@ -239,11 +273,23 @@ class CsvSource(Source):
         for r in listed:
             path = r["path"]
             rel = relative_to_any(path, self.root, self.path_root)
-            group = r["group"] if r["group"] is not None else self.patterns.group(
-                rel, path, f"{self.csv_path} line {r['line']}:")
+            group = (
+                r["group"]
+                if r["group"] is not None
+                else self.patterns.group(rel, path, f"{self.csv_path} line {r['line']}:")
+            )
             name = name_of.get(r["label"], UNLABELLED) if r["label"] is not None else UNLABELLED
-            items.append(self._media(path, key=make_key(rel), source=rel, label=label_of.get(name, -1),
-                                     class_name=name, group=group, split=r["split"]))
+            items.append(
+                self._media(
+                    path,
+                    key=make_key(rel),
+                    source=rel,
+                    label=label_of.get(name, -1),
+                    class_name=name,
+                    group=group,
+                    split=r["split"],
+                )
+            )
         missing = [relative_to_any(r["path"], self.root, self.path_root) for r in listed if not r["exists"]]
         stats = {
             "csv": str(self.csv_path),
@@ -268,8 +314,11 @@ class CsvSource(Source):
     def grouping(self) -> dict:
         if self.columns["group"] is not None:
             return {"mode": "column", "column": self._stats["columns"]["group"], "csv": str(self.csv_path)}
-        return self.patterns.grouping("image", "no group column or group_pattern: each listed file is its own "
-                                      "group, so images of one patient or video can fall on both sides of a split")
+        return self.patterns.grouping(
+            "image",
+            "no group column or group_pattern: each listed file is its own "
+            "group, so images of one patient or video can fall on both sides of a split",
+        )
 
 
 def _default(option: str):

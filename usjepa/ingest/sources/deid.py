@@ -25,25 +25,74 @@ KIND_PREFIX = {"patient": "pat", "study": "stu", "series": "ser", "file": "file"
 # (a working subset of the PS3.15 E.1-1 basic profile: names, ids, dates and times, UIDs,
 # addresses, free text about the patient). Sample metadata never carries any of them.
 IDENTIFYING_TAGS: tuple[str, ...] = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientIDsSequence",
-    "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientBirthDate", "PatientBirthTime",
-    "PatientSex", "PatientAge", "PatientAddress", "PatientTelephoneNumbers", "PatientComments",
-    "AdditionalPatientHistory", "MedicalRecordLocator", "EthnicGroup", "Occupation", "MilitaryRank",
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
-    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "PerformingPhysicianName",
-    "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "RequestingPhysician", "OperatorsName", "StationName",
-    "DeviceSerialNumber", "AccessionNumber", "StudyID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-    "MediaStorageSOPInstanceUID", "FrameOfReferenceUID", "StudyDescription", "SeriesDescription",
-    "RequestAttributesSequence", "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate",
-    "InstanceCreationDate", "AcquisitionDateTime", "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "PatientAge",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientComments",
+    "AdditionalPatientHistory",
+    "MedicalRecordLocator",
+    "EthnicGroup",
+    "Occupation",
+    "MilitaryRank",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianTelephoneNumbers",
+    "PerformingPhysicianName",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+    "OperatorsName",
+    "StationName",
+    "DeviceSerialNumber",
+    "AccessionNumber",
+    "StudyID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "MediaStorageSOPInstanceUID",
+    "FrameOfReferenceUID",
+    "StudyDescription",
+    "SeriesDescription",
+    "RequestAttributesSequence",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "InstanceCreationDate",
+    "AcquisitionDateTime",
+    "StudyTime",
+    "SeriesTime",
+    "AcquisitionTime",
+    "ContentTime",
     "InstanceCreationTime",
 )
 
 # values of these are too short or too generic (free-text descriptions such as "BREAST")
 # to look for inside path components
 _NOT_SEARCHED_IN_PATHS = {
-    "PatientSex", "PatientAge", "EthnicGroup", "Occupation", "MilitaryRank", "StudyDescription",
-    "SeriesDescription", "PatientComments", "AdditionalPatientHistory",
+    "PatientSex",
+    "PatientAge",
+    "EthnicGroup",
+    "Occupation",
+    "MilitaryRank",
+    "StudyDescription",
+    "SeriesDescription",
+    "PatientComments",
+    "AdditionalPatientHistory",
 }
 _KIND_OK = re.compile(r"^[a-z][a-z0-9]*$")
 
@@ -105,8 +154,9 @@ def load_or_create_salt(path=None, output_dir=None) -> bytes:
     try:
         salt = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"cannot read the de-identification salt file {path} ({exc.strerror}); check its "
-                        "permissions") from None
+        raise UserError(
+            f"cannot read the de-identification salt file {path} ({exc.strerror}); check its permissions"
+        ) from None
     if len(salt) != SALT_BYTES:
         raise UserError(
             f"de-identification salt file {path} holds {len(salt)} bytes, not {SALT_BYTES}; it is not a salt "
@@ -261,9 +311,12 @@ class PathScrubber:
                 out.append(patient)
             else:
                 suffix = PurePosixPath(comp).suffix
-                keep = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,5}", suffix or "") and not any(
-                    n in suffix.casefold() for _, n in needles
-                ) else ""
+                keep = (
+                    suffix
+                    if re.fullmatch(r"\.[A-Za-z0-9]{1,5}", suffix or "")
+                    and not any(n in suffix.casefold() for _, n in needles)
+                    else ""
+                )
                 tag = pseudonym(self.salt, "path", comp).split("-", 1)[1][:8]
                 out.append(f"{patient or 'id'}-{tag}{keep}")
         return "/".join(out)

@@ -63,4 +63,3 @@ def detect_format(root) -> str:
         f"could not recognise the format of source {root} ({_describe(root)}); formats tried: {tried}; "
         "arrange the data like one of these or pass --format NAME"
     )
-

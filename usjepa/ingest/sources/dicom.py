@@ -16,16 +16,18 @@ from usjepa.ingest.sources.dicom_pixels import (  # noqa: F401  (DicomDecodeErro
     DICOMDIR_SOP_CLASS,
     DicomDecodeError,
     DicomItem,
-    read_header,
     is_dicom_file,
+    read_header,
 )
 from usjepa.ingest.sources.walk import files_below, is_image, walk
 from usjepa.shardset.sample import make_key
 
 GROUP_BY = {"patient": "PatientID", "study": "StudyInstanceUID", "series": "SeriesInstanceUID", "file": None}
 LOOKS_LIKE_SAMPLE = 200  # files looked at by `looks_like`
-KEPT_FACTS = ("modality, photometric interpretation, rows, columns, number of frames, frame index, transfer syntax, "
-              "pixel spacing, pseudonymous patient and study")
+KEPT_FACTS = (
+    "modality, photometric interpretation, rows, columns, number of frames, frame index, transfer syntax, "
+    "pixel spacing, pseudonymous patient and study"
+)
 
 
 @dataclass
@@ -89,9 +91,11 @@ class DicomSource(Source):
         if o.max_frames < 0:
             problems.append(f"max frames {o.max_frames!r} must be an integer >= 0 (0: all)")
         if o.group_pattern:
-            problems.append("a group pattern does not apply to DICOM sources (groups come from the PatientID/"
-                            "StudyInstanceUID tags); drop --group-pattern and choose group_by "
-                            "patient|study|series|file")
+            problems.append(
+                "a group pattern does not apply to DICOM sources (groups come from the PatientID/"
+                "StudyInstanceUID tags); drop --group-pattern and choose group_by "
+                "patient|study|series|file"
+            )
         if problems:
             raise UserError(f"invalid DICOM source options for {self.root}: " + "; ".join(problems))
         self.patterns = Patterns(None, o.exclude_pattern)
@@ -109,9 +113,12 @@ class DicomSource(Source):
     def _entries(self) -> tuple[list[_Entry], Counter]:
         """The DICOM files of the tree with their headers (read without pixels)."""
         listing = walk(self.root, is_dicom_file, self.patterns)
-        counts = Counter(files_found=len(listing.files) + len(listing.other) + listing.excluded,
-                         non_dicom_skipped=len(listing.other), excluded=listing.excluded,
-                         regular_images_skipped=sum(is_image(p.name) for p in listing.other))
+        counts = Counter(
+            files_found=len(listing.files) + len(listing.other) + listing.excluded,
+            non_dicom_skipped=len(listing.other),
+            excluded=listing.excluded,
+            regular_images_skipped=sum(is_image(p.name) for p in listing.other),
+        )
         entries = []
         for path in listing.files:
             rel = path.relative_to(self.root).as_posix()
@@ -161,40 +168,62 @@ class DicomSource(Source):
             tally[f"syntax:{facts.get('transfer_syntax') or '(none)'}"] += 1
             tally[f"burned:{str(ds.get('BurnedInAnnotation', '') or '').strip().upper() or '(absent)'}"] += 1
         o = self.options
-        return DicomItem(key=make_key(source), source=source, label=-1,
-                         class_name=entry.cls if self.label_mode == "folders" else "", group=group, path=entry.path,
-                         frame_count=frame_count, frame_stride=o.frame_stride, max_frames=o.max_frames, facts=facts,
-                         error=entry.error)
+        return DicomItem(
+            key=make_key(source),
+            source=source,
+            label=-1,
+            class_name=entry.cls if self.label_mode == "folders" else "",
+            group=group,
+            path=entry.path,
+            frame_count=frame_count,
+            frame_stride=o.frame_stride,
+            max_frames=o.max_frames,
+            facts=facts,
+            error=entry.error,
+        )
 
     def _summary(self, items: list[DicomItem], counts: Counter, tally: Counter, label_note: str) -> dict:
         def part(prefix: str) -> dict:
-            return dict(sorted((k[len(prefix):], n) for k, n in tally.items() if k.startswith(prefix) and n))
+            return dict(sorted((k[len(prefix) :], n) for k, n in tally.items() if k.startswith(prefix) and n))
 
         multi = [it for it in items if it.frame_count > 1]
         modality, burned = part("modality:"), part("burned:")
         warnings_ = []
         other = {m: n for m, n in modality.items() if m != "US"}
         if other:
-            warnings_.append("files with a modality other than US (ultrasound): "
-                             + ", ".join(f"{m} {n}" for m, n in sorted(other.items())))
+            warnings_.append(
+                "files with a modality other than US (ultrasound): "
+                + ", ".join(f"{m} {n}" for m, n in sorted(other.items()))
+            )
         if burned.get("YES"):
-            warnings_.append(f"{burned['YES']} file(s) declare burned-in annotation (BurnedInAnnotation YES): text "
-                             "inside the scan region is not removed by preprocessing")
+            warnings_.append(
+                f"{burned['YES']} file(s) declare burned-in annotation (BurnedInAnnotation YES): text "
+                "inside the scan region is not removed by preprocessing"
+            )
         o = self.options
         return {
-            "files_found": counts["files_found"], "dicom_files": len(items),
+            "files_found": counts["files_found"],
+            "dicom_files": len(items),
             "non_dicom_skipped": counts["non_dicom_skipped"],
             "regular_images_skipped": counts["regular_images_skipped"],
-            "excluded": counts["excluded"], "exclude_pattern": o.exclude_pattern,
-            "dicomdir_skipped": counts["dicomdir_skipped"], "unreadable_headers": sum(1 for it in items if it.error),
-            "modalities": modality, "photometric_interpretations": part("photometric:"),
-            "transfer_syntaxes": part("syntax:"), "multi_frame_files": len(multi),
+            "excluded": counts["excluded"],
+            "exclude_pattern": o.exclude_pattern,
+            "dicomdir_skipped": counts["dicomdir_skipped"],
+            "unreadable_headers": sum(1 for it in items if it.error),
+            "modalities": modality,
+            "photometric_interpretations": part("photometric:"),
+            "transfer_syntaxes": part("syntax:"),
+            "multi_frame_files": len(multi),
             "frames_in_multi_frame_files": sum(it.frame_count for it in multi),
             "frames_selected": sum(len(it.frame_indices()) for it in multi) + (len(items) - len(multi)),
-            "frame_stride": o.frame_stride, "max_frames": o.max_frames,
-            "labels": self.label_mode, "label_note": label_note, "burned_in_annotation": burned,
+            "frame_stride": o.frame_stride,
+            "max_frames": o.max_frames,
+            "labels": self.label_mode,
+            "label_note": label_note,
+            "burned_in_annotation": burned,
             "deidentification": {
-                "identifying_tags_present": part("tag:"), "files_with_private_tags": tally["private_files"],
+                "identifying_tags_present": part("tag:"),
+                "files_with_private_tags": tally["private_files"],
                 "kept": KEPT_FACTS,
                 "removed": "every other attribute (none is copied); identifying path components pseudonymised",
             },
@@ -230,14 +259,20 @@ class DicomSource(Source):
                 f"it; move them into class folders ({root}/<class>/...) or use labels='none'"
             )
         # a class folder named after an identifier of its files is a patient/study folder, not a class
-        suspect = sorted({e.cls for e, v in zip(entries, values)
-                          if e.cls and scrubber.names_identifier(e.cls, _tag(e, "PatientID"), v)})
+        suspect = sorted(
+            {
+                e.cls
+                for e, v in zip(entries, values)
+                if e.cls and scrubber.names_identifier(e.cls, _tag(e, "PatientID"), v)
+            }
+        )
         if labels == "folders":
             if suspect:
                 raise UserError(
                     f"labels='folders' but {len(suspect)} first-level folder(s) of {root} are named after an "
                     "identifier of their files (patient id or name, accession number, UID, date, institution); "
-                    "class folders must be class names (e.g. benign/, malignant/): rearrange the tree or use labels='none'"
+                    "class folders must be class names (e.g. benign/, malignant/): rearrange the tree or use "
+                    "labels='none'"
                 )
             return "folders", "first-level folder names (labels='folders')"
         if not all_folders:

@@ -55,13 +55,17 @@ def _decoder_problem(ts) -> str | None:
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
-        return (f"no pixel data decoder exists for transfer syntax {ts.name} ({ts}); convert the file "
-                "(e.g. dcmdjpeg/gdcmconv)")
+        return (
+            f"no pixel data decoder exists for transfer syntax {ts.name} ({ts}); convert the file "
+            "(e.g. dcmdjpeg/gdcmconv)"
+        )
     if decoder.is_available:
         return None
     if ts in ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"):
-        how = ("High-Throughput JPEG 2000 pixel data needs pylibjpeg-openjpeg >= 2: "
-               "pip install pylibjpeg pylibjpeg-openjpeg")
+        how = (
+            "High-Throughput JPEG 2000 pixel data needs pylibjpeg-openjpeg >= 2: "
+            "pip install pylibjpeg pylibjpeg-openjpeg"
+        )
     elif ts in uid.JPEG2000TransferSyntaxes:
         how = (
             "JPEG 2000 pixel data needs pylibjpeg-openjpeg or Pillow with openjpeg: "
@@ -95,8 +99,10 @@ def _first(value) -> float:
 
 
 def _rescale(arr: np.ndarray, ds, frame: int) -> np.ndarray:
-    src = ds if "RescaleSlope" in ds or "RescaleIntercept" in ds else _functional_group(
-        ds, frame, "PixelValueTransformationSequence"
+    src = (
+        ds
+        if "RescaleSlope" in ds or "RescaleIntercept" in ds
+        else _functional_group(ds, frame, "PixelValueTransformationSequence")
     )
     if src is None:
         return arr
@@ -261,8 +267,9 @@ class DicomItem(SourceItem):
                     if colour:
                         image = colour_to_uint8(arr, ds)
                     elif arr.ndim != 2:
-                        raise DicomDecodeError(f"{pi} pixel data decoded to shape {arr.shape}, expected "
-                                               "(rows, columns)")
+                        raise DicomDecodeError(
+                            f"{pi} pixel data decoded to shape {arr.shape}, expected (rows, columns)"
+                        )
                     else:
                         image, info["gray_mapping"] = gray_to_uint8(arr, ds, index)
                 except DicomDecodeError:

@@ -39,14 +39,18 @@ class FilenameSource(Source):
         if not self.root.is_dir():
             raise UserError(f"source folder {self.root} does not exist or is not a folder; check the path")
         if not o.label_from_prefix:
-            raise UserError("the filenames source needs label_from_prefix, a mapping of file-name prefix to class, "
-                            "e.g. {cov: covid, pneu: pneumonia, reg: regular}")
+            raise UserError(
+                "the filenames source needs label_from_prefix, a mapping of file-name prefix to class, "
+                "e.g. {cov: covid, pneu: pneumonia, reg: regular}"
+            )
         self.prefixes = {str(k).lower(): str(v) for k, v in o.label_from_prefix.items()}
         self.images = [o.images] if isinstance(o.images, str) else list(o.images)
         self.videos = [o.videos] if isinstance(o.videos, str) else list(o.videos)
         if not self.images and not self.videos:
-            raise UserError("the filenames source needs `images` and/or `videos`: folders (relative to "
-                            f"{self.root}) to search, e.g. images: [data/pocus_images/convex]")
+            raise UserError(
+                "the filenames source needs `images` and/or `videos`: folders (relative to "
+                f"{self.root}) to search, e.g. images: [data/pocus_images/convex]"
+            )
         self.patterns = Patterns(o.group_pattern, o.exclude_pattern)
         media = MediaItems(o.fps, o.max_frames)
         found, unmatched, excluded, ignored = self._find()
@@ -55,8 +59,17 @@ class FilenameSource(Source):
         items = []
         for path, video, cls in found:
             rel = path.relative_to(self.root).as_posix()
-            items.append(media(path, video=video, key=make_key(rel), source=rel, label=label_of[cls], class_name=cls,
-                               group=self.patterns.group(rel, path, "file")))
+            items.append(
+                media(
+                    path,
+                    video=video,
+                    key=make_key(rel),
+                    source=rel,
+                    label=label_of[cls],
+                    class_name=cls,
+                    group=self.patterns.group(rel, path, "file"),
+                )
+            )
         stats = {
             "files_found": len(items),
             "videos": sum(v for _, v, _ in found),
@@ -104,5 +117,6 @@ class FilenameSource(Source):
         return found, unmatched, excluded, ignored
 
     def grouping(self) -> dict:
-        return self.patterns.grouping("file", "each image and each video is its own group (a video's frames stay "
-                                      "together)")
+        return self.patterns.grouping(
+            "file", "each image and each video is its own group (a video's frames stay together)"
+        )

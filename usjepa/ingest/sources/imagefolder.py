@@ -43,8 +43,10 @@ class ImageFolderSource(Source):
         check_folder(root, how)
         top_images = sorted(p.name for p in root.iterdir() if p.is_file() and is_image(p.name))
         if top_images:
-            raise UserError(f"{len(top_images)} image(s) sit directly in {root} (e.g. {top_images[0]!r}) without a "
-                            f"class folder; {how}")
+            raise UserError(
+                f"{len(top_images)} image(s) sit directly in {root} (e.g. {top_images[0]!r}) without a "
+                f"class folder; {how}"
+            )
         class_dirs = subfolders(root)
         found: list[tuple[str, Path]] = []
         excluded = ignored = 0
@@ -62,8 +64,16 @@ class ImageFolderSource(Source):
         items = []
         for cls, path in found:
             rel = path.relative_to(root).as_posix()
-            items.append(ImageFileItem(key=make_key(rel), source=rel, label=labels[cls], class_name=cls,
-                                       group=self.patterns.group(rel, path, "file"), path=path))
+            items.append(
+                ImageFileItem(
+                    key=make_key(rel),
+                    source=rel,
+                    label=labels[cls],
+                    class_name=cls,
+                    group=self.patterns.group(rel, path, "file"),
+                    path=path,
+                )
+            )
         stats = {
             "images_found": len(items),
             "excluded": excluded,
@@ -74,5 +84,8 @@ class ImageFolderSource(Source):
         return items, stats, classes
 
     def grouping(self) -> dict:
-        return self.patterns.grouping("image", "no group_pattern given: each image is its own group, so images of "
-                                      "one patient or video can fall on both sides of a split")
+        return self.patterns.grouping(
+            "image",
+            "no group_pattern given: each image is its own group, so images of "
+            "one patient or video can fall on both sides of a split",
+        )

@@ -26,12 +26,36 @@ VAL_FILES = ("validation.json", "val.json", "valid.json")
 TEST_FILES = ("test.json",)
 
 LIST_KEYS = ("records", "examples", "samples", "items", "data", "images", "annotations")
-IMAGE_KEYS = ("image", "image_path", "img", "img_path", "path", "file", "filename", "file_name", "image_file",
-              "image_name", "name")
+IMAGE_KEYS = (
+    "image",
+    "image_path",
+    "img",
+    "img_path",
+    "path",
+    "file",
+    "filename",
+    "file_name",
+    "image_file",
+    "image_name",
+    "name",
+)
 LABEL_KEYS = ("label", "class_id", "label_id", "target")
 NAME_KEYS = ("class", "class_name", "classname", "pathology", "diagnosis", "category", "label_name", "view")
-GROUP_KEYS = ("patient", "patient_id", "patientid", "subject", "subject_id", "video", "video_id", "source", "study",
-              "study_id", "case", "case_id", "group")
+GROUP_KEYS = (
+    "patient",
+    "patient_id",
+    "patientid",
+    "subject",
+    "subject_id",
+    "video",
+    "video_id",
+    "source",
+    "study",
+    "study_id",
+    "case",
+    "case_id",
+    "group",
+)
 MASK_KEYS = ("scan_mask", "scan_mask_path", "scan", "region_mask", "region")
 
 
@@ -59,8 +83,10 @@ class ScanMaskItem(SourceItem):
             return Loaded(image, None, info)
         region = load_mask(self.mask_path)
         if region.shape != image.shape[:2]:
-            raise ValueError(f"scan mask {self.mask_path.name} is {region.shape[1]}x{region.shape[0]} but the image "
-                             f"is {image.shape[1]}x{image.shape[0]}")
+            raise ValueError(
+                f"scan mask {self.mask_path.name} is {region.shape[1]}x{region.shape[0]} but the image "
+                f"is {image.shape[1]}x{image.shape[0]}"
+            )
         if not region.any():
             info["scan_mask"] = "empty"
             return Loaded(image, None, info)
@@ -96,8 +122,9 @@ def read_records(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
-                        "fix or regenerate the file") from None
+        raise UserError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix or regenerate the file"
+        ) from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text ({exc}); regenerate it") from None
     if isinstance(data, dict):
@@ -119,8 +146,10 @@ def read_records(path: Path) -> list[dict]:
         raise UserError(f"{path} holds a JSON {type(data).__name__}; expected a list of records, one per image")
     for i, record in enumerate(data):
         if not isinstance(record, dict):
-            raise UserError(f"{path} record {i} is a {type(record).__name__} ({str(record)[:60]!r}); expected an "
-                            "object with an image path and a label")
+            raise UserError(
+                f"{path} record {i} is a {type(record).__name__} ({str(record)[:60]!r}); expected an "
+                "object with an image path and a label"
+            )
     return data
 
 
@@ -148,15 +177,17 @@ def _groups_in_several_splits(items) -> int:
     for it in items:
         split_groups.setdefault(it.split, set()).add(it.group)
     names = sorted(split_groups)
-    return len({g for i, a in enumerate(names) for b in names[i + 1:] for g in split_groups[a] & split_groups[b]})
+    return len({g for i, a in enumerate(names) for b in names[i + 1 :] for g in split_groups[a] & split_groups[b]})
 
 
 @register_source("ultrabench")
 class UltraBenchSource(Source):
     """An UltraBench dataset folder (see the module docstring for the layout and shapes)."""
 
-    looks_for: ClassVar[str] = ("an UltraBench dataset folder: images/ plus train.json + validation.json + test.json "
-                                "or train_val.json + test.json")
+    looks_for: ClassVar[str] = (
+        "an UltraBench dataset folder: images/ plus train.json + validation.json + test.json "
+        "or train_val.json + test.json"
+    )
 
     @dataclass(frozen=True)
     class Options:
@@ -186,8 +217,10 @@ class UltraBenchSource(Source):
     # -- layout
     def _split_files(self) -> tuple[str, dict[str, Path]]:
         root = self.root
-        layout = ("an UltraBench dataset folder holds images/, masks/scan/ and train.json + validation.json + "
-                  "test.json (release 1.0.1) or train_val.json + test.json")
+        layout = (
+            "an UltraBench dataset folder holds images/, masks/scan/ and train.json + validation.json + "
+            "test.json (release 1.0.1) or train_val.json + test.json"
+        )
         if not root.is_dir():
             raise UserError(f"UltraBench source {root} does not exist or is not a folder; check the path ({layout})")
 
@@ -202,8 +235,9 @@ class UltraBenchSource(Source):
         if test is None or (train_val is None and train is None):
             raise UserError(f"no UltraBench split files in {root} (JSON files there: {jsons}); {layout}")
         if train_val is not None and (train is not None or val is not None):
-            raise UserError(f"{root} holds both {train_val.name} and train/validation files (JSON files: {jsons}); "
-                            "keep one layout")
+            raise UserError(
+                f"{root} holds both {train_val.name} and train/validation files (JSON files: {jsons}); keep one layout"
+            )
         if train_val is not None:
             return "train_val+test", {"train_val": train_val, "test": test}
         if val is None:
@@ -253,34 +287,68 @@ class UltraBenchSource(Source):
                     excluded += 1
                     continue
                 if image in seen:
-                    raise UserError(f"{raw!r} is listed twice in {self.root} ({seen[image]} and {where}); each image "
-                                    "may be in one split only: fix the split files")
+                    raise UserError(
+                        f"{raw!r} is listed twice in {self.root} ({seen[image]} and {where}); each image "
+                        "may be in one split only: fix the split files"
+                    )
                 seen[image] = where
-                rows.append({"split_key": split_key, "where": where, "file": path, "index": i, "keys": list(record),
-                             "raw": raw, "path": image, **_label_of(record), **_group_and_mask(record)})
+                rows.append(
+                    {
+                        "split_key": split_key,
+                        "where": where,
+                        "file": path,
+                        "index": i,
+                        "keys": list(record),
+                        "raw": raw,
+                        "path": image,
+                        **_label_of(record),
+                        **_group_and_mask(record),
+                    }
+                )
         if not rows:
-            raise UserError(f"the split files of {self.root} list no images (or all were excluded by "
-                            f"'{self.options.exclude_pattern}'); regenerate the dataset with ultrabench")
+            raise UserError(
+                f"the split files of {self.root} list no images (or all were excluded by "
+                f"'{self.options.exclude_pattern}'); regenerate the dataset with ultrabench"
+            )
         return rows, excluded
 
     def _items_of(self, rows: list[dict], index: DirIndex, classes: list[str], label_of_row: dict, excluded: int):
         exists = [index.exists(r["path"]) for r in rows]
-        require_some_exist([(r["raw"], r["path"]) for r in rows], exists, f"the split files of {self.root}",
-                           "image paths are read relative to the dataset folder (or its images/ folder); point SRC at "
-                           "the folder that holds images/ and the JSON files")
+        require_some_exist(
+            [(r["raw"], r["path"]) for r in rows],
+            exists,
+            f"the split files of {self.root}",
+            "image paths are read relative to the dataset folder (or its images/ folder); point SRC at "
+            "the folder that holds images/ and the JSON files",
+        )
         train_val = [r for r in rows if r["split_key"] == "train_val"]
-        val_of_group = assign_splits(((r["group"], label_of_row[id(r)]) for r in train_val), self.options.val_fraction,
-                                     0.0, self.options.seed) if train_val else {}
+        val_of_group = (
+            assign_splits(
+                ((r["group"], label_of_row[id(r)]) for r in train_val),
+                self.options.val_fraction,
+                0.0,
+                self.options.seed,
+            )
+            if train_val
+            else {}
+        )
         items: list[ScanMaskItem] = []
         for r in rows:
             split = val_of_group[r["group"]] if r["split_key"] == "train_val" else r["split_key"]
             mask = self._find_mask(r["mask"], r["path"], index) if self.options.scan_masks else None
             label = label_of_row[id(r)]
-            items.append(ScanMaskItem(
-                key=make_key(r["rel"]), source=r["rel"], label=label,
-                class_name=classes[label] if label >= 0 else UNLABELLED, group=r["group"], split=split,
-                path=r["path"], mask_path=mask,
-            ))
+            items.append(
+                ScanMaskItem(
+                    key=make_key(r["rel"]),
+                    source=r["rel"],
+                    label=label,
+                    class_name=classes[label] if label >= 0 else UNLABELLED,
+                    group=r["group"],
+                    split=split,
+                    path=r["path"],
+                    mask_path=mask,
+                )
+            )
         missing = [r["rel"] for r, ok in zip(rows, exists) if not ok]
         masks_found = sum(it.mask_path is not None for it in items)
         stats = {
@@ -313,16 +381,20 @@ class UltraBenchSource(Source):
             if r["number"] is not None and r["name"] is not None:
                 known = name_of_number.setdefault(r["number"], r["name"])
                 if known != r["name"]:
-                    raise UserError(f"label {r['number']} is class {known!r} in one record and {r['name']!r} in "
-                                    f"{r['where']}; the split files disagree: regenerate them")
+                    raise UserError(
+                        f"label {r['number']} is class {known!r} in one record and {r['name']!r} in "
+                        f"{r['where']}; the split files disagree: regenerate them"
+                    )
         numbers = {r["number"] for r in rows if r["number"] is not None}
         if numbers:
             number_of_name = {v: k for k, v in name_of_number.items()}
             for r in rows:
                 if r["number"] is None:
                     if r["name"] not in number_of_name:
-                        raise UserError(f"{r['where']} has class {r['name']!r} but no integer label, and no other "
-                                        "record gives that class a label; fix the split files")
+                        raise UserError(
+                            f"{r['where']} has class {r['name']!r} but no integer label, and no other "
+                            "record gives that class a label; fix the split files"
+                        )
                     r["number"] = number_of_name[r["name"]]
             ordered = sorted(numbers | set(name_of_number))
             classes = [name_of_number.get(n, str(n)) for n in ordered]
@@ -346,7 +418,8 @@ class UltraBenchSource(Source):
         out = {
             "mode": "ultrabench",
             "prescribed_splits": self.variant,
-            "group": keys if self.patterns.group_rx is None
+            "group": keys
+            if self.patterns.group_rx is None
             else f"{keys}, else pattern {self.options.group_pattern} on the image stem",
             "without_group": "each image is its own group" if self.patterns.group_rx is None else None,
         }
@@ -358,4 +431,3 @@ class UltraBenchSource(Source):
                 "method": "usjepa.ingest.build.splits.assign_splits by group, stratified by majority class",
             }
         return out
-

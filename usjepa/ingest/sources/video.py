@@ -82,8 +82,10 @@ class VideoSource(Source):
         listing = walk(root, lambda p: is_video(p.name), self.patterns)
         found = [(p.relative_to(root).as_posix(), p) for p in listing.files]
         if not found:
-            raise UserError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) found under {root} ({len(listing.other)} other "
-                            f"file(s), {listing.excluded} excluded by {opts.exclude_pattern!r}); {how}")
+            raise UserError(
+                f"no videos ({', '.join(VIDEO_SUFFIXES)}) found under {root} ({len(listing.other)} other "
+                f"file(s), {listing.excluded} excluded by {opts.exclude_pattern!r}); {how}"
+            )
         self.label_mode, label_note = self._label_mode(found)
         folders = self.label_mode == "folders"
         classes = sorted({rel.split("/", 1)[0] for rel, _ in found}) if folders else []
@@ -91,8 +93,17 @@ class VideoSource(Source):
         items = []
         for rel, path in found:
             cls = rel.split("/", 1)[0] if folders else UNLABELLED
-            items.append(VideoItem(key=make_key(rel), source=rel, label=labels[cls] if folders else -1, class_name=cls,
-                                   group=self.patterns.group(rel, path, "video"), path=path, settings=self.settings))
+            items.append(
+                VideoItem(
+                    key=make_key(rel),
+                    source=rel,
+                    label=labels[cls] if folders else -1,
+                    class_name=cls,
+                    group=self.patterns.group(rel, path, "video"),
+                    path=path,
+                    settings=self.settings,
+                )
+            )
         stats = {
             "videos_found": len(items),
             "extensions": dict(sorted(Counter(p.suffix.lower() for _, p in found).items())),
@@ -101,8 +112,11 @@ class VideoSource(Source):
             "exclude_pattern": opts.exclude_pattern,
             "labels": self.label_mode,
             "label_note": label_note,
-            "sampling": {**asdict(self.settings), "thumbnail": f"{THUMB_SIZE}x{THUMB_SIZE} box-averaged grayscale",
-                         "colour_min_fraction": COLOR_MIN_FRACTION},
+            "sampling": {
+                **asdict(self.settings),
+                "thumbnail": f"{THUMB_SIZE}x{THUMB_SIZE} box-averaged grayscale",
+                "colour_min_fraction": COLOR_MIN_FRACTION,
+            },
         }
         if folders:
             stats["empty_class_folders"] = [d.name for d in subfolders(root) if d.name not in labels]
@@ -158,8 +172,11 @@ class VideoSource(Source):
         return videos > 0 and videos * 2 > videos + others
 
     def grouping(self) -> dict:
-        return self.patterns.grouping("video", "no group_pattern given: each video is its own group (its frames "
-                                      "stay in one split), but videos of one patient can fall on both sides of a split")
+        return self.patterns.grouping(
+            "video",
+            "no group_pattern given: each video is its own group (its frames "
+            "stay in one split), but videos of one patient can fall on both sides of a split",
+        )
 
 
 def _is_animated_gif(path: Path) -> bool:

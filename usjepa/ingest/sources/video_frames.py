@@ -44,18 +44,30 @@ class VideoSettings:
 
     def problems(self) -> list[str]:
         checks = [
-            (_number(self.fps) and self.fps >= 0 and not math.isinf(self.fps),
-             f"fps {self.fps!r} must be a number >= 0 (0: every frame)"),
-            (isinstance(self.max_frames, int) and not isinstance(self.max_frames, bool) and self.max_frames >= 0,
-             f"max frames {self.max_frames!r} must be an integer >= 0 (0: no cap)"),
-            (_number(self.dedup_threshold) and 0 <= self.dedup_threshold <= 255,
-             f"dedup threshold {self.dedup_threshold!r} must be in [0, 255] (0: off)"),
-            (_number(self.motion_threshold) and 0 <= self.motion_threshold <= 255,
-             f"motion threshold {self.motion_threshold!r} must be in [0, 255]"),
-            (_number(self.motion_relative) and 0 <= self.motion_relative < 1,
-             f"motion relative {self.motion_relative!r} must be in [0, 1)"),
-            (_number(self.blank_level) and 0 <= self.blank_level < 255,
-             f"blank level {self.blank_level!r} must be in [0, 255)"),
+            (
+                _number(self.fps) and self.fps >= 0 and not math.isinf(self.fps),
+                f"fps {self.fps!r} must be a number >= 0 (0: every frame)",
+            ),
+            (
+                isinstance(self.max_frames, int) and not isinstance(self.max_frames, bool) and self.max_frames >= 0,
+                f"max frames {self.max_frames!r} must be an integer >= 0 (0: no cap)",
+            ),
+            (
+                _number(self.dedup_threshold) and 0 <= self.dedup_threshold <= 255,
+                f"dedup threshold {self.dedup_threshold!r} must be in [0, 255] (0: off)",
+            ),
+            (
+                _number(self.motion_threshold) and 0 <= self.motion_threshold <= 255,
+                f"motion threshold {self.motion_threshold!r} must be in [0, 255]",
+            ),
+            (
+                _number(self.motion_relative) and 0 <= self.motion_relative < 1,
+                f"motion relative {self.motion_relative!r} must be in [0, 1)",
+            ),
+            (
+                _number(self.blank_level) and 0 <= self.blank_level < 255,
+                f"blank level {self.blank_level!r} must be in [0, 255)",
+            ),
         ]
         return [why for ok, why in checks if not ok]
 
@@ -86,8 +98,9 @@ def thumb_difference(a: np.ndarray, b: np.ndarray, blank_level: float = 8.0) -> 
 
 def _stream_facts(stream, container) -> tuple[float | None, float | None]:
     """(nominal frame rate, duration in seconds) of a stream, where the container states them."""
-    rate = next((float(r) for r in (getattr(stream, n, None) for n in ("average_rate", "guessed_rate", "base_rate"))
-                 if r), None)
+    rate = next(
+        (float(r) for r in (getattr(stream, n, None) for n in ("average_rate", "guessed_rate", "base_rate")) if r), None
+    )
     if stream.duration and stream.time_base:
         return rate, float(stream.duration * stream.time_base)
     return rate, (container.duration / 1_000_000 if container.duration else None)  # av.time_base: microseconds
@@ -121,8 +134,9 @@ class _Sampler:
         if self.origin is None:
             self.origin = t  # info["time"] counts from the first frame (MPEG-PS starts at ~0.5 s)
         self._check_shape(frame, index)
-        small = self.reformatter.reformat(frame, width=self.small_shape[1], height=self.small_shape[0], format="gray",
-                                          interpolation="AREA").to_ndarray()
+        small = self.reformatter.reformat(
+            frame, width=self.small_shape[1], height=self.small_shape[0], format="gray", interpolation="AREA"
+        ).to_ndarray()
         thumb = _thumb(small)
         if thumb.max() <= self.settings.blank_level:
             self.blank += 1
@@ -144,15 +158,20 @@ class _Sampler:
             self.acc = np.zeros(self.small_shape, dtype=np.float64)
             self.acc_sq = np.zeros(self.small_shape, dtype=np.float64)
         elif (frame.height, frame.width) != self.shape:
-            raise ValueError(f"{self.name}: frame {index} is {frame.width}x{frame.height}, earlier frames "
-                             f"{self.shape[1]}x{self.shape[0]} (size changes mid-video)")
+            raise ValueError(
+                f"{self.name}: frame {index} is {frame.width}x{frame.height}, earlier frames "
+                f"{self.shape[1]}x{self.shape[0]} (size changes mid-video)"
+            )
 
     def wants(self, t: float, thumb: np.ndarray) -> bool:
         s = self.settings
         if (s.max_frames and len(self.kept) >= s.max_frames) or t + _TIME_EPS < self.next_t:
             return False  # decode on all the same: the motion region uses every frame
-        if (self.last_thumb is not None and s.dedup_threshold > 0
-                and thumb_difference(thumb, self.last_thumb, s.blank_level) < s.dedup_threshold):
+        if (
+            self.last_thumb is not None
+            and s.dedup_threshold > 0
+            and thumb_difference(thumb, self.last_thumb, s.blank_level) < s.dedup_threshold
+        ):
             self.duplicates += 1
             return False  # the next frame is the candidate for this grid point
         return True
@@ -188,8 +207,9 @@ def read_video(path, settings: VideoSettings = VideoSettings(), name: str | None
             for frame in container.decode(stream):
                 sampler.feed(frame)
         except av.FFmpegError as exc:
-            raise ValueError(f"cannot decode video {name} after {sampler.decoded} frame(s) (corrupt or truncated?): "
-                             f"{exc}") from exc
+            raise ValueError(
+                f"cannot decode video {name} after {sampler.decoded} frame(s) (corrupt or truncated?): {exc}"
+            ) from exc
     decoded = sampler.decoded
     if decoded == 0:
         raise ValueError(f"video {name} has no decodable frame")
@@ -229,8 +249,9 @@ def _frames_out(sampler: _Sampler, codec: str, duration: float | None) -> list[L
     return out
 
 
-def motion_mask(std: np.ndarray, shape: tuple[int, int], threshold: float, relative: float,
-                settings: RegionSettings) -> np.ndarray:
+def motion_mask(
+    std: np.ndarray, shape: tuple[int, int], threshold: float, relative: float, settings: RegionSettings
+) -> np.ndarray:
     """Full-resolution region from a work-size map of per-pixel temporal std: the varying
     pixels (above `threshold` and `relative` x their median std), shaped as `detect_region` does."""
     varying = std > threshold
@@ -250,8 +271,10 @@ def _video_region(sampler: _Sampler):
         fraction = float(region.mean())
         if fraction >= settings.region.min_area_fraction:
             return region, "motion", None
-        note = (f"varying pixels cover {fraction:.1%} of the frame (< {settings.region.min_area_fraction:.0%}: "
-                "a still loop); region from the mean frame")
+        note = (
+            f"varying pixels cover {fraction:.1%} of the frame (< {settings.region.min_area_fraction:.0%}: "
+            "a still loop); region from the mean frame"
+        )
     else:
         note = f"{n} non-blank frame(s): too few for a motion region; region from the mean frame"
     gray = [k.image if k.image.ndim == 2 else luma(k.image) for k in sampler.kept]
