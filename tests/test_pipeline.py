@@ -111,7 +111,9 @@ def _corrupt_first_train_shard(shards, out):
 
 def test_corrupt_samples_are_skipped_and_counted(tiny_config, shards, tmp_path):
     broken = _corrupt_first_train_shard(shards, tmp_path / "broken")
-    batches = take(tiny_config(f"data.shards={broken}"), 12)
+    with pytest.raises(UserError, match=r"train-000000\.tar: sha256 differs from the manifest; .*on_bad_shard=skip"):
+        take(tiny_config(f"data.shards={broken}"), 12)
+    batches = take(tiny_config(f"data.shards={broken}", "data.on_bad_shard=skip"), 12)
     assert sum(b["corrupt"] for b in batches) > 0
     assert all(b["images"].shape[0] == 8 - b["corrupt"] for b in batches)
 
@@ -191,5 +193,10 @@ def test_a_shard_with_fewer_records_than_its_manifest_says_is_reported(tiny_conf
         for m, data in members:
             if m.name.split(".")[0] != dropped:
                 tar.addfile(m, io.BytesIO(data))
-    take(tiny_config(f"data.shards={short}"), 12)  # more than one epoch of the single stream
-    assert "a resumed run will not see exactly the same data" in capfd.readouterr().err
+    with pytest.raises(UserError, match=f"{first.name}: sha256 differs from the manifest"):
+        take(tiny_config(f"data.shards={short}"), 12)
+    capfd.readouterr()
+    take(tiny_config(f"data.shards={short}", "data.on_bad_shard=skip"), 12)  # more than one epoch of the stream
+    err = capfd.readouterr().err
+    assert err.count("a resumed run will not see exactly the same data") == 1  # said once, not every epoch
+    assert err.count(f"{first.name}: sha256 differs from the manifest: read") == 1

@@ -253,7 +253,11 @@ def test_uneven_shards_and_a_corrupt_sample_on_two_ranks(uneven_shards, tiny_ove
 
     broken = _corrupt_first_train_shard(uneven_shards, tmp_path / "broken")
     run_dir = tmp_path / "run"
-    out = run(2, [*tiny_overrides, *COMMON, f"data.shards={broken}", "data.streams=4", f"run.dir={run_dir}"])
+    args = [*tiny_overrides, *COMMON, f"data.shards={broken}", "data.streams=4"]
+    refused = run(2, [*args, f"run.dir={tmp_path / 'refused'}"])
+    assert refused.returncode != 0 and "sha256 differs from the manifest" in refused.stdout, refused.stdout[-3000:]
+    assert "/usjepa/" not in refused.stdout  # a one-line error, no traceback of ours
+    out = run(2, [*args, "data.on_bad_shard=skip", f"run.dir={run_dir}"])
     assert out.returncode == 0, out.stdout[-3000:]
     assert max(losses(run_dir, "data/corrupt_skipped").values()) > 0
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))

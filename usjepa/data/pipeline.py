@@ -17,10 +17,14 @@ lengths of the whole global batch, which in a distributed run takes one small al
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import multiprocessing
+import os
 import random
 import signal
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,19 +36,64 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from usjepa.config import Config
 from usjepa.data.augment import augment, resize_eval, to_model_input
 from usjepa.data.masks import collate_masks, mask_lengths, sample_masks, valid_patches
-from usjepa.data.streams import ShardSet, StreamPlan
+from usjepa.data.streams import ShardSet, StreamPlan, shard_problem
 from usjepa.errors import UserError
+from usjepa.fileio import files_sha256
 from usjepa.shardset.manifest import Manifest
 from usjepa.shardset.sample import decode_sample
 from usjepa.signals import STOP_SIGNALS
 
 VALIDATION_SEED = 1_000_003  # validation masks come from a seed no training batch uses
 _TENSORS = ("images", "regions", "labels")
+_USER_ERROR = "user_error"  # a part that carries a reader's UserError instead of samples
 
 
-def _log_read_error(exn: Exception) -> bool:
-    print(f"usjepa: skipping unreadable shard data: {exn}", file=sys.stderr)
-    return True
+class ShardCheck:
+    """What one loader process does with bad shards (data.on_bad_shard). Each shard is checked
+    against the manifest's sha256 when the process first opens it. `error`: a shard that is
+    missing, unreadable or changed, or a tar record that cannot be read, stops the run. `skip`:
+    a missing or unreadable shard is left out, a changed one is read with its undecodable
+    samples skipped and counted; each distinct problem is said once."""
+
+    def __init__(self, shard_set: ShardSet, on_bad_shard: str):
+        self.shard_set, self.skip = shard_set, on_bad_shard == "skip"
+        self.readable: dict[int, bool] = {}  # shard index -> whether it is read
+        self.read_errors: Counter[str] = Counter()
+
+    def _check(self, index: int) -> bool:
+        path = Path(self.shard_set.paths[index])
+        problem = shard_problem(path)
+        if problem:
+            self._bad(f"{path}: {problem}", "left out")
+            return False
+        expected = self.shard_set.sha256s[index] if self.shard_set.sha256s else ""
+        if expected and files_sha256([path]) != expected:
+            self._bad(f"{path}: sha256 differs from the manifest", "read, its undecodable samples skipped")
+        return True
+
+    def urls(self, indices: list[int]) -> Iterator[dict]:
+        """The shards of `indices` that may be read, checked as they are reached."""
+        for index in indices:
+            if index not in self.readable:
+                self.readable[index] = self._check(index)
+            if self.readable[index]:
+                yield {"url": self.shard_set.paths[index]}
+
+    def _bad(self, what: str, done: str) -> None:
+        if not self.skip:
+            raise UserError(
+                f"shard {what}; rebuild or restore it (usjepa shards verify checks a set), or set "
+                "data.on_bad_shard=skip to train on what can be read"
+            )
+        print(f"usjepa: shard {what}: {done} (data.on_bad_shard=skip)", file=sys.stderr)
+
+    def read_error(self, exn: Exception) -> bool:
+        """webdataset's handler of a record it cannot read: True to go on."""
+        message = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+        if not self.read_errors[message]:
+            self._bad(f"data that cannot be read ({message})", "skipped")
+        self.read_errors[message] += 1
+        return True
 
 
 class TrainParts(IterableDataset):
@@ -53,6 +102,8 @@ class TrainParts(IterableDataset):
 
     def __init__(self, cfg: Config, shard_set: ShardSet, plan: StreamPlan, start_step: int = 0):
         self.cfg, self.shard_set, self.plan, self.start_step = cfg, shard_set, plan, start_step
+        self.check = ShardCheck(shard_set, cfg.data.on_bad_shard)
+        self.short_streams: set[int] = set()  # streams whose short epochs were reported
 
     def _raw_records(self, stream: int, skip: int) -> Iterator[dict]:
         """Endless shuffled raw (undecoded) records of one stream, after skipping `skip`."""
@@ -64,7 +115,7 @@ class TrainParts(IterableDataset):
                 skip -= in_epoch
                 epoch += 1
                 continue
-            records = wds.tarfile_to_samples(handler=_log_read_error)([{"url": shards.paths[i]} for i in mine])
+            records = wds.tarfile_to_samples(handler=self.check.read_error)(self.check.urls(mine))
             rng = random.Random(f"{seed}-{stream}-{epoch}")
             buffered = wds.shuffle(self.cfg.data.shuffle_buffer, initial=self.cfg.data.shuffle_buffer, rng=rng)(records)
             read = 0
@@ -88,9 +139,14 @@ class TrainParts(IterableDataset):
                 f"data stream {stream}: no readable record in its shards ({names}); "
                 "run `usjepa shards verify` on the shard set"
             )
+        if stream in self.short_streams:
+            return
+        self.short_streams.add(stream)
+        errors = ", ".join(f"{n} x {m}" for m, n in self.check.read_errors.items()) or "none"
         print(
             f"usjepa: data stream {stream}, epoch {epoch}: read {read} records of the {expected} the manifest "
-            f"lists for {names}; a resumed run will not see exactly the same data: run `usjepa shards verify`",
+            f"lists for {names} (read errors: {errors}); a resumed run will not see exactly the same data: run "
+            "`usjepa shards verify` (said once per stream)",
             file=sys.stderr,
         )
 
@@ -101,9 +157,16 @@ class TrainParts(IterableDataset):
         records = {s: self._raw_records(s, skip=self.start_step * chunk) for s in streams}
         step = self.start_step
         while True:
-            yield join_parts(
-                [decode_chunk(self.cfg, [next(records[s]) for _ in range(chunk)], step, stream=s) for s in streams]
-            )
+            try:
+                part = join_parts(
+                    [decode_chunk(self.cfg, [next(records[s]) for _ in range(chunk)], step, stream=s) for s in streams]
+                )
+            except UserError as e:
+                # As data, not as an exception: DataLoader would re-raise it wrapped in the
+                # worker's traceback, and the user's one-line message would be lost in it.
+                yield {_USER_ERROR: str(e)}
+                return
+            yield part
             step += 1
 
 
@@ -231,40 +294,88 @@ def validation_batch_count(
     return min(batches, max_batches) if max_batches else batches
 
 
-def _ignore_stop_signals(worker: int) -> None:
+class _WorkerSignals:
     """Loader workers leave SIGTERM/SIGUSR2/SIGINT to the training process, which saves and then
-    shuts them down; Slurm and terminals signal every process of a job, workers included."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    shuts them down (Slurm and terminals signal every process of a job, workers included). Once
+    the training process is stopping (the loader closed, or the interpreter exiting after an
+    error) a signal ends a worker as usual: multiprocessing's exit terminates daemonic children
+    and then waits for them, which would wait forever on a worker that ignores SIGTERM."""
+
+    def __init__(self) -> None:
+        self.stopping = multiprocessing.RawValue("b", 0)  # lock-free: read inside a signal handler
+
+    def __call__(self, worker: int) -> None:  # DataLoader's worker_init_fn
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.stopping.value:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def stop(self) -> None:
+        self.stopping.value = 1
 
 
 def _unchanged(part: dict) -> dict:
     return part  # DataLoader's default conversion would turn the per-sample masks into tensors
 
 
+class TrainLoader:
+    """This rank's batches of steps `start_step`, `start_step + 1`, ... (masks per sample; pass
+    each through `collate_batch`). A context manager: leaving it stops the worker processes,
+    also when an error ends training."""
+
+    def __init__(self, loader: DataLoader, readers: int, signals: _WorkerSignals):
+        self._signals, self._readers = signals, readers
+        self._parts = iter(loader)
+        # A run that ends by an error never reaches __exit__ if the error came from elsewhere.
+        atexit.register(signals.stop)
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> dict:
+        # DataLoader takes one item from each worker in turn, so one step's parts arrive together.
+        parts = [next(self._parts) for _ in range(self._readers)]
+        for part in parts:
+            if _USER_ERROR in part:
+                raise UserError(part[_USER_ERROR])
+        return join_parts(parts)
+
+    def close(self) -> None:
+        self._signals.stop()
+        atexit.unregister(self._signals.stop)
+        # What the iterator's __del__ does; called here so that workers stop now, not whenever
+        # the last reference (a traceback's frame, say) goes.
+        shutdown = getattr(self._parts, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def make_train_loader(
     cfg: Config, shard_set: ShardSet, start_step: int = 0, rank: int = 0, world_size: int = 1
-) -> Iterator[dict]:
-    """This rank's share of the batches of steps `start_step`, `start_step + 1`, ... (masks
-    per sample; pass each through `collate_batch`)."""
+) -> TrainLoader:
+    """This rank's share of the batches of steps `start_step`, `start_step + 1`, ..."""
     plan = StreamPlan.of(cfg, rank, world_size)
     workers = cfg.data.num_workers
+    signals = _WorkerSignals()
     loader = DataLoader(
         TrainParts(cfg, shard_set, plan, start_step),
         batch_size=None,
         num_workers=workers,
         collate_fn=_unchanged,
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=signals,
         prefetch_factor=2 if workers else None,
         persistent_workers=False,
     )
-    return _steps(iter(loader), plan.readers)
-
-
-def _steps(parts: Iterator[dict], readers: int) -> Iterator[dict]:
-    # DataLoader takes one item from each worker in turn, so one step's parts arrive together.
-    while True:
-        yield join_parts([next(parts) for _ in range(readers)])
+    return TrainLoader(loader, plan.readers, signals)
 
 
 def eval_samples(manifest: Manifest, split: str, image_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:

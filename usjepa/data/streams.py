@@ -14,13 +14,16 @@ rank run dry before another (every rank yields a batch at every step; nothing ca
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from usjepa.config import Config
 from usjepa.errors import UserError
-from usjepa.shardset.manifest import Manifest, load_manifest
+from usjepa.shardset.manifest import Manifest, ShardInfo, load_manifest
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class ShardSet:
     paths: tuple[str, ...]
     counts: tuple[int, ...]
     probs: np.ndarray | None  # per-shard draw probabilities (resampled mode), None: each once per epoch
+    sha256s: tuple[str, ...] = ()  # what the manifest recorded, checked when a loader opens the shard
 
     @property
     def resampled(self) -> bool:
@@ -104,16 +108,23 @@ class ShardSet:
             # manifest's sampling_weight.
             weights.append(entry.weight or manifest.sampling_weight or manifest.count(split))
         total_weight = sum(weights)
+        sha256s = []
         for manifest, weight in zip(manifests, weights):
-            shard_counts = [s.count for s in manifest.splits[split].shards]
-            paths += [str(p) for p in manifest.shard_paths(split)]
+            shards = _usable_shards(manifest, split, cfg.data.on_bad_shard)
+            shard_counts = [info.count for _, info in shards]
+            paths += [str(path) for path, _ in shards]
             counts += shard_counts
+            sha256s += [info.sha256 for _, info in shards]
             # Every shard of a set equally likely, scaled so that the set's expected share of the
             # samples (draws x shard sizes) is its weight: p = weight / samples in the set.
             probs += [weight / total_weight / sum(shard_counts)] * len(shard_counts)
         resampled = bool(cfg.data.mixture)
         shard_set = ShardSet(
-            tuple(manifests), tuple(paths), tuple(counts), np.asarray(probs) / sum(probs) if resampled else None
+            tuple(manifests),
+            tuple(paths),
+            tuple(counts),
+            np.asarray(probs) / sum(probs) if resampled else None,
+            tuple(sha256s),
         )
         if not resampled and len(paths) < cfg.data.streams:
             raise UserError(
@@ -132,3 +143,35 @@ class ShardSet:
         draws = max(1, round(len(self.paths) / streams))
         rng = np.random.default_rng([seed, epoch, stream, 0x4E5A])
         return [int(i) for i in rng.choice(len(self.paths), size=draws, p=self.probs)]
+
+
+def shard_problem(path: Path) -> str | None:
+    """Why shard file `path` cannot be read (cheap: no checksum), or None."""
+    if not path.is_file():
+        return "missing"
+    if not os.access(path, os.R_OK):
+        return "not readable"
+    size = path.stat().st_size
+    # A tar is whole 512-byte blocks; anything else was cut short (a copy, a full disk).
+    if size == 0 or size % 512:
+        return f"truncated ({size} bytes)"
+    return None
+
+
+def _usable_shards(manifest: Manifest, split: str, on_bad_shard: str) -> list[tuple[Path, ShardInfo]]:
+    """The split's shards with their manifest entries; bad ones stop the run, or with
+    data.on_bad_shard=skip are left out with one line."""
+    shards = list(zip(manifest.shard_paths(split), manifest.splits[split].shards))
+    bad = [(path, problem) for path, _ in shards if (problem := shard_problem(path))]
+    if not bad:
+        return shards
+    listed = ", ".join(f"{path.name} ({problem})" for path, problem in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    if on_bad_shard == "error" or len(bad) == len(shards):
+        raise UserError(
+            f"{manifest.root}: {len(bad)} of the {len(shards)} '{split}' shards the manifest lists cannot be read: "
+            f"{listed}; restore them (usjepa shards verify {manifest.root} checks a set), or set "
+            "data.on_bad_shard=skip to train without them"
+        )
+    print(f"usjepa: {manifest.root}: skipping {len(bad)} of {len(shards)} '{split}' shards: {listed}", file=sys.stderr)
+    dropped = {path for path, _ in bad}
+    return [(path, info) for path, info in shards if path not in dropped]

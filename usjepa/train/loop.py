@@ -12,6 +12,7 @@ mean loss on 1 rank or N.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -626,9 +627,9 @@ class Trainer:
         self.student.train()
         first_step, meter, outcome, stop_signal = self.step, Meter(self.device), None, None
         try:
-            with StopSignal() as stop:
+            with StopSignal() as stop, contextlib.ExitStack() as stack:
                 # Loader workers start inside: none may run a launcher's handler (submitit's requeues).
-                batches = make_train_loader(cfg, self.shard_set, self.step, world.rank, world.size)
+                batches = stack.enter_context(make_train_loader(cfg, self.shard_set, self.step, world.rank, world.size))
                 while self.step < end:
                     logged = (self.step + 1) % cfg.log.every_steps == 0 or self.step + 1 == end
                     meter.begin_step(timed=logged)
