@@ -83,54 +83,45 @@ def contact_sheet(
     rows = math.ceil(len(samples) / columns)
     font_size = max(10, side // 12)
     font = _font(font_size)
-    caption = 2 * (font_size + 4) + 4
-    pad = 6
+    caption, pad, title_h = 2 * (font_size + 4) + 4, 6, font_size + 12
     tiles = [render_tile(image, region, side) for _, image, region, _ in samples]
-    tile_w = max(t.width for t in tiles)
-    tile_h = max(t.height for t in tiles)
-    title_h = font_size + 12
+    tile_w, tile_h = max(t.width for t in tiles), max(t.height for t in tiles)
     size = (pad + columns * (tile_w + pad), title_h + pad + rows * (tile_h + caption + pad))
     sheet = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    draw.text(
-        (pad, 4),
+    title = (
         f"{manifest.root.name}: {split}, first {len(samples)} of {manifest.count(split)} "
-        f"({manifest.image_size} px; green: region border, blue: outside)",
-        fill=TEXT,
-        font=font,
+        f"({manifest.image_size} px; green: region border, blue: outside)"
     )
+    draw.text((pad, 4), title, fill=TEXT, font=font)
     for i, ((key, _, _, meta), tile) in enumerate(zip(samples, tiles)):
         x = pad + (i % columns) * (tile_w + pad)
         y = title_h + pad + (i // columns) * (tile_h + caption + pad)
         sheet.paste(tile, (x, y))
-        label = meta.get("label", -1)
-        name = meta.get("class_name") if label != -1 else "unlabelled"
-        flags = []
-        if meta.get("overlay_flagged"):
-            flags.append(f"FLAGGED {meta.get('color_fraction', 0):.0%}")
-        elif meta.get("inpainted"):
-            flags.append("inpainted")
-        draw.text((x, y + tile_h + 2), _fit(draw, f"{name} ({label})", font, tile_w), fill=TEXT, font=font)
-        second = " ".join([*flags, key]) if flags else key
-        draw.text(
-            (x, y + tile_h + font_size + 6),
-            _fit(draw, second, font, tile_w),
-            fill=FLAG_TEXT if flags else TEXT,
-            font=font,
-        )
+        _caption(draw, (x, y + tile_h + 2), key, meta, font, font_size, tile_w)
     grid_path = Path(grid_path).expanduser()
     if grid_path.parent and not grid_path.parent.exists():
         raise UserError(
             f"folder {grid_path.parent} for the contact sheet does not exist; create it or choose another path"
         )
     atomic_write(grid_path, lambda f: sheet.save(f, format="PNG"))
-    return {
-        "path": str(grid_path),
-        "split": split,
-        "samples": len(samples),
-        "size": list(sheet.size),
-        "keys": [key for key, *_ in samples],
-    }
+    keys = [key for key, *_ in samples]
+    return {"path": str(grid_path), "split": split, "samples": len(samples), "size": list(sheet.size), "keys": keys}
+
+
+def _caption(draw: ImageDraw.ImageDraw, at: tuple[int, int], key: str, meta: dict, font, font_size: int, width: int):
+    """Two lines under a tile: class (label), then overlay flags and the key."""
+    label = meta.get("label", -1)
+    name = meta.get("class_name") if label != -1 else "unlabelled"
+    flags = []
+    if meta.get("overlay_flagged"):
+        flags.append(f"FLAGGED {meta.get('color_fraction', 0):.0%}")
+    elif meta.get("inpainted"):
+        flags.append("inpainted")
+    x, y = at
+    draw.text((x, y), _fit(draw, f"{name} ({label})", font, width), fill=TEXT, font=font)
+    second = " ".join([*flags, key]) if flags else key
+    draw.text((x, y + font_size + 4), _fit(draw, second, font, width), fill=FLAG_TEXT if flags else TEXT, font=font)
 
 
 def contents_lines(manifest: Manifest) -> list[str]:

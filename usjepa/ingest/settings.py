@@ -8,6 +8,7 @@ from usjepa.errors import UserError
 from usjepa.ingest.image.overlay import LARGE_OVERLAY_ACTIONS, OverlaySettings
 from usjepa.ingest.image.preprocess import INTERPOLATIONS, RESIZE_MODES, PreprocessSettings
 from usjepa.ingest.image.region import RegionSettings
+from usjepa.ingest.ranges import range_problems
 from usjepa.ingest.sources.base import DEFAULT_EXCLUDE
 
 DEFAULT_WEIGHT_CAP = 50_000  # docs/method.md#mixture-weights
@@ -68,40 +69,21 @@ class BuildSettings:
     def validate(self) -> None:
         from usjepa.ingest.sources.detect import format_choices
 
-        def choice(value, name: str, options) -> tuple[bool, str]:
-            return value in options, f"{name} {value!r} is not one of {', '.join(options)}"
-
-        positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
-        checks = [
-            (
-                isinstance(self.image_size, int) and self.image_size >= 8,
-                f"image size {self.image_size!r} must be an integer >= 8",
-            ),
-            (positive(self.shard_size), f"shard size {self.shard_size!r} must be an integer >= 1"),
-            (0 <= self.val_fraction <= 1, f"val fraction {self.val_fraction} must be in [0, 1]"),
-            (0 <= self.test_fraction <= 1, f"test fraction {self.test_fraction} must be in [0, 1]"),
-            (
-                self.val_fraction + self.test_fraction <= 1,
-                f"val + test fractions ({self.val_fraction} + {self.test_fraction}) exceed 1",
-            ),
-            (
-                0 <= self.low_percentile < self.high_percentile <= 100,
-                f"percentiles {self.low_percentile}/{self.high_percentile} need 0 <= low < high <= 100",
-            ),
-            choice(self.resize_mode, "resize mode", RESIZE_MODES),
-            choice(self.interpolation, "interpolation", list(INTERPOLATIONS)),
-            choice(self.format, "source format", format_choices()),
-            choice(self.large_overlay, "large overlay action", LARGE_OVERLAY_ACTIONS),
-            (
-                self.max_samples is None or positive(self.max_samples),
-                f"max samples {self.max_samples!r} must be a positive integer (or unset)",
-            ),
-            (positive(self.weight_cap), f"weight cap {self.weight_cap!r} must be a positive integer"),
-            (
-                isinstance(self.source_options, dict),
-                f"source options must be a mapping of option name to value, got {self.source_options!r}",
-            ),
-        ]
-        problems = [why for ok, why in checks if not ok] + self.overlay.problems()
+        rules = {"image_size": "integer >= 8", "shard_size": "integer >= 1", "weight_cap": "integer >= 1"}
+        rules.update(val_fraction="number in [0, 1]", test_fraction="number in [0, 1]")
+        if self.max_samples is not None:  # None: all samples
+            rules["max_samples"] = "integer >= 1"
+        problems = range_problems(self, rules)
+        if self.val_fraction + self.test_fraction > 1:
+            problems.append(f"val + test fractions ({self.val_fraction} + {self.test_fraction}) exceed 1")
+        if not 0 <= self.low_percentile < self.high_percentile <= 100:
+            problems.append(f"percentiles {self.low_percentile}/{self.high_percentile} need 0 <= low < high <= 100")
+        choices = {"resize_mode": RESIZE_MODES, "interpolation": list(INTERPOLATIONS), "format": format_choices()}
+        for name, options in {**choices, "large_overlay": LARGE_OVERLAY_ACTIONS}.items():
+            if getattr(self, name) not in options:
+                problems.append(f"{name.replace('_', ' ')} {getattr(self, name)!r} is not one of {', '.join(options)}")
+        if not isinstance(self.source_options, dict):
+            problems.append(f"source options must be a mapping of option name to value, got {self.source_options!r}")
+        problems += self.overlay.problems()
         if problems:
             raise UserError("invalid shard build settings: " + "; ".join(problems))

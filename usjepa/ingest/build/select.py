@@ -63,26 +63,14 @@ class Selection:
             flagged = {**where, "color_fraction": entry["color_fraction"]}
             if entry["flagged"] and self.skip_large:
                 self.flagged.append({**flagged, "kept": False})
-                self.failed.append(
-                    {
-                        **where,
-                        "stage": "overlay",
-                        "reason": f"colour overlays cover {entry['color_fraction']:.1%} of the image "
-                        f"(>= {self.max_fraction:.0%}; large_overlay=skip)",
-                    }
-                )
+                share = f"{entry['color_fraction']:.1%} of the image (>= {self.max_fraction:.0%}; large_overlay=skip)"
+                self.failed.append({**where, "stage": "overlay", "reason": f"colour overlays cover {share}"})
                 continue
             digest = bytes.fromhex(entry["hash"])
             if self.dedup and digest in self.owner:
                 first = self.kept[self.owner[digest]]
-                self.duplicates.append(
-                    {
-                        **where,
-                        "duplicate_of": self.items[first.index].source,
-                        "duplicate_of_key": first.key,
-                        "pixel_hash": entry["hash"],
-                    }
-                )
+                of = {"duplicate_of": self.items[first.index].source, "duplicate_of_key": first.key}
+                self.duplicates.append({**where, **of, "pixel_hash": entry["hash"]})
                 continue
             if self.full:
                 self.capped += 1
@@ -91,19 +79,9 @@ class Selection:
             self.inpainted += bool(entry["inpainted"])
             if entry["flagged"]:
                 self.flagged.append({**flagged, "kept": True})
-            self.kept.append(
-                Kept(
-                    index,
-                    key,
-                    path,
-                    base + entry["offset"],
-                    tuple(entry["sizes"]),
-                    entry["crc"],
-                    bool(entry["flagged"]),
-                    bool(entry["inpainted"]),
-                    float(entry["color_fraction"]),
-                )
-            )
+            members = base + entry["offset"], tuple(entry["sizes"]), entry["crc"]
+            facts = bool(entry["flagged"]), bool(entry["inpainted"]), float(entry["color_fraction"])
+            self.kept.append(Kept(index, key, path, *members, *facts))
         if header["error"]:
             self.failed.append({"source": item.source, "key": item.key, "stage": "read", "reason": header["error"]})
 

@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from usjepa.ingest.ranges import range_problems
+
 LARGE_OVERLAY_ACTIONS = ("flag", "skip")
 
 
@@ -26,14 +28,8 @@ class OverlaySettings:
     """Jacobi sweeps of the harmonic fill (after the nearest-pixel start)."""
 
     def problems(self) -> list[str]:
-        out = []
-        if not 0 <= self.tolerance <= 255:
-            out.append(f"overlay tolerance {self.tolerance} must be in [0, 255]")
-        if not 0 <= self.max_fraction <= 1:
-            out.append(f"overlay max fraction {self.max_fraction} must be in [0, 1]")
-        if self.dilate < 0 or self.iterations < 0:
-            out.append("overlay dilate and iterations must be >= 0")
-        return out
+        rules = {"tolerance": "integer in [0, 255]", "max_fraction": "number in [0, 1]"}
+        return range_problems(self, {**rules, "dilate": "integer >= 0", "iterations": "integer >= 0"}, "overlay ")
 
 
 def colour_mask(rgb: np.ndarray, tolerance: int = 16) -> np.ndarray:

@@ -35,18 +35,8 @@ from usjepa.ingest.sources.walk import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from usjepa.shardset.sample import make_key
 
 ROLES = ("path", "label", "group", "split")
-SPLIT_NAMES = {
-    "train": "train",
-    "training": "train",
-    "trn": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "dev": "val",
-    "test": "test",
-    "testing": "test",
-    "tst": "test",
-}
+_SPELLINGS = {"train": "train training trn", "val": "val valid validation dev", "test": "test testing tst"}
+SPLIT_NAMES = {name: split for split, names in _SPELLINGS.items() for name in names.split()}
 
 
 def normalize_split(value: str) -> str | None:
@@ -62,26 +52,19 @@ def _norm_column(name: str) -> str:
 class CsvSource(Source):
     """A CSV manifest given as the file itself, or a folder holding exactly one .csv file."""
 
+    # what each option means: docs/data.md#csv
     @dataclass(frozen=True)
     class Options:
         path_column: str = "path"
-        """Column of the file paths: relative to `path_root`, or absolute."""
         label_column: str | None = "label"
-        """Column of the class names (null: unlabelled; a missing default column: unlabelled)."""
         group_column: str | None = "patient"
-        """Column of the patient/study/video id splits keep together (null: `group_pattern`, else per file)."""
         split_column: str | None = "split"
-        """Column of prescribed splits: train/val/test and their usual spellings (null: split by group)."""
         path_root: str | None = None
-        """Folder the paths are relative to, itself relative to the CSV's folder (default: that folder)."""
         path_suffix: str | None = None
-        """Suffix for paths listed without one (e.g. '.mp4'); else the one media file of that stem."""
         group_pattern: str | None = None
         label_pattern: str | None = None
-        """Instead of a label column: the first capture group of this regex in the file stem."""
         exclude_pattern: str | None = None
         delimiter: str | None = None
-        """Field delimiter (default: sniffed from the header among , ; tab |)."""
         fps: float | None = None
         max_frames: int | None = None
 

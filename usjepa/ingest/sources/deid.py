@@ -24,76 +24,28 @@ KIND_PREFIX = {"patient": "pat", "study": "stu", "series": "ser", "file": "file"
 # DICOM keywords of attributes that identify a person, a place, a device or an examination
 # (a working subset of the PS3.15 E.1-1 basic profile: names, ids, dates and times, UIDs,
 # addresses, free text about the patient). Sample metadata never carries any of them.
-IDENTIFYING_TAGS: tuple[str, ...] = (
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "OtherPatientIDs",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "PatientBirthName",
-    "PatientMotherBirthName",
-    "PatientBirthDate",
-    "PatientBirthTime",
-    "PatientSex",
-    "PatientAge",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "PatientComments",
-    "AdditionalPatientHistory",
-    "MedicalRecordLocator",
-    "EthnicGroup",
-    "Occupation",
-    "MilitaryRank",
-    "InstitutionName",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "ReferringPhysicianName",
-    "ReferringPhysicianAddress",
-    "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName",
-    "PhysiciansOfRecord",
-    "NameOfPhysiciansReadingStudy",
-    "RequestingPhysician",
-    "OperatorsName",
-    "StationName",
-    "DeviceSerialNumber",
-    "AccessionNumber",
-    "StudyID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "MediaStorageSOPInstanceUID",
-    "FrameOfReferenceUID",
-    "StudyDescription",
-    "SeriesDescription",
-    "RequestAttributesSequence",
-    "StudyDate",
-    "SeriesDate",
-    "AcquisitionDate",
-    "ContentDate",
-    "InstanceCreationDate",
-    "AcquisitionDateTime",
-    "StudyTime",
-    "SeriesTime",
-    "AcquisitionTime",
-    "ContentTime",
-    "InstanceCreationTime",
+IDENTIFYING_TAGS: tuple[str, ...] = tuple(
+    """
+    PatientName PatientID IssuerOfPatientID OtherPatientIDs OtherPatientIDsSequence OtherPatientNames
+    PatientBirthName PatientMotherBirthName PatientBirthDate PatientBirthTime PatientSex PatientAge PatientAddress
+    PatientTelephoneNumbers PatientComments AdditionalPatientHistory MedicalRecordLocator EthnicGroup Occupation
+    MilitaryRank InstitutionName InstitutionAddress InstitutionalDepartmentName ReferringPhysicianName
+    ReferringPhysicianAddress ReferringPhysicianTelephoneNumbers PerformingPhysicianName PhysiciansOfRecord
+    NameOfPhysiciansReadingStudy RequestingPhysician OperatorsName StationName DeviceSerialNumber AccessionNumber
+    StudyID StudyInstanceUID SeriesInstanceUID SOPInstanceUID MediaStorageSOPInstanceUID FrameOfReferenceUID
+    StudyDescription SeriesDescription RequestAttributesSequence StudyDate SeriesDate AcquisitionDate ContentDate
+    InstanceCreationDate AcquisitionDateTime StudyTime SeriesTime AcquisitionTime ContentTime InstanceCreationTime
+    """.split()
 )
 
 # values of these are too short or too generic (free-text descriptions such as "BREAST")
 # to look for inside path components
-_NOT_SEARCHED_IN_PATHS = {
-    "PatientSex",
-    "PatientAge",
-    "EthnicGroup",
-    "Occupation",
-    "MilitaryRank",
-    "StudyDescription",
-    "SeriesDescription",
-    "PatientComments",
-    "AdditionalPatientHistory",
-}
+_NOT_SEARCHED_IN_PATHS = set(
+    """
+    PatientSex PatientAge PatientComments AdditionalPatientHistory EthnicGroup Occupation MilitaryRank
+    StudyDescription SeriesDescription
+    """.split()
+)
 _KIND_OK = re.compile(r"^[a-z][a-z0-9]*$")
 
 

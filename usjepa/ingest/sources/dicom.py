@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from usjepa.errors import UserError
+from usjepa.ingest.ranges import range_problems
 from usjepa.ingest.sources import deid
 from usjepa.ingest.sources.base import DEFAULT_EXCLUDE, Patterns, Source, check_folder, label_indices, register_source
 from usjepa.ingest.sources.dicom_pixels import (  # noqa: F401  (DicomDecodeError: what a failed item raises)
@@ -43,16 +44,13 @@ class _Entry:
 class DicomSource(Source):
     """A folder tree of DICOM files; groups are salted pseudonyms of a DICOM tag, never raw ids."""
 
+    # what each option means: docs/data.md#dicom
     @dataclass(frozen=True)
     class Options:
         labels: Literal["auto", "folders", "none"] = "auto"
-        """'folders': root/<class>/...; 'none': unlabelled; 'auto': folders when the root holds
-        only folders, at least two, none named after an identifier of its files."""
         group_by: Literal["patient", "study", "series", "file"] = "patient"
         frame_stride: int = 1
-        """Every n-th frame of a multi-frame file."""
         max_frames: int = 0
-        """At most this many frames per file (0: all)."""
         salt: bytes | None = None
         """The de-identification salt itself (Python callers); else the file `salt_path`."""
         salt_path: str | None = None
@@ -85,11 +83,8 @@ class DicomSource(Source):
         return items, self._summary(items, counts, tally, label_note), classes
 
     def _check_options(self) -> None:
-        o, problems = self.options, []
-        if o.frame_stride < 1:
-            problems.append(f"frame stride {o.frame_stride!r} must be an integer >= 1")
-        if o.max_frames < 0:
-            problems.append(f"max frames {o.max_frames!r} must be an integer >= 0 (0: all)")
+        o = self.options
+        problems = range_problems(o, {"frame_stride": "integer >= 1", "max_frames": "integer >= 0 (0: all)"})
         if o.group_pattern:
             problems.append(
                 "a group pattern does not apply to DICOM sources (groups come from the PatientID/"

@@ -17,18 +17,15 @@ from usjepa.shardset.sample import make_key
 class FilenameSource(Source):
     """Files under `images` / `videos` folders of SRC labelled by their name prefix."""
 
+    # what each option means: docs/data.md#filenames
     @dataclass(frozen=True)
     class Options:
         label_from_prefix: dict[str, str] = field(default_factory=dict)
-        """File-name prefix -> class (case-insensitive; the longest matching prefix wins)."""
         images: tuple[str, ...] | str = ()
-        """Folders of images, relative to SRC, searched recursively."""
         videos: tuple[str, ...] | str = ()
-        """Folders of videos, relative to SRC, searched recursively."""
         group_pattern: str | None = None
         exclude_pattern: str | None = None
         unmatched: Literal["skip", "error"] = "skip"
-        """Files matching no prefix: skipped and counted, or an error."""
         fps: float | None = None
         max_frames: int | None = None
 

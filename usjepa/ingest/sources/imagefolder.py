@@ -18,13 +18,11 @@ from usjepa.shardset.sample import make_key
 class ImageFolderSource(Source):
     """Each first-level folder is a class (sorted names give labels 0..n-1); images may sit deeper."""
 
+    # what each option means: docs/data.md#imagefolder
     @dataclass(frozen=True)
     class Options:
         group_pattern: str | None = None
-        """Regex; its first capture group in the file stem is the group (patient) id; without it
-        every image is its own group."""
         exclude_pattern: str | None = DEFAULT_EXCLUDE
-        """Regex; files whose stem matches are not images of the set (default: segmentation masks)."""
 
     looks_for: ClassVar[str] = (
         "images (" + ", ".join(IMAGE_SUFFIXES) + ") in one subfolder per class: <root>/<class name>/<image>.png"

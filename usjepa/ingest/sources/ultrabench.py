@@ -20,43 +20,19 @@ from usjepa.ingest.sources.listed import DirIndex, relative_to_any, require_some
 from usjepa.ingest.sources.walk import IMAGE_SUFFIXES
 from usjepa.shardset.sample import make_key
 
-TRAIN_VAL_FILES = ("train_val.json", "trainval.json")
-TRAIN_FILES = ("train.json",)
-VAL_FILES = ("validation.json", "val.json", "valid.json")
-TEST_FILES = ("test.json",)
-
-LIST_KEYS = ("records", "examples", "samples", "items", "data", "images", "annotations")
-IMAGE_KEYS = (
-    "image",
-    "image_path",
-    "img",
-    "img_path",
-    "path",
-    "file",
-    "filename",
-    "file_name",
-    "image_file",
-    "image_name",
-    "name",
+# The keys the published ultrabench layouts write, per role (POCUS records name their video in
+# `source`); a split file is a list of records, {"records" | "data": [...]}, or a mapping image -> record
+# or label (docs/data.md#ultrabench).
+LIST_KEYS = ("records", "data")
+IMAGE_KEYS = ("image", "file_name")
+LABEL_KEYS = ("label",)
+NAME_KEYS = ("class", "pathology")
+GROUP_KEYS = ("patient", "source")
+MASK_KEYS = ("scan_mask",)
+LAYOUT = (
+    "an UltraBench dataset folder holds images/, masks/scan/ and train.json + validation.json + test.json "
+    "(release 1.0.1) or train_val.json + test.json"
 )
-LABEL_KEYS = ("label", "class_id", "label_id", "target")
-NAME_KEYS = ("class", "class_name", "classname", "pathology", "diagnosis", "category", "label_name", "view")
-GROUP_KEYS = (
-    "patient",
-    "patient_id",
-    "patientid",
-    "subject",
-    "subject_id",
-    "video",
-    "video_id",
-    "source",
-    "study",
-    "study_id",
-    "case",
-    "case_id",
-    "group",
-)
-MASK_KEYS = ("scan_mask", "scan_mask_path", "scan", "region_mask", "region")
 
 
 def load_mask(path: Path) -> np.ndarray:
@@ -153,8 +129,8 @@ def read_records(path: Path) -> list[dict]:
     return data
 
 
-def _label_of(record: dict) -> dict:
-    """The record's integer label and class name, where it has them."""
+def _fields(record: dict) -> dict:
+    """The record's integer label and class name (where it has them), group and scan mask."""
     label_key, label_value = _first(record, LABEL_KEYS)
     name_key, name_value = _first(record, NAME_KEYS)
     number = _as_int(label_value) if label_key is not None else None
@@ -163,13 +139,10 @@ def _label_of(record: dict) -> dict:
         name = str(name_value).strip()
     elif label_key is not None and number is None:
         name = str(label_value).strip()  # a class name stored under "label"
-    return {"number": number, "name": name}
-
-
-def _group_and_mask(record: dict) -> dict:
     _, group = _first(record, GROUP_KEYS)
     _, mask = _first(record, MASK_KEYS)
-    return {"group": None if group is None else str(group), "mask": mask if isinstance(mask, str) else None}
+    group, mask = None if group is None else str(group), mask if isinstance(mask, str) else None
+    return {"number": number, "name": name, "group": group, "mask": mask}
 
 
 def _groups_in_several_splits(items) -> int:
@@ -189,15 +162,13 @@ class UltraBenchSource(Source):
         "or train_val.json + test.json"
     )
 
+    # what each option means: docs/data.md#ultrabench
     @dataclass(frozen=True)
     class Options:
         val_fraction: float = 0.1
-        """Share of train_val.json (or of train.json without a validation file) cut off as val, by group."""
         seed: int = 0
         scan_masks: bool = True
-        """masks/scan/<image> is the ultrasound region of each image."""
         group_pattern: str | None = None
-        """For records without a group key: the first capture group of this regex in the image stem."""
         exclude_pattern: str | None = None
 
     def scan(self):
@@ -217,23 +188,13 @@ class UltraBenchSource(Source):
     # -- layout
     def _split_files(self) -> tuple[str, dict[str, Path]]:
         root = self.root
-        layout = (
-            "an UltraBench dataset folder holds images/, masks/scan/ and train.json + validation.json + "
-            "test.json (release 1.0.1) or train_val.json + test.json"
-        )
         if not root.is_dir():
-            raise UserError(f"UltraBench source {root} does not exist or is not a folder; check the path ({layout})")
-
-        def pick(names: tuple[str, ...]) -> Path | None:
-            present = [root / n for n in names if (root / n).is_file()]
-            if len(present) > 1:
-                raise UserError(f"{root} holds both {present[0].name} and {present[1].name}; keep one")
-            return present[0] if present else None
-
-        train_val, train, val, test = pick(TRAIN_VAL_FILES), pick(TRAIN_FILES), pick(VAL_FILES), pick(TEST_FILES)
+            raise UserError(f"UltraBench source {root} does not exist or is not a folder; check the path ({LAYOUT})")
+        names = ("train_val.json", "train.json", "validation.json", "test.json")
+        train_val, train, val, test = (root / n if (root / n).is_file() else None for n in names)
         jsons = ", ".join(sorted(p.name for p in root.glob("*.json"))) or "none"
         if test is None or (train_val is None and train is None):
-            raise UserError(f"no UltraBench split files in {root} (JSON files there: {jsons}); {layout}")
+            raise UserError(f"no UltraBench split files in {root} (JSON files there: {jsons}); {LAYOUT}")
         if train_val is not None and (train is not None or val is not None):
             raise UserError(
                 f"{root} holds both {train_val.name} and train/validation files (JSON files: {jsons}); keep one layout"
@@ -301,8 +262,7 @@ class UltraBenchSource(Source):
                         "keys": list(record),
                         "raw": raw,
                         "path": image,
-                        **_label_of(record),
-                        **_group_and_mask(record),
+                        **_fields(record),
                     }
                 )
         if not rows:
@@ -409,9 +369,8 @@ class UltraBenchSource(Source):
     @classmethod
     def looks_like(cls, root: Path) -> bool:
         root = Path(root)
-        if not (root / "images").is_dir() or not any((root / n).is_file() for n in TEST_FILES):
-            return False
-        return any((root / n).is_file() for n in TRAIN_VAL_FILES + TRAIN_FILES)
+        has_train = (root / "train_val.json").is_file() or (root / "train.json").is_file()
+        return (root / "images").is_dir() and (root / "test.json").is_file() and has_train
 
     def grouping(self) -> dict:
         keys = "record key (" + ", ".join(GROUP_KEYS) + ")"

@@ -60,13 +60,11 @@ def video_settings(options) -> VideoSettings:
 class VideoSource(Source):
     """A folder tree of videos, in class folders or unlabelled."""
 
+    # what each option means: docs/data.md#video
     @dataclass(frozen=True)
     class Options(VideoSettings):
         labels: Literal["auto", "folders", "none"] = "auto"
-        """'folders': root/<class>/...; 'none': unlabelled; 'auto': folders when the root holds
-        several folders, none named like an identifier, fewer than half the videos."""
         group_pattern: str | None = None
-        """Regex; its first capture group in the file stem is the group (e.g. r'^patient_(\\d+)_')."""
         exclude_pattern: str | None = DEFAULT_EXCLUDE
 
     looks_for: ClassVar[str] = (

@@ -13,6 +13,7 @@ from PIL import Image
 
 from usjepa.ingest.image.overlay import colour_fraction, luma
 from usjepa.ingest.image.region import RegionSettings, detect_region, shape_region
+from usjepa.ingest.ranges import range_problems
 from usjepa.ingest.sources.base import Loaded
 
 THUMB_SIZE = 32
@@ -26,9 +27,7 @@ class VideoSettings:
     """How frames are taken from a video (recorded in the manifest under source_stats)."""
 
     fps: float = 3.0
-    """Frames sampled per second of video (0: every frame)."""
     max_frames: int = 30
-    """At most this many frames per video, spread over the whole loop (0: no cap)."""
     dedup_threshold: float = 0.25
     """A frame whose thumbnail differs from the last kept one by less (mean absolute difference
     over lit pixels, 0-255) is a near-duplicate and skipped (0: off). COVID-BLUES: a repeated,
@@ -39,41 +38,20 @@ class VideoSettings:
     """...and above this fraction of the median std of the varying pixels: drops codec ringing
     around a moving scan, which grows with the scan's contrast."""
     blank_level: float = 8.0
-    """A frame whose thumbnail is at most this everywhere is blank (never kept, no motion)."""
     region: RegionSettings = field(default_factory=RegionSettings)
 
     def problems(self) -> list[str]:
-        checks = [
-            (
-                _number(self.fps) and self.fps >= 0 and not math.isinf(self.fps),
-                f"fps {self.fps!r} must be a number >= 0 (0: every frame)",
-            ),
-            (
-                isinstance(self.max_frames, int) and not isinstance(self.max_frames, bool) and self.max_frames >= 0,
-                f"max frames {self.max_frames!r} must be an integer >= 0 (0: no cap)",
-            ),
-            (
-                _number(self.dedup_threshold) and 0 <= self.dedup_threshold <= 255,
-                f"dedup threshold {self.dedup_threshold!r} must be in [0, 255] (0: off)",
-            ),
-            (
-                _number(self.motion_threshold) and 0 <= self.motion_threshold <= 255,
-                f"motion threshold {self.motion_threshold!r} must be in [0, 255]",
-            ),
-            (
-                _number(self.motion_relative) and 0 <= self.motion_relative < 1,
-                f"motion relative {self.motion_relative!r} must be in [0, 1)",
-            ),
-            (
-                _number(self.blank_level) and 0 <= self.blank_level < 255,
-                f"blank level {self.blank_level!r} must be in [0, 255)",
-            ),
-        ]
-        return [why for ok, why in checks if not ok]
+        return range_problems(self, VIDEO_RULES)
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+VIDEO_RULES = {
+    "fps": "number >= 0 (0: every frame)",
+    "max_frames": "integer >= 0 (0: no cap)",
+    "dedup_threshold": "number in [0, 255] (0: off)",
+    "motion_threshold": "number in [0, 255]",
+    "motion_relative": "number in [0, 1)",
+    "blank_level": "number in [0, 255)",
+}
 
 
 @dataclass
