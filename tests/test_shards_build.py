@@ -565,3 +565,87 @@ def test_source_options_are_typed_and_checked_in_a_recipe(tmp_path):
     recipe.write_text("format: video\nsource: /x\noptions: {fps: 2, region: {work_size: 64}}\n")
     _, settings, options = load_recipe(recipe, {}, environ={})
     assert options == {"fps": 2, "region": {"work_size": 64}} and settings.source_options == options
+
+
+# ----------------------------------------------------------------------------- one-line errors
+def _one_line_error(capsys, argv: list[str]) -> str:
+    """Run `usjepa ARGV` in this process; it must fail with exit status 2 and one line on stderr."""
+    from usjepa.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("usjepa shards: error: "), err
+    return err
+
+
+def test_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    src = image_folder(tmp_path / "src", per_class=2)
+    (tmp_path / "somefile").write_text("x")
+    err = _one_line_error(capsys, ["shards", "build", str(src), str(tmp_path / "somefile" / "out"), "--no-progress"])
+    assert "cannot create the output folder" in err and "somefile is a file, not a folder" in err
+    if Path("/proc/self").is_dir():  # not writable even for root
+        err = _one_line_error(capsys, ["shards", "build", str(src), "/proc/usjepa-not-writable/out", "--no-progress"])
+        assert "cannot create the output folder /proc/usjepa-not-writable/out" in err
+    if os.geteuid() != 0:  # root writes into a 0o500 folder all the same
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        err = _one_line_error(capsys, ["shards", "build", str(src), str(locked), "--no-progress"])
+        assert f"output folder {locked} is not writable" in err
+
+
+def test_contact_sheet_under_a_file_is_one_line(tmp_path, capsys):
+    src = image_folder(tmp_path / "src", per_class=2)
+    build_shards(src, tmp_path / "out", BuildSettings(image_size=32, val_fraction=0, test_fraction=0), progress=False)
+    (tmp_path / "somefile").write_text("x")
+    grid = str(tmp_path / "somefile" / "sheet.png")
+    err = _one_line_error(capsys, ["shards", "inspect", str(tmp_path / "out"), "--grid", grid])
+    assert "for the contact sheet is a file, not a folder" in err
+
+
+def test_file_size_limit_is_one_line_and_the_build_resumes(tmp_path):
+    """A real build under RLIMIT_FSIZE (SIGXFSZ ignored, so writes fail with EFBIG) ends with one line
+    naming the file; rerun without the limit, it finishes with the shards of an unlimited build."""
+    src = image_folder(tmp_path / "src", per_class=6)
+    flags = ["--size", "48", "--shard-size", "100", "--no-progress"]
+    assert cli("build", str(src), str(tmp_path / "whole"), *flags) == 0
+    limited = (
+        "import resource, signal, sys\n"
+        "from usjepa.cli import main\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))\n"
+        "sys.exit(main(sys.argv[2:]))\n"
+    )
+    out = tmp_path / "out"
+    for limit, workers, written in ((1500, "2", ".res"), (20000, "1", "train-000000.tar")):
+        argv = ["shards", "build", str(src), str(out), *flags, "--workers", workers]
+        proc = subprocess.run(
+            [sys.executable, "-c", limited, str(limit), *argv],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+        assert proc.stderr.startswith("usjepa shards: error: cannot write ") and "File too large" in proc.stderr
+        assert (
+            written in proc.stderr and "raise the file-size limit" in proc.stderr and "free disk space" in proc.stderr
+        )
+        assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp-*"))
+    assert cli("build", str(src), str(out), *flags) == 0
+    assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
+
+
+def test_options_and_positionals_mix_in_any_order(tmp_path):
+    from usjepa.cli import main
+
+    src = image_folder(tmp_path / "src", per_class=2)
+    out = tmp_path / "out"
+    assert (
+        main(["shards", "build", str(src), "--format", "imagefolder", str(out), "--size", "32", "--no-progress"]) == 0
+    )
+    assert load_manifest(out).image_size == 32 and load_manifest(out).source_format == "imagefolder"
+    assert main(["shards", "build", "--size", "40", str(src), "--no-progress", str(tmp_path / "o2")]) == 0
+    assert load_manifest(tmp_path / "o2").image_size == 40
+    assert main(["shards", "inspect", "--n", "2", str(out), "--grid", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").is_file()

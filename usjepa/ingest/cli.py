@@ -87,6 +87,22 @@ _BUILD_HELP = {
 }
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Takes options and positionals in any order (`build SRC --format csv OUT`): argparse's own
+    parse_known_args stops filling positionals at the first option, leaving OUT unrecognised."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back in here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def _dest(field: str) -> str:
     return field.replace(".", "_")
 
@@ -100,7 +116,7 @@ def register_cli(subparsers) -> None:
         "group-disjoint train/val/test splits) and check or look at them.",
     )
     shards.set_defaults(func=lambda args: _print_help(shards))
-    sub = shards.add_subparsers(dest="shards_command", metavar="{build,verify,inspect}")
+    sub = shards.add_subparsers(dest="shards_command", metavar="{build,verify,inspect}", parser_class=_IntermixedParser)
     _add_build(sub)
     verify = sub.add_parser(
         "verify",

@@ -100,11 +100,13 @@ def contact_sheet(
         sheet.paste(tile, (x, y))
         _caption(draw, (x, y + tile_h + 2), key, meta, font, font_size, tile_w)
     grid_path = Path(grid_path).expanduser()
-    if grid_path.parent and not grid_path.parent.exists():
-        raise UserError(
-            f"folder {grid_path.parent} for the contact sheet does not exist; create it or choose another path"
-        )
-    atomic_write(grid_path, lambda f: sheet.save(f, format="PNG"))
+    if not grid_path.parent.is_dir():
+        what = "is a file, not a folder" if grid_path.parent.exists() else "does not exist"
+        raise UserError(f"folder {grid_path.parent} for the contact sheet {what}; create it or choose another path")
+    try:
+        atomic_write(grid_path, lambda f: sheet.save(f, format="PNG"))
+    except OSError as exc:
+        raise UserError(f"cannot write the contact sheet {grid_path} ({exc.strerror}); choose another path") from None
     keys = [key for key, *_ in samples]
     return {"path": str(grid_path), "split": split, "samples": len(samples), "size": list(sheet.size), "keys": keys}
 

@@ -3,6 +3,7 @@ out of the result files); a tar appears under its final name only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from usjepa.errors import UserError
 from usjepa.ingest.build.select import Kept, Selection
 from usjepa.ingest.build.splits import seeded_order
+from usjepa.ingest.build.workdir import naming
 from usjepa.ingest.settings import BuildSettings
 from usjepa.ingest.sources.base import SourceItem
 from usjepa.shardset import sample as sample_format
@@ -63,7 +65,8 @@ class ShardSink:
         if self._writer is None or self._count >= self.shard_size:
             self._finish()
             self._start()
-        self._writer.write(sample)
+        with naming(self.out / self._name):
+            self._writer.write(sample)
         self._count += 1
 
     def _start(self) -> None:
@@ -76,10 +79,11 @@ class ShardSink:
     def _finish(self) -> None:
         if self._writer is None:
             return
-        self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with naming(self.out / self._name):
+            self._writer.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         with open(self._tmp, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         os.replace(self._tmp, self.out / self._name)
@@ -92,13 +96,12 @@ class ShardSink:
 
     def abort(self) -> None:
         """Drop the unfinished tar (complete ones stay; no manifest will claim them)."""
-        if self._writer is not None:
-            try:
-                self._writer.close()  # flush the tar stream before its file goes away
-            except Exception:
-                pass
-        if self._file is not None:
-            self._file.close()
+        # close what is open (the tar stream first, then its file); either may fail to flush on a full
+        # disk, which does not matter: the file is deleted
+        for part in (self._writer, self._file):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.close()
         if self._tmp is not None:
             Path(self._tmp).unlink(missing_ok=True)
         self._writer = self._file = self._tmp = None

@@ -4,7 +4,9 @@ settings give byte-identical shards for any number of workers, interrupted or no
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -18,7 +20,7 @@ from usjepa.ingest.build.pack import pack_splits, remove_stale
 from usjepa.ingest.build.record import describe_source, make_manifest, make_report, summarise
 from usjepa.ingest.build.select import assign_samples
 from usjepa.ingest.build.splits import seeded_order
-from usjepa.ingest.build.workdir import WORK_FORMAT, WorkDir
+from usjepa.ingest.build.workdir import WORK_DIR, WORK_FORMAT, WorkDir, naming
 from usjepa.ingest.build.workers import process_items, resolve_workers
 from usjepa.ingest.settings import BuildSettings
 from usjepa.ingest.sources.base import SOURCES, Source, SourceItem, open_source, option_names
@@ -52,9 +54,15 @@ def run_build(
     items = _items_in_order(source, name)
     times = {"started": started, "listed": time.perf_counter()}
     _prepare_out(out, settings.overwrite)
-    work = WorkDir(out, _fingerprint(name, source, options, settings), settings.overwrite)
+    try:
+        work = WorkDir(out, _fingerprint(name, source, options, settings), settings.overwrite)
+    except OSError as exc:
+        raise _write_error(exc, out) from None
     try:
         result = _phases(source, name, items, options, settings, work, workers, progress, times)
+    except OSError as exc:
+        work.release()
+        raise _write_error(exc, out) from None
     except BaseException:
         work.release()
         raise
@@ -87,7 +95,8 @@ def _phases(
     report = make_report(out, created, described, summary, selection, {"workers": workers, **run_stats})
     if not selection.kept:
         reasons = "; ".join(f"{s['source']}: {s['reason']}" for s in selection.failed[:3])
-        atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+        with naming(out / REPORT_NAME):
+            atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
         work.remove()
         raise UserError(
             f"none of the {len(items)} items under {source.root} could be used ({reasons}); every reason "
@@ -107,8 +116,10 @@ def _phases(
         },
         frames_per_second=round(selection.frames / max(processed - listed, 1e-9), 1),
     )
-    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
-    write_manifest(manifest)  # last: its presence means a complete build
+    with naming(out / REPORT_NAME):
+        atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+    with naming(out / MANIFEST_NAME):
+        write_manifest(manifest)  # last: its presence means a complete build
     return BuildResult(manifest, report)
 
 
@@ -197,7 +208,25 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
                 "choose another OUT"
             )
         manifest.unlink()  # first: from here on the folder no longer claims a complete build
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocking = next((p for p in out.parents if p.exists()), None)  # a file where a folder should be
+        why = f"{blocking} is a file, not a folder" if blocking and not blocking.is_dir() else exc.strerror
+        raise UserError(f"cannot create the output folder {out} ({why}); choose a folder path for OUT") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {out} is not writable; choose a folder you can write to for OUT")
+
+
+def _write_error(exc: OSError, out: Path) -> Exception:
+    """A full disk or a file-size limit as a UserError naming the file; any other OSError as it is."""
+    if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return exc
+    return UserError(
+        f"cannot write {exc.filename or 'a file in ' + str(out)} ({exc.strerror}): free disk space or raise the "
+        f"file-size limit (ulimit -f), then run the same command again to resume (finished work in "
+        f"{out / WORK_DIR} is kept)"
+    )
 
 
 def _jsonable(value):

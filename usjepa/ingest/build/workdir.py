@@ -11,6 +11,7 @@ import os
 import shutil
 import struct
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 from usjepa.config import changed_settings, flatten
@@ -22,6 +23,18 @@ WORK_DIR = ".work"
 WORK_FORMAT = 1  # bump when a result file's content or meaning changes
 RESULT_MAGIC = b"USJWRES1"
 _FIXED = struct.Struct("<IIQ")  # header length, header crc32, payload length
+
+
+@contextmanager
+def naming(path):
+    """Put `path` into an OSError raised while writing it: a failed write() names no file, and the
+    build's error for a full disk or a file-size limit says which file could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 class WorkDir:
@@ -53,7 +66,10 @@ class WorkDir:
             previous = None
         if previous is None:  # new, changed (with --overwrite) or unreadable: start afresh
             shutil.rmtree(self.items, ignore_errors=True)
-            atomic_write_text(settings_path, json.dumps({"fingerprint": fingerprint}, indent=2, sort_keys=True) + "\n")
+            with naming(settings_path):
+                atomic_write_text(
+                    settings_path, json.dumps({"fingerprint": fingerprint}, indent=2, sort_keys=True) + "\n"
+                )
         self.items.mkdir(exist_ok=True)
         for i in range(256):
             (self.items / f"{i:02x}").mkdir(exist_ok=True)
@@ -106,10 +122,14 @@ def write_result(path: Path, header: dict, payload: bytes) -> int:
     power loss a damaged file fails its length or crc check and is simply redone."""
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(RESULT_MAGIC + _FIXED.pack(len(head), zlib.crc32(head), len(payload)))
-        f.write(head)
-        f.write(payload)
+    try:
+        with naming(path), open(tmp, "wb") as f:
+            f.write(RESULT_MAGIC + _FIXED.pack(len(head), zlib.crc32(head), len(payload)))
+            f.write(head)
+            f.write(payload)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: leave no partial file behind
+        raise
     os.replace(tmp, path)
     return len(RESULT_MAGIC) + _FIXED.size + len(head)
 
