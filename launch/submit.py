@@ -53,15 +53,51 @@ def slurm_minutes(text: str) -> int:
     return -(-seconds // 60)
 
 
+def _int_at_least(low: int):
+    """An argparse type: a whole number >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low:
+            need = "a positive whole number (1 or more)" if low == 1 else f"a whole number >= {low}"
+            raise argparse.ArgumentTypeError(f"'{text}' must be {need}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1)
+count = _int_at_least(0)
+
+_SLURM_MEM = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
+
+
+def slurm_mem(text: str) -> str:
+    """Memory per node as `sbatch --mem` takes it: a whole number with an optional K, M, G or T
+    suffix (any case; megabytes without one; 0 asks for all of a node's memory)."""
+    value = text.strip()
+    if not _SLURM_MEM.match(value):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a Slurm memory size; write a whole number with an optional K, M, G or T "
+            "suffix (240G, 512000; megabytes without a suffix)"
+        )
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config, e.g. configs/salt_vitb16.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of config settings")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--tasks-per-node", type=int, default=1, help="one per GPU")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs to request per node (0: none, CPU run)")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="loader workers + 1 is a good start")
-    p.add_argument("--mem", default=None, help="memory per node, e.g. 480G")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--tasks-per-node", type=positive_int, default=1, help="one per GPU")
+    p.add_argument("--gpus-per-node", type=count, default=0, help="GPUs to request per node (0: none, CPU run)")
+    p.add_argument("--cpus-per-task", type=positive_int, default=None, help="loader workers + 1 is a good start")
+    p.add_argument(
+        "--mem", type=slurm_mem, default=None, help="memory per node, e.g. 480G (megabytes without a suffix)"
+    )
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
@@ -76,13 +112,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--job-name", default=None, help="default: the run dir's name")
     p.add_argument(
         "--signal-delay",
-        type=int,
+        type=positive_int,
         default=90,
-        help="seconds before the time limit at which SIGUSR2 asks the job to save and requeue",
+        help="seconds before the time limit at which SIGUSR2 asks the job to save and requeue (shorter than --time)",
     )
     p.add_argument(
         "--max-requeues",
-        type=int,
+        type=count,
         default=10,
         help="requeues after hitting the time limit (preemptions always requeue)",
     )
@@ -95,7 +131,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--dry-run", action="store_true", help="print the job parameters and resolved config; submit nothing"
     )
     p.add_argument("--wait", action="store_true", help="wait for the job (requeues included) and report how it ended")
-    return p.parse_intermixed_args(argv)  # KEY=VALUE overrides before or after the options
+    args = p.parse_intermixed_args(argv)  # KEY=VALUE overrides before or after the options
+    if args.signal_delay >= args.time * 60:
+        p.error(
+            f"argument --signal-delay: {args.signal_delay} s is not shorter than the time limit --time "
+            f"({args.time} min = {args.time * 60} s): the job would be asked to stop before it started"
+        )
+    return args
 
 
 def make_paths_absolute(cfg: Config) -> None:

@@ -76,6 +76,9 @@ class DataConfig:
     # rank's share of the batch); 0 = the rank's whole share in one pass. Does not change results.
     micro_batch_size: int = 0
     num_workers: int = 1  # loader processes per rank; must divide the streams a rank reads
+    # A shard the manifest lists that is missing, unreadable or fails its checksum (checked when a
+    # loader first opens it): `error` stops the run naming it; `skip` leaves it out, said once.
+    on_bad_shard: Literal["error", "skip"] = "error"
     shuffle_buffer: int = 256
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -385,6 +388,47 @@ def validate(cfg: Config) -> Config:
 # --------------------------------------------------------------------------- loading
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping (PyYAML would silently keep the last)."""
+
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        super().__init__(problem=f"duplicate key '{key}'", problem_mark=None)
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+    def __str__(self) -> str:
+        return (
+            f"key '{self.key}' is given twice in the same mapping, at lines {self.first_line} and "
+            f"{self.second_line} (only the last would count); keep one"
+        )
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, at any depth. Keys merged
+    in from an anchor (`<<: *base`) may still be overridden by the mapping's own keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise DuplicateKeyError(key, first, line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    """YAML text as Python values, as yaml.safe_load reads it, but a duplicate key is an error."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -458,6 +502,17 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         if key not in names:
             raise _unknown_key(cls, str(key), prefix)
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        names = ", ".join(f"'{prefix}{m}'" for m in missing)
+        raise ConfigError(f"missing key {names}: it has no default, so it must be given")
     return cls(**kwargs)
 
 
@@ -476,11 +531,18 @@ def _set_dotted(tree: dict, dotted: str, value: Any, schema: type | None = None)
                 raise _unknown_key(cls, part, "".join(p + "." for p in parts[:i]))
             cls = typing.get_type_hints(cls)[part]
         if i == len(parts) - 1:
+            _coerce(value, cls, dotted)  # a bad value fails here, blamed on the override
             node[part] = value
             return
         if not (dataclasses.is_dataclass(cls) or typing.get_origin(cls) is dict):
             raise ConfigError(f"'{dotted}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):  # the file gave a value where a section belongs
+            raise _NotASection(f"{'.'.join(parts[: i + 1])}: expected a mapping of keys, got {node!r}")
+
+
+class _NotASection(ConfigError):
+    """A value in the file where an override needs a section: the file's mistake."""
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -507,7 +569,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.total_steps=100)")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {text}: key '{e.key}' is given twice") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -522,24 +586,42 @@ def load_typed(
     schema: type, path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), example: str = ""
 ) -> Any:
     """An instance of the dataclass `schema` from a YAML file (or its defaults when `path` is
-    None) with dotted overrides applied, strictly typed (no cross-field checks)."""
+    None) with dotted overrides applied, strictly typed (no cross-field checks). A bad value is
+    blamed on where it came from: `FILE: key: ...` or, with a file, `override key=value: ...`."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' not found; pass a YAML file such as {example}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = _yaml_load(p.read_text())
+        except DuplicateKeyError as e:
+            raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file '{p}' cannot be read: {e}") from None
+        if tree is None:
+            like = f", as in {example}" if example else ""
+            raise ConfigError(
+                f"config file '{p}' is empty; write the settings to change{like} ('{{}}' for all the defaults)"
+            )
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (run:, data:, ...)")
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value, schema)
-    try:
+        try:
+            _set_dotted(tree, key, value, schema)
+        except _NotASection as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except ConfigError as e:
+            if path is None:  # no file it could be mistaken for
+                raise
+            why = str(e).removeprefix(f"{key}: ")
+            raise ConfigError(f"override {text}: {why}") from None
+    try:  # every override's value has passed: what fails now came from the file
         return from_dict(schema, tree)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
