@@ -5,9 +5,11 @@ export, bench) finds its parts here; writing a checkpoint is train/checkpoint.py
 Layout:
     resolved_config.yaml        the config the run was started with (rewritten on resume)
     checkpoints/step_000120/    DCP files of {"model", "optim"} (+ "target", the EMA encoder)
-    checkpoints/step_000120/meta.json   step, samples seen, data position, RNG, teacher
+    checkpoints/step_000120/meta.json   step, samples seen, data position, RNG, teacher, and
+                                the size and sha256 of every other file (written last)
     checkpoints/latest          the name of the newest complete checkpoint
     checkpoints/best            the one with the lowest validation loss (never pruned)
+    checkpoints/damaged/        checkpoints a start found damaged (resume_checkpoint)
     tb/                         TensorBoard events
 """
 
@@ -27,7 +29,7 @@ import yaml
 
 from usjepa.config import Config, changed_settings, dump_yaml, load_config, to_dict
 from usjepa.errors import UserError
-from usjepa.fileio import atomic_write_text
+from usjepa.fileio import atomic_write_text, files_sha256
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 META = "meta.json"
@@ -95,27 +97,46 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def _step(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def _step_dirs(run_dir: Path) -> list[Path]:
+    """Every step dir, complete or not, oldest first: a step dir without meta.json is damaged
+    (save_checkpoint renames a step into place only after its meta.json is written)."""
     root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / META).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return (
+        sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=_step)
+        if root.is_dir()
+        else []
+    )
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (with a meta.json), oldest first; not verified (checkpoint_problem)."""
+    return [p for p in _step_dirs(run_dir) if (p / META).is_file()]
+
+
+def _pointer(run_dir: Path, name: str) -> Path | None:
+    """The step dir that pointer `name` (latest, best) names, whether it exists or not; None without one."""
+    pointer = checkpoint_dir(run_dir) / name
+    return checkpoint_dir(run_dir) / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _is_step_dir(path: Path) -> bool:
+    return bool(_STEP_DIR.match(path.name)) and path.is_dir()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint that `latest` names, or None for a fresh run.
+    """The checkpoint that `latest` names, unverified, or None for a fresh run. Training resumes
+    through resume_checkpoint, which verifies it and repairs `latest`.
 
     A `latest` that names a missing checkpoint is an error, not a silent restart from step 0.
     """
-    pointer = checkpoint_dir(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = checkpoint_dir(run_dir) / pointer.read_text().strip()
-    if not (path / META).is_file():
+    path = _pointer(run_dir, "latest")
+    if path is not None and not (path / META).is_file():
         raise UserError(
-            f"{pointer} names {path.name}, which is missing or incomplete; "
+            f"{checkpoint_dir(run_dir) / 'latest'} names {path.name}, which is missing or incomplete; "
             f"point it at one of {[p.name for p in list_checkpoints(run_dir)] or 'no checkpoints'} "
             "or remove it to start from scratch"
         )
@@ -123,46 +144,232 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the lowest validation loss so far, if any was validated."""
-    pointer = checkpoint_dir(run_dir) / "best"
-    if not pointer.is_file():
+    """The checkpoint with the lowest validation loss so far, if any was validated (unverified)."""
+    path = _pointer(run_dir, "best")
+    return path if path is not None and (path / META).is_file() else None
+
+
+# --------------------------------------------------------------------------- integrity
+def checkpoint_files(path: Path) -> dict[str, dict]:
+    """{relative name: {"size", "sha256"}} of every file of step dir `path` but its meta.json:
+    what save_checkpoint records in meta.json and checkpoint_problem checks."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p != path / META)
+    return {p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": files_sha256([p])} for p in files}
+
+
+def _load_meta(path: Path) -> tuple[dict | None, str | None]:
+    """(meta, None), or (None, why meta.json of step dir `path` cannot be used)."""
+    try:
+        meta = json.loads((Path(path) / META).read_text())
+    except FileNotFoundError:
+        return None, f"{META} is missing"
+    except json.JSONDecodeError as e:
+        return None, f"{META} is not valid JSON: {e}"
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{META} is unreadable: {e}"
+    return (meta, None) if isinstance(meta, dict) else (None, f"{META} is not a JSON object")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why step dir `path` is not a usable checkpoint, in a few words, or None if it is intact.
+
+    Reads every file the checkpoint lists (sizes first, then sha256): about a second per GB.
+    Checkpoints written before integrity data was recorded have no "files" in meta.json; they
+    count as intact when their meta.json parses, since there is nothing to check them against.
+    """
+    path = Path(path)
+    meta, problem = _load_meta(path)
+    if problem:
+        return problem
+    files = meta.get("files", {})
+    try:
+        for name, want in files.items():
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            if (size := (path / name).stat().st_size) != want["size"]:
+                return f"{name} is {size} bytes, {META} says {want['size']}"
+        for name, want in files.items():  # only once every size matches: hashing is the slow part
+            if files_sha256([path / name]) != want["sha256"]:
+                return f"{name} does not match its sha256 in {META}"
+    except (AttributeError, KeyError, TypeError):
+        return f'{META} has a malformed "files" entry'
+    except OSError as e:
+        return f"a file is unreadable: {e}"
+    return None
+
+
+def _newest_intact(dirs: list[Path]) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest intact one of step dirs `dirs` (oldest first) and the damaged ones newer than it."""
+    damaged = []
+    for path in reversed(dirs):
+        if (problem := checkpoint_problem(path)) is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def _best_intact(candidates: list[Path]) -> Path | None:
+    """The intact checkpoint with the lowest val_loss in its meta among `candidates`, if any was validated."""
+    losses = {p: meta.get("val_loss") for p in candidates if (meta := _load_meta(p)[0]) is not None}
+    ranked = sorted((loss, _step(p), p) for p, loss in losses.items() if isinstance(loss, (int, float)))
+    return next((p for *_, p in ranked if checkpoint_problem(p) is None), None)
+
+
+def _no_intact(run_dir: Path, damaged: list[tuple[Path, str]]) -> UserError:
+    listed = "; ".join(f"{p.name} ({problem})" for p, problem in damaged)
+    return UserError(
+        f"{run_dir}: no intact checkpoint: {listed}; restore them, or move {checkpoint_dir(run_dir)} "
+        "away to start from scratch"
+    )
+
+
+def _unique(path: Path) -> Path:
+    n = 1
+    while path.with_name(f"{path.name}.{n}" if n > 1 else path.name).exists():
+        n += 1
+    return path.with_name(f"{path.name}.{n}" if n > 1 else path.name)
+
+
+def resume_checkpoint(run_dir: Path, repair: bool) -> Path | None:
+    """The newest intact checkpoint at or before the one `latest` names, to resume from; None
+    for a fresh run (no `latest`).
+
+    With `repair` (rank 0 of a start, before a barrier): each damaged checkpoint newer than it
+    is moved to checkpoints/damaged/, with one line on stderr, and `latest` (and `best`, where it
+    named a moved one) are rewritten to match. Without (the other ranks, after the barrier):
+    the same choice, nothing written. No intact checkpoint at all is a UserError.
+    """
+    run_dir, root = Path(run_dir), checkpoint_dir(run_dir)
+    named = _pointer(run_dir, "latest")
+    if named is None:
         return None
-    path = checkpoint_dir(run_dir) / pointer.read_text().strip()
-    return path if (path / META).is_file() else None
+    dirs = _step_dirs(run_dir)
+    if _is_step_dir(named):  # `latest` set back by hand (docs/slurm.md): later ones are not to be touched
+        dirs = [p for p in dirs if _step(p) <= _step(named)]
+    chosen, damaged = _newest_intact(dirs)
+    if chosen is None:
+        if damaged:
+            raise _no_intact(run_dir, damaged)
+        raise UserError(
+            f"{root / 'latest'} names {named.name}, which is missing, and there is no other checkpoint; "
+            "restore it, or remove the pointer to start from scratch"
+        )
+    if repair:
+        _repair(run_dir, chosen, named, damaged)
+    return chosen
+
+
+def _repair(run_dir: Path, chosen: Path, named: Path, damaged: list[tuple[Path, str]]) -> None:
+    root = checkpoint_dir(run_dir)
+    if damaged:
+        (root / "damaged").mkdir(exist_ok=True)
+    for path, problem in damaged:
+        dest = _unique(root / "damaged" / path.name)
+        path.rename(dest)
+        print(
+            f"usjepa: checkpoint {path} is damaged ({problem}); moved to {dest.relative_to(root.parent)}, "
+            f"resuming from {chosen.name}",
+            file=sys.stderr,
+        )
+    if not _is_step_dir(named) and named not in [p for p, _ in damaged]:
+        print(
+            f"usjepa: {root / 'latest'} names {named.name}, which is missing; resuming from {chosen.name}",
+            file=sys.stderr,
+        )
+    if named != chosen:
+        atomic_write_text(root / "latest", chosen.name)
+    best = _pointer(run_dir, "best")
+    if best is not None and best in [p for p, _ in damaged]:
+        # Only checkpoints up to the one resumed from: training overwrites those after it.
+        replacement = _best_intact([p for p in list_checkpoints(run_dir) if _step(p) <= _step(chosen)])
+        if replacement is None:
+            (root / "best").unlink()
+        else:
+            atomic_write_text(root / "best", replacement.name)
 
 
 def find_checkpoint(run_dir: Path, name: str) -> Path:
-    """The checkpoint of run `run_dir` that `name` (best, latest or step_N) names. `best` falls
-    back to the latest, with a note, where no checkpoint was validated."""
+    """The intact checkpoint of run `run_dir` that `name` (best, latest or step_N) names. `best`
+    falls back to the latest, with a note, where no checkpoint was validated. A damaged `best`
+    or `latest` falls back to the best or newest intact one, with a note naming it (nothing is
+    moved: that is the next training start's job); a damaged step_N is an error."""
     run_dir = Path(run_dir)
-    existing = list_checkpoints(run_dir)
-    if not existing:
+    dirs = _step_dirs(run_dir)
+    if not dirs:
         raise UserError(
             f"{run_dir}: no checkpoint yet; train it first (usjepa train CONFIG run.dir={run_dir}) "
             "or wait for its first checkpoint (every checkpoint.every_steps steps)"
         )
-    if name == "best" and (best := best_checkpoint(run_dir)) is not None:
-        return best
-    if name in ("best", "latest"):
-        latest = latest_checkpoint(run_dir) or existing[-1]
-        if name == "best":
-            print(
-                f"usjepa: {run_dir}: no checkpoint was validated (no val split, or train.validate=false); "
-                f"using the latest, {latest.name}",
-                file=sys.stderr,
-            )
-        return latest
+    if name == "best":
+        return _find_best(run_dir, dirs)
+    if name == "latest":
+        return _find_latest(run_dir, dirs)
     match = _STEP_NAME.match(name)
-    for path in existing:
-        if match and int(path.name.removeprefix("step_")) == int(match.group(1)):
+    for path in dirs:
+        if match and _step(path) == int(match.group(1)):
+            if problem := checkpoint_problem(path):
+                raise UserError(
+                    f"{run_dir}: checkpoint {path.name} is damaged ({problem}); choose latest, best or another step"
+                )
             return path
     raise UserError(
-        f"{run_dir}: no checkpoint '{name}'; choose latest, best or one of {', '.join(p.name for p in existing)}"
+        f"{run_dir}: no checkpoint '{name}'; choose latest, best or one of "
+        f"{', '.join(p.name for p in list_checkpoints(run_dir)) or 'none (all are incomplete)'}"
     )
 
 
+def _note_damaged(damaged: list[tuple[Path, str]], using: Path, which: str) -> None:
+    for path, problem in damaged:
+        print(
+            f"usjepa: checkpoint {path} is damaged ({problem}); using {using.name}, the {which} intact one",
+            file=sys.stderr,
+        )
+
+
+def _find_latest(run_dir: Path, dirs: list[Path], known_damaged: Sequence[tuple[Path, str]] = ()) -> Path:
+    named = _pointer(run_dir, "latest")
+    if named is not None and _is_step_dir(named):
+        dirs = [p for p in dirs if _step(p) <= _step(named)]
+    chosen, damaged = _newest_intact(dirs)
+    if chosen is None:
+        raise _no_intact(run_dir, [*known_damaged, *damaged])
+    if named is not None and not _is_step_dir(named):
+        print(
+            f"usjepa: {checkpoint_dir(run_dir) / 'latest'} names {named.name}, which is missing; using {chosen.name}",
+            file=sys.stderr,
+        )
+    _note_damaged(damaged, chosen, "newest")
+    return chosen
+
+
+def _find_best(run_dir: Path, dirs: list[Path]) -> Path:
+    named = _pointer(run_dir, "best")
+    if named is not None and _is_step_dir(named):
+        if (problem := checkpoint_problem(named)) is None:
+            return named
+        others = [p for p in dirs if p != named]
+        if (best := _best_intact(others)) is not None:
+            _note_damaged([(named, problem)], best, "best")
+            return best
+        latest = _find_latest(run_dir, others, [(named, problem)])
+        _note_damaged([(named, problem)], latest, "newest")
+        return latest
+    latest = _find_latest(run_dir, dirs)
+    print(
+        f"usjepa: {run_dir}: no checkpoint was validated (no val split, or train.validate=false); "
+        f"using the latest, {latest.name}",
+        file=sys.stderr,
+    )
+    return latest
+
+
 def read_meta(path: Path) -> dict:
-    return json.loads((Path(path) / META).read_text())
+    """meta.json of checkpoint `path`; a UserError naming the checkpoint where it is unusable."""
+    meta, problem = _load_meta(path)
+    if problem:
+        raise UserError(f"checkpoint {path}: {problem}")
+    return meta
 
 
 @contextlib.contextmanager

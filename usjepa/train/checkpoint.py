@@ -2,7 +2,10 @@
 "target") and a small JSON of loop state, written by every rank, read back by every rank.
 
 A checkpoint is written under a temporary name and renamed when complete, and `latest` is
-replaced atomically, so a job killed mid-save leaves the previous checkpoint intact. The
+replaced atomically, so a job killed mid-save leaves the previous checkpoint intact. Its
+meta.json, written last, lists the size and sha256 of every other file, so that a start, a
+probe or an export finds a checkpoint damaged afterwards (rundir.checkpoint_problem) and falls
+back to an intact one (rundir.resume_checkpoint, rundir.find_checkpoint). The
 frozen teacher is never saved here, only its path and hash (in meta.json). Where
 checkpoints live and how they are found: usjepa/rundir.py.
 """
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -26,8 +28,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from usjepa.errors import UserError
 from usjepa.fileio import atomic_write_text
-from usjepa.rundir import META, best_checkpoint, checkpoint_dir, list_checkpoints, read_meta, single_process_quiet
+from usjepa.rundir import (
+    META,
+    best_checkpoint,
+    checkpoint_dir,
+    checkpoint_files,
+    list_checkpoints,
+    read_meta,
+    single_process_quiet,
+)
 from usjepa.train.distributed import barrier, in_process_group, is_main
 
 
@@ -76,14 +87,17 @@ def save_checkpoint(
     barrier()
     with single_process_quiet():
         dcp.save(_state(model, optimizer, target), checkpoint_id=tmp, no_dist=not in_process_group())
+    barrier()  # every rank's files are complete before rank 0 hashes them
     if is_main():
-        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
+        # meta.json last, atomically: a step dir whose meta.json parses holds every file it lists.
+        meta = {"step": step, **meta, "files": checkpoint_files(tmp)}
+        atomic_write_text(tmp / META, json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(root / "latest", final.name)
         best = best_checkpoint(run_dir)
         val_loss = meta.get("val_loss")
-        if val_loss is not None and (best is None or val_loss < read_meta(best).get("val_loss", math.inf)):
+        if val_loss is not None and (best is None or val_loss < _val_loss(best)):
             atomic_write_text(root / "best", final.name)
             best = final
         for old in list_checkpoints(run_dir)[:-keep_last]:
@@ -91,6 +105,15 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _val_loss(path: Path) -> float:
+    """The val loss in `path`'s meta; inf where it has none or its meta.json is damaged (a new
+    checkpoint then replaces it as `best` rather than the save failing)."""
+    try:
+        return float(read_meta(path).get("val_loss", float("inf")))
+    except UserError:
+        return float("inf")
 
 
 def load_checkpoint(
