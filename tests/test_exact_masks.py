@@ -70,7 +70,7 @@ def test_a_packed_batch_equals_each_sample_and_block_on_its_own(tiny_config, obj
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_every_drawn_token_is_trained_on_unless_truncation_is_asked_for(tiny_config):
+def test_every_drawn_token_is_trained_on_unless_truncation_is_asked_for(tiny_config, tmp_path):
     cfg = tiny_config("train.objective=mae")
     trainer = Trainer(cfg)
     batch = next(make_train_loader(cfg, trainer.shard_set))
@@ -81,7 +81,8 @@ def test_every_drawn_token_is_trained_on_unless_truncation_is_asked_for(tiny_con
     assert outcome.kept_fraction == 1.0
     assert outcome.context_tokens == drawn_context and outcome.target_tokens == drawn_target
 
-    cut = Trainer(tiny_config("train.objective=mae", "mask.truncate_to_shortest=true"))
+    # Its own run dir: a run dir has one trainer at a time (the first still holds this one).
+    cut = Trainer(tiny_config("train.objective=mae", "mask.truncate_to_shortest=true", f"run.dir={tmp_path / 'cut'}"))
     outcome = cut.train_step({**batch, "masks": masks})
     shortest_context, shortest_block = 2, 1  # of varied_masks(8)
     assert outcome.context_tokens == shortest_context and outcome.target_tokens == 4 * shortest_block

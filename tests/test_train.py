@@ -90,10 +90,12 @@ def test_resuming_against_another_teacher_is_refused(tiny_config, tmp_path):
     teacher_dir = tmp_path / "teacher"
     train(tiny_config("train.objective=mae", "train.total_steps=2", f"run.dir={teacher_dir}"))
     train(tiny_config("train.total_steps=4", "run.stop_at_step=2", f"run.dir={tmp_path / 'student'}"))
-    with pytest.raises(UserError, match="trained against teacher"):
+    record = (tmp_path / "student" / "resolved_config.yaml").read_text()
+    with pytest.raises(UserError, match=f"teacher.checkpoint: 'none' -> '{teacher_dir}'.*start a new run.dir"):
         train(
             tiny_config("train.total_steps=4", f"teacher.checkpoint={teacher_dir}", f"run.dir={tmp_path / 'student'}")
         )
+    assert (tmp_path / "student" / "resolved_config.yaml").read_text() == record  # the refusal wrote nothing
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path):

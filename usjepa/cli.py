@@ -62,6 +62,14 @@ def _rank_tag() -> str:
     return f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""
 
 
+# What gloo and NCCL say in a collective whose peer process has gone.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _lost_peer(e: BaseException) -> bool:
+    return type(e).__name__ in ("DistBackendError", "DistNetworkError") or any(m in str(e) for m in _PEER_GONE)
+
+
 def _command_of(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
@@ -83,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         # One write per line: the ranks of a distributed run share a terminal.
         sys.stderr.write(f"usjepa {args.command}: error{_rank_tag()}: {e}\n")
         return 2
+    except RuntimeError as e:
+        if not (_rank_tag() and _lost_peer(e)):
+            raise
+        # Another rank ended first (its own one-line error is above): say so in one line too.
+        first = str(e).strip().splitlines()[0][:160]
+        sys.stderr.write(f"usjepa {args.command}: error{_rank_tag()}: lost contact with another rank ({first})\n")
+        return 1
     except KeyboardInterrupt:
         print(f"usjepa {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -27,7 +27,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
-from usjepa.config import Config, changed_settings, dump_yaml, load_config, to_dict
+from usjepa.config import Config, changed_settings, dump_yaml, flatten, load_config, to_dict
 from usjepa.errors import UserError
 from usjepa.fileio import atomic_write_text, files_sha256
 
@@ -53,22 +53,54 @@ RESUMABLE_CHANGES = (
 )
 
 
-def prepare_run_dir(cfg: Config, write: bool = True) -> tuple[Path, list[str]]:
-    """Create the run dir and (when `write`: rank 0 of a distributed run) write the resolved config.
+# Settings a resumed run cannot change: its weights, targets and data position depend on them.
+UNRESUMABLE = (
+    "model.",
+    "predictor.",
+    "teacher.",
+    "train.objective",
+    "data.image_size",
+    "data.streams",
+    "data.shards",
+    "data.mixture",
+    "data.split",
+)
 
-    Returns the dir and the settings that differ from the config the run was started with
-    (other than those in RESUMABLE_CHANGES); the caller decides how loud to be.
-    """
+
+def prepare_run_dir(cfg: Config) -> tuple[Path, list[str]]:
+    """Create the run dir; return it and the settings that differ from the config the run was
+    started with (other than those in RESUMABLE_CHANGES). Writes nothing else: the resolved
+    config is written once a start or resume is accepted (`write_resolved_config`)."""
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run.dir={run_dir} is a file; name a folder for the run (it is created)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"run.dir={run_dir}: cannot create it ({e.strerror}); choose a writable place") from None
     path = run_dir / RESOLVED_CONFIG
-    drift = []
-    if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
-        drift = [k for k in changed_settings(old, to_dict(cfg)) if not k.startswith(RESUMABLE_CHANGES)]
-    if write:
-        atomic_write_text(path, dump_yaml(cfg))
-    return run_dir, drift
+    if not path.is_file():
+        return run_dir, []
+    old = yaml.safe_load(path.read_text()) or {}
+    return run_dir, [k for k in changed_settings(old, to_dict(cfg)) if not k.startswith(RESUMABLE_CHANGES)]
+
+
+def refuse_unresumable(cfg: Config, drift: list[str]) -> None:
+    """A resume that changes a setting in UNRESUMABLE is refused, naming each with both values."""
+    refused = [k for k in drift if k.startswith(UNRESUMABLE)]
+    if not refused:
+        return
+    old = flatten(yaml.safe_load((Path(cfg.run.dir) / RESOLVED_CONFIG).read_text()) or {})
+    new = flatten(to_dict(cfg))
+    changes = "; ".join(f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in refused)
+    raise UserError(
+        f"{cfg.run.dir} has checkpoints of other settings, which a resume cannot change ({changes}); "
+        "restore them, or start a new run.dir"
+    )
+
+
+def write_resolved_config(cfg: Config) -> None:
+    atomic_write_text(Path(cfg.run.dir) / RESOLVED_CONFIG, dump_yaml(cfg))
 
 
 def is_run_dir(path: Path) -> bool:

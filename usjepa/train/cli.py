@@ -9,6 +9,9 @@ from usjepa.config import load_config
 from usjepa.train.loop import train
 from usjepa.train.slurm import requeue_this_job
 
+# A signal stopped the run before train.total_steps, after it saved: rerun to continue.
+EXIT_STOPPED = 3
+
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
@@ -16,7 +19,8 @@ def _run(args: argparse.Namespace) -> int:
     if result.stop_signal is not None:
         if args.requeue_on_stop and result.rank == 0:
             print(f"usjepa: {requeue_this_job(args.requeue_on_stop)}", file=sys.stderr)
-        return 0
+        # Saved but not finished: `train && export` must not go on with a half-trained model.
+        return EXIT_STOPPED
     if result.rank == 0:
         print(
             f"{cfg.train.objective}: step {result.step}/{cfg.train.total_steps}, loss {result.loss:.4f}, "
@@ -32,7 +36,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         description="Train with the settings of CONFIG (YAML) and KEY=VALUE overrides "
         "(e.g. train.total_steps=100 run.dir=runs/x optim.lr=1e-4). Unknown keys fail "
         "before any work. Rerunning with the same run.dir resumes from its latest checkpoint. "
-        "SIGTERM/SIGUSR2/Ctrl-C finish the step, save and exit. "
+        "SIGTERM/SIGUSR2/Ctrl-C finish the step, save and exit with status 3 (rerun to continue). "
         "Works under `torchrun -m usjepa train`.",
     )
     p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")

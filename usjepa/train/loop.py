@@ -34,10 +34,16 @@ from usjepa.errors import UserError
 from usjepa.models.predictor import Predictor, build_predictor
 from usjepa.models.teacher import TeacherInfo, load_teacher
 from usjepa.models.vit import Encoder, build_encoder
-from usjepa.rundir import latest_checkpoint, prepare_run_dir, resolve_device
+from usjepa.rundir import (
+    prepare_run_dir,
+    refuse_unresumable,
+    resolve_device,
+    resume_checkpoint,
+    write_resolved_config,
+)
 from usjepa.signals import STOP_SIGNALS
 from usjepa.train import checkpoint as ckpt
-from usjepa.train.distributed import shutdown_distributed
+from usjepa.train.distributed import barrier, shutdown_distributed
 from usjepa.train.ema import ema_update, make_target
 from usjepa.train.flops import batch_flops, peak_tflops
 from usjepa.train.health import feature_std, mask_overlay, rankme
@@ -54,7 +60,9 @@ from usjepa.train.parallel import (
     split_sizes,
 )
 from usjepa.train.provenance import record_start
+from usjepa.train.runlock import hold_run_dir
 from usjepa.train.schedules import cosine, ema_momentum, warmup_cosine
+from usjepa.train.tblog import drop_steps_after
 
 
 class Student(nn.Module):
@@ -181,7 +189,23 @@ class Trainer:
         self.device = self.world.device
         self.shard_set = ShardSet.load(cfg)
         self.micro_batches = micro_batches_per_step(cfg, self.world.size)
-        self.run_dir, drift = prepare_run_dir(cfg, write=self.world.is_main)
+        self.run_dir, drift = prepare_run_dir(cfg)
+        self.lock = hold_run_dir(self.run_dir, self.world)
+        try:
+            self._prepare(cfg, drift)
+        except BaseException:
+            self.lock.release()  # a refused start must not keep the run dir from the next one
+            raise
+
+    def _prepare(self, cfg: Config, drift: list[str]) -> None:
+        """Models, optimizer and teacher, resumed from the newest intact checkpoint if any."""
+        # Rank 0 moves damaged checkpoints aside first; then every rank finds the same one.
+        latest = resume_checkpoint(self.run_dir, repair=True) if self.world.is_main else None
+        barrier()
+        if not self.world.is_main:
+            latest = resume_checkpoint(self.run_dir, repair=False)
+        if latest is not None:
+            refuse_unresumable(cfg, drift)  # before a teacher is loaded or anything written
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.teacher: Encoder | None = None  # salt: the frozen teacher
         self.teacher_info: TeacherInfo | None = None
@@ -203,9 +227,10 @@ class Trainer:
         # Run totals, kept across resumes (flops: model FLOPs of every step so far, train/flops.py).
         self.counters = {"nonfinite_skipped": 0, "corrupt_skipped": 0, "flops": 0.0}
         torch.manual_seed(cfg.run.seed + self.world.rank)  # drop-path differs between ranks
-        latest = latest_checkpoint(self.run_dir)
         if latest is not None:
             self._resume(latest, drift)
+        if self.world.is_main:  # the start or resume is accepted
+            write_resolved_config(cfg)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
         # MFU's denominator is this times the world size (None: a GPU of unknown peak).
         self.peak_tflops = peak_tflops(self.device, cfg.train.precision, cfg.log.peak_tflops)
@@ -617,6 +642,8 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        if world.is_main and self.step:
+            drop_steps_after(self.run_dir / "tb", self.step)
         writer = (
             SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
             if world.is_main
@@ -683,5 +710,6 @@ def train(cfg: Config) -> TrainResult:
     try:
         return trainer.run()
     finally:
+        trainer.lock.release()
         if trainer.world.distributed:
             shutdown_distributed()
