@@ -165,17 +165,18 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(reference, 
 
 
 @pytest.mark.parametrize("objective", ["salt", "ema"])
-def test_kill_9_then_restart_gives_the_uninterrupted_losses(request, tiny_overrides, tmp_path, objective):
+def test_kill_9_twice_then_restart_gives_the_uninterrupted_losses(request, tiny_overrides, tmp_path, objective):
     reference = request.getfixturevalue("reference" if objective == "salt" else "ema_reference")
     run_dir = tmp_path / "killed"
     overrides = [*tiny_overrides, *COMMON, f"train.objective={objective}", f"run.dir={run_dir}"]
-    proc = launch(2, overrides)
-    wait_for_checkpoint(proc, run_dir, 4)
-    for pid in [*worker_ranks(proc.pid).values(), proc.pid]:  # the whole job at once, like a lost node
-        os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    for checkpoint in (4, 8):  # killed, resumed, killed again: the second start is itself a resume
+        proc = launch(2, overrides)
+        wait_for_checkpoint(proc, run_dir, checkpoint)
+        for pid in [*worker_ranks(proc.pid).values(), proc.pid]:  # the whole job at once, like a lost node
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     killed_at = rundir.read_meta(rundir.latest_checkpoint(run_dir))["step"]
-    assert killed_at < STEPS
+    assert 8 <= killed_at < STEPS
     out = run(2, overrides)
     assert out.returncode == 0, out.stdout[-3000:]
     assert f"resuming {run_dir} from step {killed_at}" in out.stdout

@@ -212,3 +212,44 @@ def test_a_run_stopped_by_a_signal_exits_3_and_resumes(tiny_overrides, tmp_path)
     assert f"SIGTERM received; saved step {saved} and stopped" in err
     code, err = finish(start([*args[:-2], f"train.total_steps={saved + 2}"]))
     assert code == 0 and f"resuming {run} from step {saved}" in err, err[-2000:]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_run_resumes(tiny_overrides, tmp_path):
+    import resource
+
+    def limit_file_size():  # in the child: writes past 100 kB fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    run = tmp_path / "run"
+    args = [*tiny_overrides, f"run.dir={run}", "train.total_steps=4", "checkpoint.every_steps=2"]
+    limited = subprocess.run(
+        [sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit_file_size,
+    )
+    assert limited.returncode == 2, limited.stderr[-2000:]
+    line = last_line(limited.stderr)
+    assert line.startswith(f"usjepa train: error: cannot write checkpoint {run / 'checkpoints' / 'step_000002'} (")
+    assert line.endswith(
+        "); check the free disk space and file-size limit (ulimit -f), then rerun: the run resumes from the start, "
+        "which is intact"
+    )
+    assert "Traceback" not in limited.stderr
+    assert not list((run / "checkpoints").glob(".step_*"))  # no half-written checkpoint left
+    code, err = finish(start(args))
+    assert code == 0, err[-2000:]
+    assert rundir.read_meta(rundir.latest_checkpoint(run))["step"] == 4
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_garbage_teacher_file_is_one_line(tiny_overrides, tmp_path, suffix):
+    garbage = tmp_path / f"teacher{suffix}"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    code, err = finish(start([*tiny_overrides, f"teacher.checkpoint={garbage}", f"run.dir={tmp_path / 'r'}"]))
+    assert code == 2, err[-2000:]
+    assert last_line(err).startswith(f"usjepa train: error: {garbage}: not a readable checkpoint (")
+    assert "Traceback" not in err

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -85,13 +86,25 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    with single_process_quiet():
-        dcp.save(_state(model, optimizer, target), checkpoint_id=tmp, no_dist=not in_process_group())
-    barrier()  # every rank's files are complete before rank 0 hashes them
+    try:
+        with single_process_quiet():
+            dcp.save(_state(model, optimizer, target), checkpoint_id=tmp, no_dist=not in_process_group())
+        barrier()  # every rank's files are complete before rank 0 hashes them
+        if is_main():
+            # meta.json last, atomically: a step dir whose meta.json parses holds every file it lists.
+            meta = {"step": step, **meta, "files": checkpoint_files(tmp)}
+            atomic_write_text(tmp / META, json.dumps(meta, indent=1))
+    except (OSError, CheckpointException) as e:
+        # DCP reports a failed write as the error of its writer (torch's zip writer: a
+        # RuntimeError, not the OSError) inside a CheckpointException.
+        cause = e if isinstance(e, OSError) else next(iter(e.failures.values()))[0]
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).strip().splitlines()[0]
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"cannot write checkpoint {final} ({why[:160]}); check the free disk space and file-size limit "
+            f"(ulimit -f), then rerun: the run resumes from {_latest_name(run_dir) or 'the start'}, which is intact"
+        ) from None
     if is_main():
-        # meta.json last, atomically: a step dir whose meta.json parses holds every file it lists.
-        meta = {"step": step, **meta, "files": checkpoint_files(tmp)}
-        atomic_write_text(tmp / META, json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(root / "latest", final.name)
@@ -105,6 +118,12 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _latest_name(run_dir: Path) -> str:
+    """What `latest` names now ("" for none)."""
+    pointer = checkpoint_dir(run_dir) / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else ""
 
 
 def _val_loss(path: Path) -> float:
