@@ -76,10 +76,6 @@ class Manifest:
         return dict(self._split(split).class_counts)
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
     def total(self) -> int:
         return sum(s.count for s in self.splits.values())
 

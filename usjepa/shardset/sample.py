@@ -23,8 +23,6 @@ REQUIRED_META = ("label", "class_name", "group", "source", "split")
 # frame, color_fraction, inpainted, overlay_flagged, pixel_hash, region_source, plus
 # provenance (orig_mode, orig_size, crop_box, region_fraction, stretch).
 BUILD_META = ("color_fraction", "inpainted", "overlay_flagged", "pixel_hash", "region_source")
-# PIL options kept for callers that save PNGs through PIL (zlib level 1, run-length strategy)
-PNG_OPTIONS = {"compress_level": 1, "compress_type": 3}  # 3 = Z_RLE
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9]+")
