@@ -10,7 +10,6 @@ from usjepa.config import parse_override
 from usjepa.errors import UserError
 from usjepa.ingest.build.run import run_build
 from usjepa.ingest.build.workdir import WORK_DIR
-from usjepa.ingest.build.workers import resolve_workers
 from usjepa.ingest.image.overlay import LARGE_OVERLAY_ACTIONS
 from usjepa.ingest.image.preprocess import RESIZE_MODES
 from usjepa.ingest.inspect import contact_sheet, contents_lines, summary_lines
@@ -202,10 +201,9 @@ def _build(args) -> int:
     if src is None:
         raise UserError("no source given: usjepa shards build SRC OUT (or --recipe PATH OUT)")
     settings = settings_from_args(args, base)
-    workers = resolve_workers(args.workers)
     try:
         result = run_build(
-            src, args.out, settings, progress=not args.no_progress, workers=workers, keep_work=args.keep_work
+            src, args.out, settings, progress=not args.no_progress, workers=args.workers, keep_work=args.keep_work
         )
     except KeyboardInterrupt:
         print(f"interrupted: finished work is kept in {args.out}/{WORK_DIR}; run the same command again to resume")
