@@ -9,13 +9,13 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 
 from usjepa.config import ConfigError, from_dict
 from usjepa.errors import UserError
+from usjepa.shardset.sample import make_key
 
 DEFAULT_EXCLUDE = r"_mask"  # BUSI-style lesion masks (`benign (1)_mask.png`) are not images
 UNLABELLED = ""  # class_name of items with label -1
@@ -62,7 +62,7 @@ class Source:
     root: Path
     classes: list[str]
     _items: list[SourceItem]
-    _stats: Mapping = MappingProxyType({})
+    _stats: dict
 
     def __init__(self, root, **options):
         self.options = read_options(type(self), options)
@@ -198,5 +198,28 @@ def check_folder(root: Path, how: str, what: str = "source") -> None:
         raise UserError(f"{what} {root} is not a folder; {how}")
 
 
-def label_indices(classes: list[str]) -> dict[str, int]:
+def label_indices(classes: list) -> dict:
+    """class -> label (its index in `classes`)."""
     return {c: i for i, c in enumerate(classes)}
+
+
+def file_items(root: Path, found, patterns: Patterns, what: str, make) -> tuple[list[SourceItem], list[str]]:
+    """(items, sorted class names) of the files `found` below `root`, given as (path, class name or
+    None: unlabelled): key and source from the path relative to `root`, group from `patterns` (`what`
+    names the file in its error); `make(path=..., **fields)` builds the item."""
+    classes = sorted({cls for _, cls in found if cls is not None})
+    labels = label_indices(classes)
+    items = []
+    for path, cls in found:
+        rel = path.relative_to(root).as_posix()
+        items.append(
+            make(
+                path=path,
+                key=make_key(rel),
+                source=rel,
+                label=-1 if cls is None else labels[cls],
+                class_name=UNLABELLED if cls is None else cls,
+                group=patterns.group(rel, path, what),
+            )
+        )
+    return items, classes

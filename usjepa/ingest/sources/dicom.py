@@ -20,11 +20,10 @@ from usjepa.ingest.sources.dicom_pixels import (  # noqa: F401  (DicomDecodeErro
     is_dicom_file,
     read_header,
 )
-from usjepa.ingest.sources.walk import files_below, is_image, walk
+from usjepa.ingest.sources.walk import first_files, is_image, walk
 from usjepa.shardset.sample import make_key
 
 GROUP_BY = {"patient": "PatientID", "study": "StudyInstanceUID", "series": "SeriesInstanceUID", "file": None}
-LOOKS_LIKE_SAMPLE = 200  # files looked at by `looks_like`
 KEPT_FACTS = (
     "modality, photometric interpretation, rows, columns, number of frames, frame index, transfer syntax, "
     "pixel spacing, pseudonymous patient and study"
@@ -312,13 +311,8 @@ class DicomSource(Source):
     @classmethod
     def looks_like(cls, root) -> bool:
         """The tree holds DICOM files (of the first 200) and ordinary images do not outnumber them."""
-        root = Path(root)
-        if not root.is_dir():
-            return False
         dicom = images = 0
-        for n, path in enumerate(files_below(root)):
-            if n >= LOOKS_LIKE_SAMPLE:
-                break
+        for path in first_files(root):
             if is_image(path.name):
                 images += 1
             elif is_dicom_file(path):

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from usjepa.errors import UserError
-from usjepa.ingest.sources.base import Patterns, Source, label_indices, register_source
+from usjepa.ingest.sources.base import Patterns, Source, check_folder, file_items, register_source
 from usjepa.ingest.sources.listed import MediaItems
 from usjepa.ingest.sources.walk import IMAGE_SUFFIXES, VIDEO_SUFFIXES, walk
-from usjepa.shardset.sample import make_key
 
 
 @register_source("filenames")
@@ -33,8 +32,7 @@ class FilenameSource(Source):
 
     def scan(self):
         o = self.options
-        if not self.root.is_dir():
-            raise UserError(f"source folder {self.root} does not exist or is not a folder; check the path")
+        check_folder(self.root, "give the folder that holds the images/videos folders")
         if not o.label_from_prefix:
             raise UserError(
                 "the filenames source needs label_from_prefix, a mapping of file-name prefix to class, "
@@ -50,26 +48,15 @@ class FilenameSource(Source):
             )
         self.patterns = Patterns(o.group_pattern, o.exclude_pattern)
         media = MediaItems(o.fps, o.max_frames)
-        found, unmatched, excluded, ignored = self._find()
-        classes = sorted({c for _, _, c in found})
-        label_of = label_indices(classes)
-        items = []
-        for path, video, cls in found:
-            rel = path.relative_to(self.root).as_posix()
-            items.append(
-                media(
-                    path,
-                    video=video,
-                    key=make_key(rel),
-                    source=rel,
-                    label=label_of[cls],
-                    class_name=cls,
-                    group=self.patterns.group(rel, path, "file"),
-                )
-            )
+        found, videos, unmatched, excluded, ignored = self._find()
+
+        def make(path, **fields):  # a GIF is a video under `videos`, a picture under `images`
+            return media(path, video=path in videos, **fields)
+
+        items, classes = file_items(self.root, found, self.patterns, "file", make)
         stats = {
             "files_found": len(items),
-            "videos": sum(v for _, v, _ in found),
+            "videos": len(videos),
             "unmatched": len(unmatched),
             "unmatched_examples": unmatched[:10],
             "excluded": excluded,
@@ -85,8 +72,8 @@ class FilenameSource(Source):
         return None if best is None else self.prefixes[best]
 
     def _find(self):
-        """((path, is video, class) of every matched file, unmatched files, excluded, of other types)."""
-        found, unmatched, excluded, ignored = [], [], 0, 0
+        """((path, class) of every matched file, those under `videos`, unmatched files, excluded, of other types)."""
+        found, videos, unmatched, excluded, ignored = [], set(), [], 0, 0
         for folders, video, suffixes in ((self.images, False, IMAGE_SUFFIXES), (self.videos, True, VIDEO_SUFFIXES)):
             for folder in folders:
                 top = self.root / folder
@@ -99,7 +86,9 @@ class FilenameSource(Source):
                     if cls is None:
                         unmatched.append(path.relative_to(self.root).as_posix())
                     else:
-                        found.append((path, video, cls))
+                        found.append((path, cls))
+                        if video:
+                            videos.add(path)
         if unmatched and self.options.unmatched == "error":
             raise UserError(
                 f"{len(unmatched)} file(s) under {self.root} match no prefix of label_from_prefix "
@@ -111,7 +100,7 @@ class FilenameSource(Source):
                 f"label_from_prefix ({', '.join(self.prefixes)}); {len(unmatched)} unmatched, {excluded} excluded, "
                 f"{ignored} of other types; check the folders and prefixes"
             )
-        return found, unmatched, excluded, ignored
+        return found, videos, unmatched, excluded, ignored
 
     def grouping(self) -> dict:
         return self.patterns.grouping(

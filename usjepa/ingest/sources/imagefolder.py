@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from usjepa.errors import UserError
-from usjepa.ingest.sources.base import DEFAULT_EXCLUDE, Patterns, Source, check_folder, label_indices, register_source
+from usjepa.ingest.sources.base import DEFAULT_EXCLUDE, Patterns, Source, check_folder, file_items, register_source
 from usjepa.ingest.sources.imagefile import ImageFileItem
 from usjepa.ingest.sources.walk import IMAGE_SUFFIXES, files_below, is_image, subfolders, walk
-from usjepa.shardset.sample import make_key
 
 
 @register_source("imagefolder")
@@ -46,38 +45,24 @@ class ImageFolderSource(Source):
                 f"class folder; {how}"
             )
         class_dirs = subfolders(root)
-        found: list[tuple[str, Path]] = []
+        found: list[tuple[Path, str]] = []
         excluded = ignored = 0
         for class_dir in class_dirs:
             listing = walk(class_dir, lambda p: is_image(p.name), self.patterns)
-            found += [(class_dir.name, path) for path in listing.files]
+            found += [(path, class_dir.name) for path in listing.files]
             excluded, ignored = excluded + listing.excluded, ignored + len(listing.other)
         if not found:
             raise UserError(
                 f"no images ({', '.join(IMAGE_SUFFIXES)}) found in class subfolders of {root} ({len(class_dirs)} "
                 f"subfolder(s), {excluded} excluded by {o.exclude_pattern!r}, {ignored} other files); {how}"
             )
-        classes = sorted({c for c, _ in found})
-        labels = label_indices(classes)
-        items = []
-        for cls, path in found:
-            rel = path.relative_to(root).as_posix()
-            items.append(
-                ImageFileItem(
-                    key=make_key(rel),
-                    source=rel,
-                    label=labels[cls],
-                    class_name=cls,
-                    group=self.patterns.group(rel, path, "file"),
-                    path=path,
-                )
-            )
+        items, classes = file_items(root, found, self.patterns, "file", ImageFileItem)
         stats = {
             "images_found": len(items),
             "excluded": excluded,
             "exclude_pattern": o.exclude_pattern,
             "non_image_files": ignored,
-            "empty_class_folders": [d.name for d in class_dirs if d.name not in labels],
+            "empty_class_folders": [d.name for d in class_dirs if d.name not in classes],
         }
         return items, stats, classes
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from usjepa.errors import UserError
 from usjepa.ingest.sources.base import SourceItem
 from usjepa.ingest.sources.imagefile import ImageFileItem
-from usjepa.ingest.sources.video import VideoItem
+from usjepa.ingest.sources.video import VideoItem, video_settings
 from usjepa.ingest.sources.video_frames import VideoSettings
 from usjepa.ingest.sources.walk import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
@@ -33,10 +33,7 @@ class MediaItems:
 
     def __init__(self, fps: float | None = None, max_frames: int | None = None):
         chosen = {k: v for k, v in (("fps", fps), ("max_frames", max_frames)) if v is not None}
-        self.settings = VideoSettings(**chosen)
-        problems = self.settings.problems()
-        if problems:
-            raise UserError("invalid video options: " + "; ".join(problems) + "; fix fps / max_frames")
+        self.settings = video_settings(VideoSettings(**chosen), "; fix fps / max_frames")
 
     def __call__(self, path: Path, video: bool | None = None, **fields) -> SourceItem:
         """`fields`: the SourceItem fields (key, source, label, class_name, group, split)."""

@@ -4,6 +4,7 @@ by `video_frames` (docs/data.md#sources, "video")."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -16,20 +17,17 @@ from PIL import Image
 from usjepa.errors import UserError
 from usjepa.ingest.sources.base import (
     DEFAULT_EXCLUDE,
-    UNLABELLED,
     Loaded,
     Patterns,
     Source,
     SourceItem,
     check_folder,
-    label_indices,
+    file_items,
     register_source,
 )
 from usjepa.ingest.sources.video_frames import COLOR_MIN_FRACTION, THUMB_SIZE, VideoSettings, read_video
-from usjepa.ingest.sources.walk import VIDEO_SUFFIXES, files_below, is_video, subfolders, walk
-from usjepa.shardset.sample import make_key
+from usjepa.ingest.sources.walk import VIDEO_SUFFIXES, first_files, is_video, subfolders, walk
 
-LOOKS_LIKE_SAMPLE = 200  # files looked at by `looks_like`
 # first-level folder names that are identifiers, not classes (auto label mode)
 _ID_FOLDER = re.compile(r"^(?:(?:patient|subject|case|study|pt|id|p)[\s_-]*)?\d+$", re.IGNORECASE)
 
@@ -47,12 +45,12 @@ class VideoItem(SourceItem):
         return read_video(self.path, self.settings, self.source)[0]
 
 
-def video_settings(options) -> VideoSettings:
-    """The VideoSettings part of a format's options; UserError naming the bad values."""
+def video_settings(options, hint: str = "") -> VideoSettings:
+    """The VideoSettings part of a format's options; UserError naming the bad values (then `hint`)."""
     settings = VideoSettings(**{f.name: getattr(options, f.name) for f in dataclasses.fields(VideoSettings)})
     problems = settings.problems()
     if problems:
-        raise UserError("invalid video options: " + "; ".join(problems))
+        raise UserError("invalid video options: " + "; ".join(problems) + hint)
     return settings
 
 
@@ -78,33 +76,20 @@ class VideoSource(Source):
         how = f"put the videos ({', '.join(VIDEO_SUFFIXES)}) under {root}, in one subfolder per class or unlabelled"
         check_folder(root, how)
         listing = walk(root, lambda p: is_video(p.name), self.patterns)
-        found = [(p.relative_to(root).as_posix(), p) for p in listing.files]
-        if not found:
+        if not listing.files:
             raise UserError(
                 f"no videos ({', '.join(VIDEO_SUFFIXES)}) found under {root} ({len(listing.other)} other "
                 f"file(s), {listing.excluded} excluded by {opts.exclude_pattern!r}); {how}"
             )
-        self.label_mode, label_note = self._label_mode(found)
+        rels = [p.relative_to(root).as_posix() for p in listing.files]
+        self.label_mode, label_note = self._label_mode(rels)
         folders = self.label_mode == "folders"
-        classes = sorted({rel.split("/", 1)[0] for rel, _ in found}) if folders else []
-        labels = label_indices(classes)
-        items = []
-        for rel, path in found:
-            cls = rel.split("/", 1)[0] if folders else UNLABELLED
-            items.append(
-                VideoItem(
-                    key=make_key(rel),
-                    source=rel,
-                    label=labels[cls] if folders else -1,
-                    class_name=cls,
-                    group=self.patterns.group(rel, path, "video"),
-                    path=path,
-                    settings=self.settings,
-                )
-            )
+        found = [(p, rel.split("/", 1)[0] if folders else None) for p, rel in zip(listing.files, rels)]
+        make = functools.partial(VideoItem, settings=self.settings)
+        items, classes = file_items(root, found, self.patterns, "video", make)
         stats = {
             "videos_found": len(items),
-            "extensions": dict(sorted(Counter(p.suffix.lower() for _, p in found).items())),
+            "extensions": dict(sorted(Counter(p.suffix.lower() for p in listing.files).items())),
             "non_video_files": len(listing.other),
             "excluded": listing.excluded,
             "exclude_pattern": opts.exclude_pattern,
@@ -117,11 +102,11 @@ class VideoSource(Source):
             },
         }
         if folders:
-            stats["empty_class_folders"] = [d.name for d in subfolders(root) if d.name not in labels]
+            stats["empty_class_folders"] = [d.name for d in subfolders(root) if d.name not in classes]
         return items, stats, classes
 
-    def _label_mode(self, found) -> tuple[str, str]:
-        loose = [rel for rel, _ in found if "/" not in rel]
+    def _label_mode(self, rels: list[str]) -> tuple[str, str]:
+        loose = [rel for rel in rels if "/" not in rel]
         labels = self.options.labels
         if labels == "none":
             return "none", "unlabelled (labels='none')"
@@ -133,28 +118,23 @@ class VideoSource(Source):
                     "use labels='none'"
                 )
             return "folders", "first-level folder names (labels='folders')"
-        folders = sorted({rel.split("/", 1)[0] for rel, _ in found})
+        folders = sorted({rel.split("/", 1)[0] for rel in rels})
         if loose:
             return "none", "unlabelled: videos sit directly in the root, not only in class folders"
         if len(folders) < 2:
             return "none", "unlabelled: the videos sit in a single folder (an export folder, not classes)"
         if any(_ID_FOLDER.match(f) for f in folders):
             return "none", "unlabelled: first-level folders are named like identifiers (patients, cases), not classes"
-        if len(folders) * 2 > len(found):
+        if len(folders) * 2 > len(rels):
             return "none", "unlabelled: about one video per first-level folder (patient folders, not classes)"
         return "folders", "first-level folder names (auto: every video sits in one of several folders)"
 
     @classmethod
     def looks_like(cls, root) -> bool:
         """Most files (of the first 200) are videos; GIFs count only when animated."""
-        root = Path(root)
-        if not root.is_dir():
-            return False
         videos = others = 0
         gifs = []
-        for n, path in enumerate(files_below(root)):
-            if n >= LOOKS_LIKE_SAMPLE:
-                break
+        for path in first_files(root):
             name = path.name.lower()
             if name.endswith(".gif"):
                 gifs.append(path)

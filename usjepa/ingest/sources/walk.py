@@ -3,6 +3,7 @@ skipped, regular files only, then a type filter and the exclude pattern."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from usjepa.ingest.sources.base import Patterns
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm")
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mpg", ".mpeg", ".mkv", ".webm", ".gif")
+LOOKS_LIKE_SAMPLE = 200  # files a format's `looks_like` looks at
 
 
 def is_image(name: str) -> bool:
@@ -30,6 +32,11 @@ def files_below(root: Path) -> Iterator[Path]:
             path = Path(dirpath) / name
             if not name.startswith(".") and path.is_file():  # never open a FIFO
                 yield path
+
+
+def first_files(root) -> Iterator[Path]:
+    """The first LOOKS_LIKE_SAMPLE files of `files_below(root)`: enough for `looks_like` to tell a format, cheaply."""
+    return itertools.islice(files_below(root), LOOKS_LIKE_SAMPLE)
 
 
 @dataclass
