@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
-from webdataset import tariterators
 
 from usjepa.errors import UserError
 from usjepa.fileio import atomic_write
+from usjepa.ingest.verify import read_samples
 from usjepa.shardset.manifest import Manifest, load_manifest
 from usjepa.shardset.sample import decode_sample
 
@@ -27,12 +27,11 @@ def first_samples(manifest: Manifest, split: str, n: int):
     """The first `n` decoded samples of a split, in manifest (shard) order: (key, image, region, meta)."""
     out = []
     for path in manifest.shard_paths(split):
-        with open(path, "rb") as stream:
-            for raw in tariterators.tarfile_samples([{"url": str(path), "stream": stream}]):
-                image, region, meta = decode_sample(raw)
-                out.append((raw["__key__"], image, region, meta))
-                if len(out) >= n:
-                    return out
+        for raw in read_samples(path):
+            image, region, meta = decode_sample(raw)
+            out.append((raw["__key__"], image, region, meta))
+            if len(out) >= n:
+                return out
     return out
 
 

@@ -34,11 +34,11 @@ _PLACEHOLDER = re.compile(r"\$(\$)?\{([^}]*)\}")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _suggest(key: str, valid, what: str) -> str:
+def _hint(value, valid, listing: str) -> str:
+    """'did you mean ...?' naming the closest of `valid`, else the `listing` of them all."""
     valid = sorted(valid)
-    close = difflib.get_close_matches(str(key), valid, n=1)
-    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
-    return f"unknown {what} key '{key}'; {hint}"
+    close = difflib.get_close_matches(str(value), valid, n=1)
+    return f"did you mean '{close[0]}'?" if close else f"{listing}: {', '.join(valid)}"
 
 
 class _Expander:
@@ -100,7 +100,7 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"recipe {path} must be a mapping with keys {', '.join(TOP_KEYS)}")
     for key in raw:
         if key not in TOP_KEYS:
-            raise UserError(f"recipe {path}: " + _suggest(key, TOP_KEYS, "recipe"))
+            raise UserError(f"recipe {path}: unknown recipe key '{key}'; {_hint(key, TOP_KEYS, 'valid keys')}")
     for key in REQUIRED_KEYS:
         if raw.get(key) in (None, ""):
             raise UserError(f"recipe {path} has no '{key}'; add it (e.g. format: csv, source: ${{DATA}}/my_set)")
@@ -109,9 +109,7 @@ def _read_yaml(path: Path) -> dict:
             raise UserError(f"recipe {path}: '{key}' must be a mapping of key: value, not {raw[key]!r}")
     fmt = raw["format"]
     if fmt not in SOURCES:
-        close = difflib.get_close_matches(str(fmt), sorted(SOURCES), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"known formats: {', '.join(sorted(SOURCES))}"
-        raise UserError(f"recipe {path}: unknown format '{fmt}'; {hint}")
+        raise UserError(f"recipe {path}: unknown format '{fmt}'; {_hint(fmt, SOURCES, 'known formats')}")
     return raw
 
 

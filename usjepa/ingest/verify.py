@@ -19,7 +19,7 @@ from usjepa.shardset.sample import BUILD_META, decode_sample
 MAX_LISTED = 10
 
 
-def _read_samples(path: Path):
+def read_samples(path: Path):
     """Raw samples of one tar (no node/worker splitting, unlike wds.WebDataset)."""
     with open(path, "rb") as stream:
         yield from tariterators.tarfile_samples([{"url": str(path), "stream": stream}])
@@ -53,7 +53,7 @@ class _Checker:
             self.problems.append(f"{shard.name}: sha256 differs from the manifest (file changed or corrupt)")
         n = 0
         try:
-            for raw in _read_samples(path):
+            for raw in read_samples(path):
                 n += 1
                 try:
                     image, region, meta = decode_sample(raw)
