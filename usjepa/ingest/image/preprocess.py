@@ -43,15 +43,6 @@ class Preprocessed(NamedTuple):
     info: dict  # crop box in input pixels, region fraction, percentile values
 
 
-def crop_to_region(image: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """Crop image and mask to the mask's bounding box; returns (image, region, (top, bottom, left, right))."""
-    box = region_bbox(region)
-    if box is None:
-        raise PreprocessError("the ultrasound region is empty")
-    top, bottom, left, right = box
-    return image[top:bottom, left:right], region[top:bottom, left:right], box
-
-
 def region_percentiles(image: np.ndarray, region: np.ndarray, low: float, high: float) -> tuple[float, float]:
     """The `low` and `high` percentiles of the uint8 values inside `region`, from a 256-bin
     histogram (numpy's 'inverted_cdf' definition; ~10x faster than np.percentile here)."""
@@ -145,7 +136,8 @@ def preprocess(image: np.ndarray, settings: PreprocessSettings, region: np.ndarr
             f"ultrasound region covers {fraction:.1%} of the image, below the minimum "
             f"{settings.region.min_area_fraction:.1%}"
         )
-    crop, crop_region, box = crop_to_region(image, region)
+    top, bottom, left, right = region_bbox(region)  # not None: the region is not empty
+    crop, crop_region = image[top:bottom, left:right], region[top:bottom, left:right]
     stretched, (lo, hi) = stretch_percentiles(crop, crop_region, settings.low_percentile, settings.high_percentile)
     out, out_region = resize_square(
         stretched, crop_region, settings.image_size, settings.resize_mode, settings.interpolation
@@ -153,7 +145,7 @@ def preprocess(image: np.ndarray, settings: PreprocessSettings, region: np.ndarr
     if not out_region.any():
         raise PreprocessError("the ultrasound region vanished when resized (too thin)")
     info = {
-        "crop_box": [box[2], box[0], box[3], box[1]],  # left, top, right, bottom (PIL order)
+        "crop_box": [left, top, right, bottom],  # PIL order
         "region_fraction": round(fraction, 4),
         "stretch": [lo, hi],
     }

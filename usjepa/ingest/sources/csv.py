@@ -20,6 +20,7 @@ from usjepa.ingest.sources.base import (
     SourceItem,
     capture,
     compile_pattern,
+    label_indices,
     register_source,
 )
 from usjepa.ingest.sources.listed import (
@@ -118,7 +119,6 @@ class CsvSource(Source):
             except csv.Error:
                 delimiter = ","
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-        rows = []
         try:
             header = [h.strip() for h in next(reader)]
             rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
@@ -251,7 +251,7 @@ class CsvSource(Source):
     def _items_of(self, header, rows, listed: list[dict], excluded: int):
         labelled = self.columns["label"] is not None or self._label_rx is not None
         classes, name_of = canonical_labels([r["label"] for r in listed]) if labelled else ([], {})
-        label_of = {c: i for i, c in enumerate(classes)}
+        label_of = label_indices(classes)
         items: list[SourceItem] = []
         for r in listed:
             path = r["path"]

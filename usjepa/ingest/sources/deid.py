@@ -58,20 +58,12 @@ def default_salt_path() -> Path:
     return Path.home() / ".config" / "usjepa" / "deid-salt"
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
-
-
 def check_salt_location(path, output_dir) -> None:
     """UserError when the salt file would sit inside `output_dir` (shards are shared; the salt
     must not be)."""
     salt = Path(path).expanduser().absolute().resolve()
     out = Path(output_dir).expanduser().absolute().resolve()
-    if _inside(salt, out):
+    if salt.is_relative_to(out):
         raise UserError(
             f"de-identification salt file {salt} lies inside the output folder {out}, which gets shared "
             f"with the shards; keep the salt elsewhere, e.g. --salt {default_salt_path()} (or set ${SALT_ENV})"

@@ -14,7 +14,16 @@ from PIL import Image
 
 from usjepa.errors import UserError
 from usjepa.ingest.build.splits import assign_splits
-from usjepa.ingest.sources.base import UNLABELLED, Loaded, Patterns, Source, SourceItem, register_source
+from usjepa.ingest.sources.base import (
+    UNLABELLED,
+    Loaded,
+    Patterns,
+    Source,
+    SourceItem,
+    check_folder,
+    label_indices,
+    register_source,
+)
 from usjepa.ingest.sources.imagefile import load_image
 from usjepa.ingest.sources.listed import DirIndex, relative_to_any, require_some_exist
 from usjepa.ingest.sources.walk import IMAGE_SUFFIXES
@@ -78,19 +87,14 @@ def _first(record: dict, keys) -> tuple[str | None, object]:
 
 
 def _as_int(value) -> int | None:
-    if isinstance(value, bool):
-        return int(value)
+    """An integral label (1, 1.0, "1", true) as int; None for anything else."""
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-        return int(number) if number.is_integer() else None
-    return None
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() else None
 
 
 def read_records(path: Path) -> list[dict]:
@@ -146,11 +150,10 @@ def _fields(record: dict) -> dict:
 
 
 def _groups_in_several_splits(items) -> int:
-    split_groups: dict[str, set] = {}
+    splits_of: dict[str, set] = {}
     for it in items:
-        split_groups.setdefault(it.split, set()).add(it.group)
-    names = sorted(split_groups)
-    return len({g for i, a in enumerate(names) for b in names[i + 1 :] for g in split_groups[a] & split_groups[b]})
+        splits_of.setdefault(it.group, set()).add(it.split)
+    return sum(len(splits) > 1 for splits in splits_of.values())
 
 
 @register_source("ultrabench")
@@ -188,8 +191,7 @@ class UltraBenchSource(Source):
     # -- layout
     def _split_files(self) -> tuple[str, dict[str, Path]]:
         root = self.root
-        if not root.is_dir():
-            raise UserError(f"UltraBench source {root} does not exist or is not a folder; check the path ({LAYOUT})")
+        check_folder(root, LAYOUT, what="UltraBench source")
         names = ("train_val.json", "train.json", "validation.json", "test.json")
         train_val, train, val, test = (root / n if (root / n).is_file() else None for n in names)
         jsons = ", ".join(sorted(p.name for p in root.glob("*.json"))) or "none"
@@ -360,10 +362,10 @@ class UltraBenchSource(Source):
             classes = [name_of_number.get(n, str(n)) for n in ordered]
             if len(set(classes)) != len(classes):
                 raise UserError(f"two integer labels share a class name ({classes}); fix the split files")
-            index = {n: i for i, n in enumerate(ordered)}
+            index = label_indices(ordered)
             return classes, {id(r): index[r["number"]] for r in rows}
         classes = sorted({r["name"] for r in rows})
-        index = {c: i for i, c in enumerate(classes)}
+        index = label_indices(classes)
         return classes, {id(r): index[r["name"]] for r in rows}
 
     @classmethod
