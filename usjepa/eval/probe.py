@@ -170,6 +170,21 @@ def _train_probe(
     cfg: ProbeConfig,
     device: torch.device,
 ) -> tuple[torch.nn.Linear, dict]:
+    dim = _check_probe_inputs(train, val, num_classes, cfg)
+    mean, std = standardizer(train.features) if cfg.standardize else (np.zeros(dim), np.ones(dim))
+    x_tr, y_tr = _standardized_tensors(train, mean, std, device)
+    x_va, y_va = _standardized_tensors(val, mean, std, device)
+    # One generator draws the initial weights, then each epoch's shuffle: a seed's whole stream.
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    model = _seeded_linear(dim, num_classes, gen).to(device)
+    history = _fit_early_stopped(model, x_tr, y_tr, x_va, y_va, gen, cfg)
+    _fold(model, mean, std)
+    model.eval()
+    return model, history
+
+
+def _check_probe_inputs(train: ProbeSplit, val: ProbeSplit, num_classes: int, cfg: ProbeConfig) -> int:
+    """The feature dimension, once the classes, settings and both splits are usable."""
     if num_classes < 2:
         raise UserError(f"the probe needs at least 2 classes, got {num_classes}")
     if cfg.max_epochs < 1 or cfg.batch_size < 1 or cfg.patience < 1:
@@ -180,71 +195,61 @@ def _train_probe(
     _check_split("train", train, num_classes)
     dim = train.features.shape[1]
     _check_split("val", val, num_classes, dim)
+    return dim
 
-    if cfg.standardize:
-        mean, std = standardizer(train.features)
-    else:
-        mean, std = np.zeros(dim), np.ones(dim)
 
-    def to_device(split: ProbeSplit) -> tuple[torch.Tensor, torch.Tensor]:
-        x = standardized(split.features, mean, std)
-        return torch.from_numpy(x).to(device), torch.from_numpy(split.labels).to(device)
+def _standardized_tensors(
+    split: ProbeSplit, mean: np.ndarray, std: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = standardized(split.features, mean, std)
+    return torch.from_numpy(x).to(device), torch.from_numpy(split.labels).to(device)
 
-    x_tr, y_tr = to_device(train)
-    x_va, y_va = to_device(val)
-    n = x_tr.shape[0]
 
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+def _seeded_linear(dim: int, num_classes: int, gen: torch.Generator) -> torch.nn.Linear:
+    """nn.Linear with PyTorch's default U(-1/sqrt(D), 1/sqrt(D)) drawn from `gen`, weight then
+    bias, instead of from the global RNG."""
     model = torch.nn.Linear(dim, num_classes)
     bound = 1.0 / math.sqrt(dim)
     with torch.no_grad():
         model.weight.copy_(torch.empty(num_classes, dim).uniform_(-bound, bound, generator=gen))
         model.bias.copy_(torch.empty(num_classes).uniform_(-bound, bound, generator=gen))
-    model.to(device)
+    return model
 
+
+def _fit_early_stopped(
+    model: torch.nn.Linear,
+    x_tr: torch.Tensor,
+    y_tr: torch.Tensor,
+    x_va: torch.Tensor,
+    y_va: torch.Tensor,
+    gen: torch.Generator,
+    cfg: ProbeConfig,
+) -> dict:
+    """Train `model` until the validation loss has not improved for cfg.patience epochs (or
+    cfg.max_epochs), leave it with the weights of its best epoch and return the history."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = cfg.max_epochs * steps_per_epoch
-
     best_loss = math.inf
     best_epoch = 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_state = _state_copy(model)
     train_hist: list[float] = []
     val_hist: list[float] = []
-    step = 0
     stopped_early = False
 
     for epoch in range(1, cfg.max_epochs + 1):
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = x_tr.new_zeros(())
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            lr = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / total_steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * idx.shape[0]
-            step += 1
-
+        loss_sum = _train_epoch(model, opt, x_tr, y_tr, gen, epoch, cfg)
         model.eval()
         val_loss = float(_mean_ce(model, x_va, y_va))  # one host sync per epoch
-        train_hist.append(float(loss_sum) / n)
+        train_hist.append(float(loss_sum) / x_tr.shape[0])
         val_hist.append(val_loss)
         if val_loss < best_loss:  # NaN never counts as an improvement
             best_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = _state_copy(model)
         elif epoch - best_epoch >= cfg.patience:
             stopped_early = epoch < cfg.max_epochs
             break
 
     model.load_state_dict(best_state)
-    _fold(model, mean, std)
-    model.eval()
-    history = {
+    return {
         "epochs": len(val_hist),
         "best_epoch": best_epoch,
         "best_val_loss": best_loss,
@@ -252,7 +257,41 @@ def _train_probe(
         "train_loss": train_hist,
         "val_loss": val_hist,
     }
-    return model, history
+
+
+def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train_epoch(
+    model: torch.nn.Linear,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gen: torch.Generator,
+    epoch: int,
+    cfg: ProbeConfig,
+) -> torch.Tensor:
+    """Epoch `epoch` (1-based): one pass over the rows of `x` in an order drawn from `gen`, the
+    learning rate on its cosine from cfg.lr to 0 over all cfg.max_epochs. The summed loss stays a
+    device tensor: reading it waits for the device, which the validation loss does anyway."""
+    model.train()
+    n = x.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.max_epochs * steps_per_epoch
+    perm = torch.randperm(n, generator=gen).to(x.device)
+    loss_sum = x.new_zeros(())
+    for step, i in enumerate(range(0, n, cfg.batch_size), start=(epoch - 1) * steps_per_epoch):
+        idx = perm[i : i + cfg.batch_size]
+        lr = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / total_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * idx.shape[0]
+    return loss_sum
 
 
 def _settings(cfg: ProbeConfig) -> dict:
@@ -277,6 +316,35 @@ def run_probe(
     `knn` holds the kNN probe's scores (usjepa.eval.knn.knn_probe). `on_model(seed, model)`
     sees each seed's trained probe (the bench scores it again on other test views).
     """
+    num_classes = _check_probe_splits(splits, class_names, cfg)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    _check_test_classes(train, test, class_names)
+
+    cm_total = np.zeros((num_classes, num_classes), dtype=np.int64)
+    per_seed = []
+    for seed in cfg.seeds:
+        model, hist = train_probe(train, val, num_classes, seed, cfg, device)
+        if on_model is not None:
+            on_model(int(seed), model)
+        record, confusion = _scored_seed(model, hist, int(seed), val, test, num_classes, device)
+        cm_total += confusion
+        per_seed.append(record)
+
+    return {
+        "per_seed": per_seed,
+        **_means_and_sds(per_seed),
+        "std_ddof": 0,
+        "knn": knn_probe(splits, num_classes, cfg, device),
+        "confusion_matrix": cm_total.tolist(),
+        "class_names": list(class_names),
+        "num_features": int(train.features.shape[1]),
+        "counts": {name: len(splits[name]) for name in SPLITS},
+        "settings": _settings(cfg),
+    }
+
+
+def _check_probe_splits(splits: dict[str, ProbeSplit], class_names: list[str], cfg: ProbeConfig) -> int:
+    """The number of classes, once every split, the seeds and the classes are usable."""
     missing = [s for s in SPLITS if s not in splits]
     if missing:
         raise UserError(f"run_probe needs the splits train, val and test; missing: {', '.join(missing)}")
@@ -292,60 +360,57 @@ def run_probe(
     dim = splits["train"].features.shape[1]
     for name in SPLITS:
         _check_split(name, splits[name], num_classes, dim)
+    return num_classes
 
-    train, val, test = splits["train"], splits["val"], splits["test"]
+
+def _check_test_classes(train: ProbeSplit, test: ProbeSplit, class_names: list[str]) -> None:
+    """A test class never seen in training is an error; a class missing from test, a warning."""
     seen = set(np.unique(train.labels).tolist())
     unseen = sorted(set(np.unique(test.labels).tolist()) - seen)
     if unseen:
         names = ", ".join(f"{class_names[c]!r} ({c})" for c in unseen)
         raise UserError(f"the test split has classes that never occur in train: {names}")
-    absent = sorted(set(range(num_classes)) - set(np.unique(test.labels).tolist()))
+    absent = sorted(set(range(len(class_names))) - set(np.unique(test.labels).tolist()))
     if absent:
         warnings.warn(
             f"classes absent from the test split: {[class_names[c] for c in absent]}; macro-F1 "
             "averages over all classes, so each of them counts as F1 0",
-            stacklevel=2,
+            stacklevel=3,  # the caller of run_probe
         )
 
-    cm_total = np.zeros((num_classes, num_classes), dtype=np.int64)
-    per_seed = []
-    for seed in cfg.seeds:
-        model, hist = train_probe(train, val, num_classes, seed, cfg, device)
-        if on_model is not None:
-            on_model(int(seed), model)
-        pred = predict(model, test.features, device)
-        cm_total += confusion_matrix(test.labels, pred, labels=list(range(num_classes)))
-        val_scores = scores(val.labels, predict(model, val.features, device), num_classes)
-        per_seed.append(
-            {
-                "seed": int(seed),
-                **scores(test.labels, pred, num_classes),
-                "val_macro_f1": val_scores["macro_f1"],
-                "val_balanced_accuracy": val_scores["balanced_accuracy"],
-                "best_epoch": int(hist["best_epoch"]),
-                "epochs": int(hist["epochs"]),
-                "best_val_loss": float(hist["best_val_loss"]),
-            }
-        )
 
-    def column(key: str) -> np.ndarray:
-        return np.array([r[key] for r in per_seed])
-
-    f1s, bals, val_f1s = column("macro_f1"), column("balanced_accuracy"), column("val_macro_f1")
-    return {
-        "per_seed": per_seed,
-        # Population standard deviation over seeds (numpy ddof=0).
-        "macro_f1_mean": float(f1s.mean()),
-        "macro_f1_std": float(f1s.std(ddof=0)),
-        "balanced_accuracy_mean": float(bals.mean()),
-        "balanced_accuracy_std": float(bals.std(ddof=0)),
-        "val_macro_f1_mean": float(val_f1s.mean()),
-        "val_macro_f1_std": float(val_f1s.std(ddof=0)),
-        "std_ddof": 0,
-        "knn": knn_probe(splits, num_classes, cfg, device),
-        "confusion_matrix": cm_total.tolist(),
-        "class_names": list(class_names),
-        "num_features": int(dim),
-        "counts": {name: len(splits[name]) for name in SPLITS},
-        "settings": _settings(cfg),
+def _scored_seed(
+    model: torch.nn.Linear,
+    hist: dict,
+    seed: int,
+    val: ProbeSplit,
+    test: ProbeSplit,
+    num_classes: int,
+    device: torch.device | str,
+) -> tuple[dict, np.ndarray]:
+    """The seed's row of `per_seed` (test and val scores, training summary) and its test
+    confusion matrix."""
+    pred = predict(model, test.features, device)
+    confusion = confusion_matrix(test.labels, pred, labels=list(range(num_classes)))
+    val_scores = scores(val.labels, predict(model, val.features, device), num_classes)
+    record = {
+        "seed": seed,
+        **scores(test.labels, pred, num_classes),
+        "val_macro_f1": val_scores["macro_f1"],
+        "val_balanced_accuracy": val_scores["balanced_accuracy"],
+        "best_epoch": int(hist["best_epoch"]),
+        "epochs": int(hist["epochs"]),
+        "best_val_loss": float(hist["best_val_loss"]),
     }
+    return record, confusion
+
+
+def _means_and_sds(per_seed: list[dict]) -> dict[str, float]:
+    """`{score}_mean` and `{score}_std` over the seeds of each reported score; the sd is the
+    population one (numpy ddof=0)."""
+    summary = {}
+    for key in ("macro_f1", "balanced_accuracy", "val_macro_f1"):
+        values = np.array([r[key] for r in per_seed])
+        summary[f"{key}_mean"] = float(values.mean())
+        summary[f"{key}_std"] = float(values.std(ddof=0))
+    return summary
