@@ -297,7 +297,24 @@ def _check(ok: bool, key: str, why: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Cross-field checks that single-field types cannot express."""
-    m, d, mk = cfg.model, cfg.data, cfg.mask
+    # The order is the order of the messages: the first broken setting is the one named.
+    _check_architecture(cfg)
+    _check_sampling_ranges(cfg.mask, cfg.data.augment)
+    _check_masks(cfg)
+    _check_data(cfg.data)
+    _check_schedule(cfg)
+    _check(
+        cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda"),
+        "run.device",
+        f"'{cfg.run.device}' is not one of auto, cpu, cuda, cuda:N",
+    )
+    _check_probe(cfg.probe)
+    return cfg
+
+
+def _check_architecture(cfg: Config) -> None:
+    """Patches tile the image; heads divide the width of student, predictor and teacher."""
+    m, d = cfg.model, cfg.data
     _check(
         d.image_size % m.patch_size == 0,
         "data.image_size",
@@ -314,22 +331,33 @@ def validate(cfg: Config) -> Config:
         "teacher.num_heads",
         "must divide the teacher's embed_dim",
     )
+
+
+def _check_sampling_ranges(mk: MaskConfig, augment: AugmentConfig) -> None:
+    """The (low, high) ranges that masks and crops are drawn from."""
     for key, (lo, hi), top in (
         ("mask.context_scale", mk.context_scale, 1.0),
         ("mask.target_scale", mk.target_scale, 1.0),
-        ("data.augment.crop_scale", d.augment.crop_scale, 1.0),
+        ("data.augment.crop_scale", augment.crop_scale, 1.0),
     ):
         _check(0 < lo <= hi <= top, key, f"needs 0 < low <= high <= {top}, got ({lo}, {hi})")
     for key, (lo, hi) in (("mask.context_aspect", mk.context_aspect), ("mask.target_aspect", mk.target_aspect)):
         _check(0 < lo <= hi, key, f"needs 0 < low <= high, got ({lo}, {hi})")
+
+
+def _check_masks(cfg: Config) -> None:
+    mk = cfg.mask
     n_patches = cfg.grid_size**2
     _check(
         0 < mk.min_keep < n_patches,
         "mask.min_keep",
-        f"must be between 1 and the {n_patches} patches of a {d.image_size}px image",
+        f"must be between 1 and the {n_patches} patches of a {cfg.data.image_size}px image",
     )
     _check(mk.num_context == 1, "mask.num_context", "only one context block is supported")
     _check(mk.num_targets >= 1, "mask.num_targets", "must be at least 1")
+
+
+def _check_data(d: DataConfig) -> None:
     _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
     _check(
         not (d.shards and d.mixture),
@@ -349,40 +377,40 @@ def validate(cfg: Config) -> Config:
     )
     _check(d.micro_batch_size >= 0, "data.micro_batch_size", "must be >= 0 (0 = no gradient accumulation)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(cfg.train.total_steps >= 1, "train.total_steps", "must be at least 1")
+
+
+def _check_schedule(cfg: Config) -> None:
+    """Steps, momenta, learning rates, and how often to checkpoint, validate and log."""
+    t, o = cfg.train, cfg.optim
+    _check(t.total_steps >= 1, "train.total_steps", "must be at least 1")
     _check(
-        all(0 <= m <= 1 for m in cfg.train.ema_momentum),
+        all(0 <= momentum <= 1 for momentum in t.ema_momentum),
         "train.ema_momentum",
-        f"momenta must be in [0, 1], got {cfg.train.ema_momentum}",
+        f"momenta must be in [0, 1], got {t.ema_momentum}",
     )
     _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
     _check(
-        cfg.train.val_batches >= -1,
+        t.val_batches >= -1,
         "train.val_batches",
-        f"must be -1 (5% of the steps between checkpoints), 0 (all) or a count, got {cfg.train.val_batches}",
+        f"must be -1 (5% of the steps between checkpoints), 0 (all) or a count, got {t.val_batches}",
     )
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
     _check(cfg.log.every_steps >= 1, "log.every_steps", "must be at least 1")
     _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0 (0 = the device's known figure)")
-    o = cfg.optim
     _check(
-        0 <= o.warmup_steps <= cfg.train.total_steps,
+        0 <= o.warmup_steps <= t.total_steps,
         "optim.warmup_steps",
-        f"must be between 0 and train.total_steps={cfg.train.total_steps}",
+        f"must be between 0 and train.total_steps={t.total_steps}",
     )
     _check(min(o.lr, o.start_lr, o.final_lr) >= 0, "optim.lr", "learning rates must be >= 0")
-    _check(
-        cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda"),
-        "run.device",
-        f"'{cfg.run.device}' is not one of auto, cpu, cuda, cuda:N",
-    )
-    p = cfg.probe
+
+
+def _check_probe(p: ProbeConfig) -> None:
     _check(len(p.seeds) >= 1, "probe.seeds", "needs at least one seed")
     _check(p.knn_k >= 1, "probe.knn_k", f"must be at least 1, got {p.knn_k}")
     _check(p.knn_temperature > 0, "probe.knn_temperature", f"must be > 0, got {p.knn_temperature}")
     _check(p.pixels_size >= 1, "probe.pixels_size", f"must be at least 1, got {p.pixels_size}")
     _check(p.histogram_bins >= 1, "probe.histogram_bins", f"must be at least 1, got {p.histogram_bins}")
-    return cfg
 
 
 # --------------------------------------------------------------------------- loading
