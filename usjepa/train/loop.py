@@ -642,66 +642,84 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        if world.is_main and self.step:
-            drop_steps_after(self.run_dir / "tb", self.step)
-        writer = (
-            SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
-            if world.is_main
-            else None
-        )
-        if writer and not self.step:
-            writer.add_text("run/setup", setup.replace("\n", "  \n"), 0)
+        writer = self._open_writer(setup)
         self.student.train()
-        first_step, meter, outcome, stop_signal = self.step, Meter(self.device), None, None
+        first_step, meter = self.step, Meter(self.device)
         try:
-            with StopSignal() as stop, contextlib.ExitStack() as stack:
-                # Loader workers start inside: none may run a launcher's handler (submitit's requeues).
-                batches = stack.enter_context(make_train_loader(cfg, self.shard_set, self.step, world.rank, world.size))
-                while self.step < end:
-                    logged = (self.step + 1) % cfg.log.every_steps == 0 or self.step + 1 == end
-                    meter.begin_step(timed=logged)
-                    with meter.phase("data"):
-                        batch = next(batches)
-                    outcome = self.train_step(batch, meter, stop_requested=stop.received)
-                    self.counters["corrupt_skipped"] += outcome.corrupt
-                    self.counters["flops"] += outcome.flops
-                    meter.count(
-                        cfg.data.batch_size,
-                        outcome.flops,
-                        (outcome.context_tokens + outcome.target_tokens) * (cfg.data.batch_size - outcome.corrupt),
-                    )
-                    self._count_nonfinite(outcome, writer)
-                    if writer and logged:
-                        self._log(writer, outcome, meter)
-                    if world.is_main and logged:
-                        bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}")
-                    if (
-                        writer
-                        and batch["ids"]
-                        and cfg.log.image_every_steps
-                        and (self.step == 1 or self.step % cfg.log.image_every_steps == 0)
-                    ):
-                        shown = collate_batch(batch)
-                        writer.add_image(
-                            "masks/context_green_targets_red",
-                            mask_overlay(shown["images"], shown["context"], shown["targets"], cfg.model.patch_size),
-                            self.step,
-                        )
-                    bar.update(1)
-                    if self.step % cfg.checkpoint.every_steps == 0 or self.step == end or outcome.stop:
-                        # A stop must save within the launcher's grace time: no validation then.
-                        self._checkpoint(writer, validate=not outcome.stop)
-                    if outcome.stop:
-                        _say(world, f"{signal.Signals(outcome.stop).name} received; saved step {self.step} and stopped")
-                        stop_signal = outcome.stop
-                        break
+            outcome = self._train_until(end, meter, writer, bar)
         finally:
             bar.close()
             if writer:
                 writer.close()
         seconds = meter.total_seconds()
         images = (self.step - first_step) * cfg.data.batch_size
-        return TrainResult(self.run_dir, self.step, outcome.loss, images / seconds, seconds, world.rank, stop_signal)
+        # The last step's stop signal is the one that ended the run (None: it ran to `end`).
+        return TrainResult(self.run_dir, self.step, outcome.loss, images / seconds, seconds, world.rank, outcome.stop)
+
+    def _open_writer(self, setup: str) -> SummaryWriter | None:
+        """Rank 0's TensorBoard writer, the events after the resumed step dropped (they are
+        logged again); the setup as text on a fresh run."""
+        if not self.world.is_main:
+            return None
+        if self.step:
+            drop_steps_after(self.run_dir / "tb", self.step)
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+        if not self.step:
+            writer.add_text("run/setup", setup.replace("\n", "  \n"), 0)
+        return writer
+
+    def _train_until(self, end: int, meter: Meter, writer: SummaryWriter | None, bar: tqdm) -> StepOutcome:
+        """Steps up to `end`, checkpointed every checkpoint.every_steps and at the end; a stop
+        signal ends the run after the step, saved. Returns the last step's outcome."""
+        cfg, world = self.cfg, self.world
+        with StopSignal() as stop, contextlib.ExitStack() as stack:
+            # Loader workers start inside: none may run a launcher's handler (submitit's requeues).
+            batches = stack.enter_context(make_train_loader(cfg, self.shard_set, self.step, world.rank, world.size))
+            while self.step < end:
+                logged = (self.step + 1) % cfg.log.every_steps == 0 or self.step + 1 == end
+                meter.begin_step(timed=logged)
+                with meter.phase("data"):
+                    batch = next(batches)
+                outcome = self.train_step(batch, meter, stop_requested=stop.received)
+                self._add_to_totals(outcome, meter)
+                self._count_nonfinite(outcome, writer)
+                if writer and logged:
+                    self._log(writer, outcome, meter)
+                if world.is_main and logged:
+                    bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}")
+                if writer:
+                    self._log_masks(writer, batch)
+                bar.update(1)
+                if self.step % cfg.checkpoint.every_steps == 0 or self.step == end or outcome.stop:
+                    # A stop must save within the launcher's grace time: no validation then.
+                    self._checkpoint(writer, validate=not outcome.stop)
+                if outcome.stop:
+                    _say(world, f"{signal.Signals(outcome.stop).name} received; saved step {self.step} and stopped")
+                    break
+        return outcome
+
+    def _add_to_totals(self, outcome: StepOutcome, meter: Meter) -> None:
+        """The step's share of the run totals and of the meter's throughput."""
+        batch_size = self.cfg.data.batch_size
+        self.counters["corrupt_skipped"] += outcome.corrupt
+        self.counters["flops"] += outcome.flops
+        meter.count(
+            batch_size,
+            outcome.flops,
+            (outcome.context_tokens + outcome.target_tokens) * (batch_size - outcome.corrupt),
+        )
+
+    def _log_masks(self, writer: SummaryWriter, batch: dict) -> None:
+        """Mask overlays of this rank's share after the first step and every log.image_every_steps."""
+        every = self.cfg.log.image_every_steps
+        if not (batch["ids"] and every and (self.step == 1 or self.step % every == 0)):
+            return
+        shown = collate_batch(batch)
+        writer.add_image(
+            "masks/context_green_targets_red",
+            mask_overlay(shown["images"], shown["context"], shown["targets"], self.cfg.model.patch_size),
+            self.step,
+        )
 
 
 def train(cfg: Config) -> TrainResult:
