@@ -209,6 +209,39 @@ def _file_normalisation(
     return tuple(mean), tuple(std)
 
 
+@dataclass(frozen=True)
+class _TimmViTGeometry:
+    """The architecture a timm ViT state dict implies (heads excepted: they are not in it)."""
+
+    width: int
+    depth: int
+    class_token: bool
+    reg_tokens: int
+    prefix_tokens: int  # class and register tokens
+    pos_grid: int  # side of the patch grid of the stored position embedding
+    no_embed_class: bool  # timm's: the position table holds only patch positions
+
+
+def _timm_vit_geometry(sd: dict[str, torch.Tensor], patch_size: int, source: str) -> _TimmViTGeometry:
+    width, _, p, _ = sd["patch_embed.proj.weight"].shape
+    if p != patch_size:
+        raise UserError(
+            f"{source}: patch size {p} != model.patch_size {patch_size}; "
+            "the student must use the teacher's patch size so token positions align"
+        )
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    class_token = "cls_token" in sd
+    n_prefix = int(class_token) + reg_tokens
+    # timm's no_embed_class: the table holds only patch positions although prefix tokens exist.
+    old_tokens = sd["pos_embed"].shape[1]
+    old_grid = int(round((old_tokens - n_prefix) ** 0.5))
+    no_embed_class = n_prefix > 0 and old_grid * old_grid == old_tokens
+    if no_embed_class:
+        old_grid = int(round(old_tokens**0.5))
+    return _TimmViTGeometry(width, depth, class_token, reg_tokens, n_prefix, old_grid, no_embed_class)
+
+
 def encoder_from_state_dict(
     sd: dict[str, torch.Tensor],
     image_size: int,
@@ -223,50 +256,23 @@ def encoder_from_state_dict(
     """Build a single-channel Encoder that matches a timm ViT state dict and load it, its
     training normalisation (`mean`, `std` per input channel) folded into the patch embedding.
     `num_heads` 0: timm's 64 channels per head (heads are not in the weights)."""
-    width, in_chans, p, _ = sd["patch_embed.proj.weight"].shape
-    if p != patch_size:
-        raise UserError(
-            f"{source}: patch size {p} != model.patch_size {patch_size}; "
-            "the student must use the teacher's patch size so token positions align"
-        )
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    heads = num_heads or max(1, width // 64)
-    reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd else 0
-    class_token = "cls_token" in sd
-    n_prefix = int(class_token) + reg_tokens
-    grid = image_size // patch_size
-    # timm's no_embed_class: the table holds only patch positions although prefix tokens exist.
-    old_tokens = sd["pos_embed"].shape[1]
-    old_grid = int(round((old_tokens - n_prefix) ** 0.5))
-    no_embed_class = n_prefix > 0 and old_grid * old_grid == old_tokens
-    if no_embed_class:
-        old_grid = int(round(old_tokens**0.5))
+    geometry = _timm_vit_geometry(sd, patch_size, source)
+    heads = num_heads or max(1, geometry.width // 64)
     encoder = Encoder(
         img_size=image_size,
         patch_size=patch_size,
-        embed_dim=width,
-        depth=depth,
+        embed_dim=geometry.width,
+        depth=geometry.depth,
         num_heads=heads,
-        class_token=class_token,
-        reg_tokens=reg_tokens,
-        no_embed_class=no_embed_class,
+        class_token=geometry.class_token,
+        reg_tokens=geometry.reg_tokens,
+        no_embed_class=geometry.no_embed_class,
         fixed_pos_embed=False,
         attention=attention,
     )
-    sd = dict(sd)
-    if "patch_embed.proj.bias" in sd:  # else the check below names it
-        sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = fold_input_normalisation(
-            sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], mean, std
-        )
     if "norm.weight" not in sd:  # e.g. MAE/BEiT checkpoints that pool through fc_norm instead
         encoder.norm = nn.Identity()
-    if old_grid != grid:
-        sd["pos_embed"] = resample_abs_pos_embed(
-            sd["pos_embed"],
-            new_size=[grid, grid],
-            old_size=[old_grid, old_grid],
-            num_prefix_tokens=0 if no_embed_class else n_prefix,
-        )
+    sd = _single_channel_state_dict(sd, geometry, image_size // patch_size, mean, std)
     wanted = encoder.state_dict()
     missing = sorted(set(wanted) - set(sd))
     if missing:
@@ -280,6 +286,30 @@ def encoder_from_state_dict(
         first = str(e).strip().splitlines()[-1].strip()
         raise UserError(f"{source}: the weights do not fit ({key}num_heads={heads}?): {first}") from None
     return encoder
+
+
+def _single_channel_state_dict(
+    sd: dict[str, torch.Tensor],
+    geometry: _TimmViTGeometry,
+    grid: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> dict[str, torch.Tensor]:
+    """A copy of `sd` for our encoder: the patch embedding folded to one channel normalised as
+    ours, the position embedding resampled to a `grid` x `grid` patch grid."""
+    sd = dict(sd)
+    if "patch_embed.proj.bias" in sd:  # else the load names it as missing
+        sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = fold_input_normalisation(
+            sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], mean, std
+        )
+    if geometry.pos_grid != grid:
+        sd["pos_embed"] = resample_abs_pos_embed(
+            sd["pos_embed"],
+            new_size=[grid, grid],
+            old_size=[geometry.pos_grid, geometry.pos_grid],
+            num_prefix_tokens=0 if geometry.no_embed_class else geometry.prefix_tokens,
+        )
+    return sd
 
 
 # --------------------------------------------------------------------------- the three sources
