@@ -8,7 +8,7 @@ import multiprocessing.connection
 import os
 import signal
 import threading
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
@@ -54,6 +54,18 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class _InProcess:
+    """The executor of workers=1: runs each batch at once, in this process."""
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, **_) -> None:
+        pass
+
+
 class _Phase1:
     """Schedules items a bounded window ahead of the frontier and consumes results in order."""
 
@@ -66,8 +78,9 @@ class _Phase1:
         self.records: dict[int, tuple[dict, int, str]] = {}
         self.pending: dict = {}
         self.next_pos = self.frontier = self.reused = self.processed = 0
-        self.executor = None
-        if workers > 1:
+        self.in_process = workers <= 1
+        self.executor = _InProcess()
+        if not self.in_process:
             self.executor = ProcessPoolExecutor(
                 max_workers=workers, mp_context=_pool_context(), initializer=_worker_init
             )
@@ -85,12 +98,7 @@ class _Phase1:
             if selection.full or self.frontier >= n:
                 return
             self._schedule()
-            if self.executor is None:
-                done = sum(len(b) for b in self.pending.values())
-                self.processed += done
-                self.bar.update(done)
-                self.pending.clear()
-            elif self.pending:
+            if self.pending:
                 self._collect()
 
     def _schedule(self) -> None:
@@ -110,19 +118,14 @@ class _Phase1:
             if len(batch) == self.chunk:
                 self._submit(batch)
                 batch = []
-                if self.executor is None:
+                if self.in_process:
                     break  # advance the frontier after each item (a cap may be reached)
         if batch:
             self._submit(batch)
 
     def _submit(self, batch: list[tuple[int, str]]) -> None:
         tasks = [(self.items[self.order[pos]], path) for pos, path in batch]
-        if self.executor is None:  # in this process (workers=1): run now
-            for (pos, path), (header, base) in zip(batch, run_batch(tasks, self.item_settings)):
-                self.records[pos] = (header, base, path)
-            self.pending[object()] = batch
-        else:
-            self.pending[self.executor.submit(run_batch, tasks, self.item_settings)] = batch
+        self.pending[self.executor.submit(run_batch, tasks, self.item_settings)] = batch
 
     def _collect(self) -> None:
         done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
@@ -157,7 +160,7 @@ def process_items(
         ) from None
     finally:
         bar.close()
-        if phase is not None and phase.executor is not None:
+        if phase is not None:
             phase.executor.shutdown(wait=clean, cancel_futures=True)
     return phase.selection, {
         "items_reused": phase.reused,
