@@ -99,10 +99,8 @@ def assign_samples(kept: list[Kept], items: list[SourceItem], settings: BuildSet
         for k in kept
         if items[k.index].split is None and items[k.index].group not in prescribed
     ]
-    split_of_group = (
-        assign_splits(free, settings.val_fraction, settings.test_fraction, settings.seed, stratify=settings.stratify)
-        if free
-        else {}
+    split_of_group = assign_splits(
+        free, settings.val_fraction, settings.test_fraction, settings.seed, stratify=settings.stratify
     )
     for group, counts in prescribed.items():
         split_of_group[group] = min(counts.items(), key=lambda kv: (-kv[1], SPLITS.index(kv[0])))[0]

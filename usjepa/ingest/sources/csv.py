@@ -231,7 +231,7 @@ class CsvSource(Source):
                 f"'{self.options.exclude_pattern}'; loosen the pattern"
             )
         require_some_exist(
-            [(r["raw"], r["path"]) for r in listed],
+            [r["path"] for r in listed],
             [r["exists"] for r in listed],
             str(self.csv_path),
             "paths are read relative to the CSV's folder (or path_root); check path_root and path_suffix",
@@ -256,12 +256,10 @@ class CsvSource(Source):
         for r in listed:
             path = r["path"]
             rel = relative_to_any(path, self.root, self.path_root)
-            group = (
-                r["group"]
-                if r["group"] is not None
-                else self.patterns.group(rel, path, f"{self.csv_path} line {r['line']}:")
-            )
-            name = name_of.get(r["label"], UNLABELLED) if r["label"] is not None else UNLABELLED
+            group = r["group"]
+            if group is None:
+                group = self.patterns.group(rel, path, f"{self.csv_path} line {r['line']}:")
+            name = name_of.get(r["label"], UNLABELLED)  # unlabelled: name_of is empty
             items.append(
                 self._media(
                     path,

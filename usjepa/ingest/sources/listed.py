@@ -79,10 +79,10 @@ def canonical_labels(values: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return sorted(set(names.values()), key=float), names
 
 
-def require_some_exist(paths: Sequence[tuple[str, Path]], exists: Sequence[bool], where: str, hint: str) -> None:
+def require_some_exist(paths: Sequence[Path], exists: Sequence[bool], where: str, hint: str) -> None:
     """UserError when none of the listed files exists (naming the first few)."""
     if paths and not any(exists):
-        shown = ", ".join(f"{p}" for _, p in paths[:3])
+        shown = ", ".join(str(p) for p in paths[:3])
         raise UserError(f"none of the {len(paths)} files listed in {where} exists (e.g. {shown}); {hint}")
 
 

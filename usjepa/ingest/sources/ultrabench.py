@@ -277,23 +277,14 @@ class UltraBenchSource(Source):
     def _items_of(self, rows: list[dict], index: DirIndex, classes: list[str], label_of_row: dict, excluded: int):
         exists = [index.exists(r["path"]) for r in rows]
         require_some_exist(
-            [(r["raw"], r["path"]) for r in rows],
+            [r["path"] for r in rows],
             exists,
             f"the split files of {self.root}",
             "image paths are read relative to the dataset folder (or its images/ folder); point SRC at "
             "the folder that holds images/ and the JSON files",
         )
-        train_val = [r for r in rows if r["split_key"] == "train_val"]
-        val_of_group = (
-            assign_splits(
-                ((r["group"], label_of_row[id(r)]) for r in train_val),
-                self.options.val_fraction,
-                0.0,
-                self.options.seed,
-            )
-            if train_val
-            else {}
-        )
+        train_val = [(r["group"], label_of_row[id(r)]) for r in rows if r["split_key"] == "train_val"]
+        val_of_group = assign_splits(train_val, self.options.val_fraction, 0.0, self.options.seed)
         items: list[ScanMaskItem] = []
         for r in rows:
             split = val_of_group[r["group"]] if r["split_key"] == "train_val" else r["split_key"]
