@@ -198,6 +198,26 @@ def check_folder(root: Path, how: str, what: str = "source") -> None:
         raise UserError(f"{what} {root} is not a folder; {how}")
 
 
+def folder_label_mode(labels: str, root: Path, loose: str, auto: list, auto_folders: str) -> tuple[str, str]:
+    """(label mode, note) of a tree whose first-level folders may be classes. `labels`: 'none';
+    'folders' (a UserError when files sit directly in `root`; `loose` says which, e.g. '2 file(s)',
+    '' for none); or 'auto': 'none' for the first (applies, why) of `auto` that applies, else
+    'folders' (why: `auto_folders`)."""
+    if labels == "none":
+        return "none", "unlabelled (labels='none')"
+    if labels == "folders":
+        if loose:
+            raise UserError(
+                f"labels='folders' needs one subfolder per class in {root}, but {loose} sit directly in it; move "
+                f"them into class folders ({root}/<class>/...) or use labels='none'"
+            )
+        return "folders", "first-level folder names (labels='folders')"
+    why_not = next((why for applies, why in auto if applies), None)
+    if why_not is not None:
+        return "none", f"unlabelled: {why_not}"
+    return "folders", f"first-level folder names (auto: {auto_folders})"
+
+
 def label_indices(classes: list) -> dict:
     """class -> label (its index in `classes`)."""
     return {c: i for i, c in enumerate(classes)}

@@ -12,7 +12,15 @@ from typing import Literal
 from usjepa.errors import UserError
 from usjepa.ingest.ranges import range_problems
 from usjepa.ingest.sources import deid
-from usjepa.ingest.sources.base import DEFAULT_EXCLUDE, Patterns, Source, check_folder, label_indices, register_source
+from usjepa.ingest.sources.base import (
+    DEFAULT_EXCLUDE,
+    Patterns,
+    Source,
+    check_folder,
+    folder_label_mode,
+    label_indices,
+    register_source,
+)
 from usjepa.ingest.sources.dicom_pixels import (  # noqa: F401  (DicomDecodeError: what a failed item raises)
     DICOMDIR_SOP_CLASS,
     DicomDecodeError,
@@ -243,39 +251,26 @@ class DicomSource(Source):
     def _label_mode(self, entries, values, scrubber) -> tuple[str, str]:
         root, labels = self.root, self.options.labels
         first = [p for p in root.iterdir() if not p.name.startswith(".")]
-        all_folders = bool(first) and all(p.is_dir() for p in first)
-        if labels == "none":
-            return "none", "unlabelled (labels='none')"
-        if labels == "folders" and not all_folders:
-            loose = sorted(p.name for p in first if not p.is_dir())
-            raise UserError(
-                f"labels='folders' needs one subfolder per class in {root}, but {len(loose)} file(s) sit directly in "
-                f"it; move them into class folders ({root}/<class>/...) or use labels='none'"
-            )
+        loose = sum(not p.is_dir() for p in first)  # not named: a file name may be an identifier
         # a class folder named after an identifier of its files is a patient/study folder, not a class
-        suspect = sorted(
-            {
-                e.cls
-                for e, v in zip(entries, values)
-                if e.cls and scrubber.names_identifier(e.cls, _tag(e, "PatientID"), v)
-            }
-        )
-        if labels == "folders":
-            if suspect:
-                raise UserError(
-                    f"labels='folders' but {len(suspect)} first-level folder(s) of {root} are named after an "
-                    "identifier of their files (patient id or name, accession number, UID, date, institution); "
-                    "class folders must be class names (e.g. benign/, malignant/): rearrange the tree or use "
-                    "labels='none'"
-                )
-            return "folders", "first-level folder names (labels='folders')"
-        if not all_folders:
-            return "none", "unlabelled: the root holds files, not only class folders"
-        if len(first) < 2:
-            return "none", "unlabelled: the root holds a single folder (an export folder, not classes)"
-        if suspect:
-            return "none", "unlabelled: first-level folders are named after patient/study identifiers, not classes"
-        return "folders", "first-level folder names (auto: the root holds only folders)"
+        suspect = {
+            e.cls
+            for e, v in zip(entries, values)
+            if labels != "none" and e.cls and scrubber.names_identifier(e.cls, _tag(e, "PatientID"), v)
+        }
+        if labels == "folders" and suspect and not loose:
+            raise UserError(
+                f"labels='folders' but {len(suspect)} first-level folder(s) of {root} are named after an "
+                "identifier of their files (patient id or name, accession number, UID, date, institution); "
+                "class folders must be class names (e.g. benign/, malignant/): rearrange the tree or use "
+                "labels='none'"
+            )
+        auto = [
+            (loose, "the root holds files, not only class folders"),
+            (len(first) < 2, "the root holds a single folder (an export folder, not classes)"),
+            (suspect, "first-level folders are named after patient/study identifiers, not classes"),
+        ]
+        return folder_label_mode(labels, root, f"{loose} file(s)" if loose else "", auto, "the root holds only folders")
 
     def _group(self, entry: _Entry) -> str:
         group_by = self.options.group_by

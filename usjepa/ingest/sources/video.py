@@ -23,6 +23,7 @@ from usjepa.ingest.sources.base import (
     SourceItem,
     check_folder,
     file_items,
+    folder_label_mode,
     register_source,
 )
 from usjepa.ingest.sources.video_frames import COLOR_MIN_FRACTION, THUMB_SIZE, VideoSettings, read_video
@@ -107,27 +108,19 @@ class VideoSource(Source):
 
     def _label_mode(self, rels: list[str]) -> tuple[str, str]:
         loose = [rel for rel in rels if "/" not in rel]
-        labels = self.options.labels
-        if labels == "none":
-            return "none", "unlabelled (labels='none')"
-        if labels == "folders":
-            if loose:
-                raise UserError(
-                    f"labels='folders' needs one subfolder per class in {self.root}, but {len(loose)} video(s) sit "
-                    f"directly in it (e.g. {loose[0]!r}); move them into class folders ({self.root}/<class>/...) or "
-                    "use labels='none'"
-                )
-            return "folders", "first-level folder names (labels='folders')"
-        folders = sorted({rel.split("/", 1)[0] for rel in rels})
-        if loose:
-            return "none", "unlabelled: videos sit directly in the root, not only in class folders"
-        if len(folders) < 2:
-            return "none", "unlabelled: the videos sit in a single folder (an export folder, not classes)"
-        if any(_ID_FOLDER.match(f) for f in folders):
-            return "none", "unlabelled: first-level folders are named like identifiers (patients, cases), not classes"
-        if len(folders) * 2 > len(rels):
-            return "none", "unlabelled: about one video per first-level folder (patient folders, not classes)"
-        return "folders", "first-level folder names (auto: every video sits in one of several folders)"
+        folders = {rel.split("/", 1)[0] for rel in rels}
+        auto = [
+            (loose, "videos sit directly in the root, not only in class folders"),
+            (len(folders) < 2, "the videos sit in a single folder (an export folder, not classes)"),
+            (
+                any(map(_ID_FOLDER.match, folders)),
+                "first-level folders are named like identifiers (patients, cases), not classes",
+            ),
+            (len(folders) * 2 > len(rels), "about one video per first-level folder (patient folders, not classes)"),
+        ]
+        loose_text = f"{len(loose)} video(s) (e.g. {loose[0]!r})" if loose else ""
+        why = "every video sits in one of several folders"
+        return folder_label_mode(self.options.labels, self.root, loose_text, auto, why)
 
     @classmethod
     def looks_like(cls, root) -> bool:
