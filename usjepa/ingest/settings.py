@@ -24,6 +24,8 @@ class ItemSettings:
 
 @dataclass
 class BuildSettings:
+    """Each field is the flag of that name or a recipe `build:` key (docs/data.md#build-steps)."""
+
     image_size: int = 224
     shard_size: int = 1000
     val_fraction: float = 0.1
@@ -32,7 +34,6 @@ class BuildSettings:
     group_pattern: str | None = None
     overwrite: bool = False
     format: str = "auto"
-    """'auto' (every format's `looks_like` is asked) or a registered format name."""
     exclude_pattern: str | None = DEFAULT_EXCLUDE
     stratify: bool = True
     low_percentile: float = 2.0
@@ -42,16 +43,10 @@ class BuildSettings:
     region: RegionSettings = field(default_factory=RegionSettings)
     overlay: OverlaySettings = field(default_factory=OverlaySettings)
     large_overlay: str = "flag"
-    """Samples whose colour overlays cover >= overlay.max_fraction: 'flag' (keep, meta
-    overlay_flagged: true) or 'skip' (leave out, listed in the build report)."""
     dedup: bool = True
-    """Write identical preprocessed images once (content hash); duplicates are listed."""
     max_samples: int | None = None
-    """Keep at most this many samples: the first ones in the seeded item order."""
     weight_cap: int = DEFAULT_WEIGHT_CAP
-    """Manifest `sampling_weight` = min(train samples, weight_cap)."""
-    source_options: dict = field(default_factory=dict)
-    """The source format's options (e.g. fps=3, max_frames=30), checked against its `Options`."""
+    source_options: dict = field(default_factory=dict)  # checked against the format's `Options`
 
     def preprocess_settings(self) -> PreprocessSettings:
         return PreprocessSettings(

@@ -40,7 +40,7 @@ def summarise(n_items: int, selection: Selection, items_not_read: int) -> dict:
         "frames": selection.frames,
         "samples": len(selection.kept),
         "skipped": len(selection.failed),
-        "skipped_by_stage": _by(selection.failed, "stage"),
+        "skipped_by_stage": dict(sorted(Counter(f["stage"] for f in selection.failed).items())),
         "duplicates": len(selection.duplicates),
         "duplicate_examples": selection.duplicates[:DUPLICATES_IN_MANIFEST],
         "overlay_inpainted": selection.inpainted,
@@ -156,7 +156,3 @@ def _preprocessing(settings: BuildSettings) -> dict:
         "region_interpolation": "nearest",
         "outside_region": 0,
     }
-
-
-def _by(entries: list[dict], field_name: str) -> dict[str, int]:
-    return dict(sorted(Counter(e[field_name] for e in entries).items()))

@@ -16,16 +16,12 @@ LARGE_OVERLAY_ACTIONS = ("flag", "skip")
 
 @dataclass(frozen=True)
 class OverlaySettings:
-    """How colour overlays are handled (recorded in the manifest)."""
+    """How colour overlays are handled (recorded in the manifest; docs/data.md#colour-overlays)."""
 
-    tolerance: int = 16
-    """A pixel is coloured when max(R, G, B) - min(R, G, B) exceeds this (0-255)."""
-    max_fraction: float = 0.05
-    """Inpaint when coloured pixels cover less than this share of the image, else flag."""
-    dilate: int = 1
-    """Grow the coloured pixels by this many pixels (8-connected) before inpainting."""
-    iterations: int = 40
-    """Jacobi sweeps of the harmonic fill (after the nearest-pixel start)."""
+    tolerance: int = 16  # coloured: max(R, G, B) - min(R, G, B) > tolerance
+    max_fraction: float = 0.05  # inpaint below this coloured share, else flag
+    dilate: int = 1  # pixels (8-connected) the coloured pixels grow by before inpainting
+    iterations: int = 40  # Jacobi sweeps of the harmonic fill
 
     def problems(self) -> list[str]:
         rules = {"tolerance": "integer in [0, 255]", "max_fraction": "number in [0, 1]"}

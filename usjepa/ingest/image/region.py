@@ -16,27 +16,23 @@ _EIGHT = np.ones((3, 3), dtype=bool)
 
 @dataclass(frozen=True)
 class RegionSettings:
-    """How `detect_region` finds the ultrasound region (recorded in the manifest)."""
+    """How `detect_region` finds the ultrasound region (recorded in the manifest; docs/data.md#preprocessing)."""
 
     threshold: float = 1.0
     """Signal = (box-averaged) value above the background level plus this (0-255 scale).
     The background level is the 1st intensity percentile, capped at `max_background`, so an
     image with no border at all is not thresholded on its own dark anatomy."""
     max_background: float = 8.0
-    work_size: int = 128
-    """Detect on the image box-reduced by an integer factor to about this shorter side."""
-    close_fraction: float = 0.04
-    """Side of the square closing element, as a fraction of min(height, width)."""
-    open_fraction: float = 0.02
-    """Side of the square opening element: removes structures thinner than this."""
+    work_size: int = 128  # detect on the image box-reduced by an integer factor to about this shorter side
+    close_fraction: float = 0.04  # side of the square closing element, a fraction of the shorter side
+    open_fraction: float = 0.02  # side of the square opening element: removes structures thinner than this
     keep_fraction: float = 0.25
     """Components at least this fraction of the largest one are kept too (the hull then
     joins them): a dark band right across the scan (a large cyst, a shadow) splits it in
     two. 1.0 keeps only the largest."""
     fill_holes: bool = True
     convex_hull: bool = True
-    min_area_fraction: float = 0.02
-    """A region smaller than this fraction of the image counts as not found (image skipped)."""
+    min_area_fraction: float = 0.02  # a smaller share of the image counts as no region (image skipped)
 
 
 def _odd_size(fraction: float, shape: tuple[int, ...]) -> int:
