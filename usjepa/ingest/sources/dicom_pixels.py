@@ -226,10 +226,7 @@ class DicomItem(SourceItem):
         return next(self._decode([0]))
 
     def frames(self) -> Iterator[Loaded]:
-        """Every `frame_stride`-th frame, at most `max_frames` (0: all)."""
-        if not self.multi_frame:
-            yield self.load()
-            return
+        """Every `frame_stride`-th frame, at most `max_frames` (0: all); a single-frame file's one."""
         yield from self._decode(self.frame_indices())
 
     # -- decoding
