@@ -33,7 +33,6 @@ from usjepa.fileio import atomic_write_text, files_sha256
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 META = "meta.json"
-CHECKPOINT_NAMES = ("best", "latest", "step_N")
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _STEP_NAME = re.compile(r"^step_(\d+)$")
 # Settings that may change between invocations of one run without changing its result.

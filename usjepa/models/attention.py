@@ -30,7 +30,6 @@ from usjepa.errors import UserError
 log = logging.getLogger(__name__)
 
 SETTINGS = ("auto", "sdpa", "xformers", "matmul")
-BACKENDS = ("sdpa", "xformers", "matmul")
 _FIX = "install it with `pip install -e '.[gpu]'` on a CUDA machine, or set model.attention=sdpa"
 
 # Start-up check tolerances: bf16 keeps 8 mantissa bits (eps ~ 4e-3) and the two kernels

@@ -11,8 +11,6 @@ from pathlib import Path
 from usjepa.config import ConfigError, load_typed
 from usjepa.eval.baselines import BASELINES
 
-PROBED = ("student", "target", "random")
-
 
 @dataclass
 class ShardSetSpec:
