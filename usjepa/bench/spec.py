@@ -18,7 +18,8 @@ KINDS = ("run", "export", "random", *EXTERNAL_KINDS)
 
 @dataclass
 class BackboneSpec:
-    kind: typing.Literal["run", "export", "random", "timm", "open_clip", "mae", "beit"] = "run"
+    # Spelled through KINDS so that a new checkpoint kind of the loaders is accepted here too.
+    kind: typing.Literal[KINDS] = "run"
     # run: a `usjepa train` run dir; export: a `usjepa export` folder; timm/open_clip/mae/beit:
     # a checkpoint file (.pth, .pt, .bin, .safetensors).
     path: str = ""
