@@ -88,7 +88,9 @@ class _Phase1:
     def run(self) -> None:
         n, selection = len(self.order), self.selection
         while True:
-            while self.frontier in self.records:
+            # Not past the cap: results that workers finished ahead of it depend on timing,
+            # and feeding them would make the summary's counts (read, capped, failed) differ.
+            while self.frontier in self.records and not selection.full:
                 header, base, path = self.records.pop(self.frontier)
                 selection.feed(self.order[self.frontier], header, base, path)
                 self.frontier += 1
