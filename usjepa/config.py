@@ -290,7 +290,8 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 
-def _check(ok: bool, key: str, why: str) -> None:
+def require(ok: bool, key: str, why: str) -> None:
+    """A typed spec's cross-field check: ConfigError naming the key unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}: {why}")
 
@@ -303,7 +304,7 @@ def validate(cfg: Config) -> Config:
     _check_masks(cfg)
     _check_data(cfg.data)
     _check_schedule(cfg)
-    _check(
+    require(
         cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda"),
         "run.device",
         f"'{cfg.run.device}' is not one of auto, cpu, cuda, cuda:N",
@@ -315,7 +316,7 @@ def validate(cfg: Config) -> Config:
 def _check_architecture(cfg: Config) -> None:
     """Patches tile the image; heads divide the width of student, predictor and teacher."""
     m, d = cfg.model, cfg.data
-    _check(
+    require(
         d.image_size % m.patch_size == 0,
         "data.image_size",
         f"{d.image_size} is not a multiple of model.patch_size={m.patch_size}",
@@ -324,9 +325,10 @@ def _check_architecture(cfg: Config) -> None:
         ("model", m.embed_dim, m.num_heads),
         ("predictor", cfg.predictor.embed_dim, cfg.predictor.num_heads),
     ):
-        _check(heads > 0 and dim % heads == 0, f"{key}.embed_dim", f"{dim} is not divisible by {key}.num_heads={heads}")
+        divisible = heads > 0 and dim % heads == 0
+        require(divisible, f"{key}.embed_dim", f"{dim} is not divisible by {key}.num_heads={heads}")
     t = cfg.teacher
-    _check(
+    require(
         t.num_heads == 0 or (t.embed_dim or m.embed_dim) % t.num_heads == 0,
         "teacher.num_heads",
         "must divide the teacher's embed_dim",
@@ -340,77 +342,77 @@ def _check_sampling_ranges(mk: MaskConfig, augment: AugmentConfig) -> None:
         ("mask.target_scale", mk.target_scale, 1.0),
         ("data.augment.crop_scale", augment.crop_scale, 1.0),
     ):
-        _check(0 < lo <= hi <= top, key, f"needs 0 < low <= high <= {top}, got ({lo}, {hi})")
+        require(0 < lo <= hi <= top, key, f"needs 0 < low <= high <= {top}, got ({lo}, {hi})")
     for key, (lo, hi) in (("mask.context_aspect", mk.context_aspect), ("mask.target_aspect", mk.target_aspect)):
-        _check(0 < lo <= hi, key, f"needs 0 < low <= high, got ({lo}, {hi})")
+        require(0 < lo <= hi, key, f"needs 0 < low <= high, got ({lo}, {hi})")
 
 
 def _check_masks(cfg: Config) -> None:
     mk = cfg.mask
     n_patches = cfg.grid_size**2
-    _check(
+    require(
         0 < mk.min_keep < n_patches,
         "mask.min_keep",
         f"must be between 1 and the {n_patches} patches of a {cfg.data.image_size}px image",
     )
-    _check(mk.num_context == 1, "mask.num_context", "only one context block is supported")
-    _check(mk.num_targets >= 1, "mask.num_targets", "must be at least 1")
+    require(mk.num_context == 1, "mask.num_context", "only one context block is supported")
+    require(mk.num_targets >= 1, "mask.num_targets", "must be at least 1")
 
 
 def _check_data(d: DataConfig) -> None:
-    _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
-    _check(
+    require(d.batch_size >= 1, "data.batch_size", "must be at least 1")
+    require(
         not (d.shards and d.mixture),
         "data.shards",
         "name one shard set (data.shards=PATH) or several in data.mixture, not both",
     )
-    _check(
+    require(
         all(e.weight >= 0 for e in d.mixture),
         "data.mixture",
         "weights must be >= 0 (0: the manifest's sampling_weight)",
     )
-    _check(
+    require(
         d.streams >= 1 and d.batch_size % d.streams == 0,
         "data.streams",
         f"{d.streams} must be >= 1 and divide data.batch_size={d.batch_size} (each stream gives "
         "an equal chunk of the batch)",
     )
-    _check(d.micro_batch_size >= 0, "data.micro_batch_size", "must be >= 0 (0 = no gradient accumulation)")
-    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    require(d.micro_batch_size >= 0, "data.micro_batch_size", "must be >= 0 (0 = no gradient accumulation)")
+    require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
 
 
 def _check_schedule(cfg: Config) -> None:
     """Steps, momenta, learning rates, and how often to checkpoint, validate and log."""
     t, o = cfg.train, cfg.optim
-    _check(t.total_steps >= 1, "train.total_steps", "must be at least 1")
-    _check(
+    require(t.total_steps >= 1, "train.total_steps", "must be at least 1")
+    require(
         all(0 <= momentum <= 1 for momentum in t.ema_momentum),
         "train.ema_momentum",
         f"momenta must be in [0, 1], got {t.ema_momentum}",
     )
-    _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
-    _check(
+    require(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
+    require(
         t.val_batches >= -1,
         "train.val_batches",
         f"must be -1 (5% of the steps between checkpoints), 0 (all) or a count, got {t.val_batches}",
     )
-    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
-    _check(cfg.log.every_steps >= 1, "log.every_steps", "must be at least 1")
-    _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0 (0 = the device's known figure)")
-    _check(
+    require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+    require(cfg.log.every_steps >= 1, "log.every_steps", "must be at least 1")
+    require(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0 (0 = the device's known figure)")
+    require(
         0 <= o.warmup_steps <= t.total_steps,
         "optim.warmup_steps",
         f"must be between 0 and train.total_steps={t.total_steps}",
     )
-    _check(min(o.lr, o.start_lr, o.final_lr) >= 0, "optim.lr", "learning rates must be >= 0")
+    require(min(o.lr, o.start_lr, o.final_lr) >= 0, "optim.lr", "learning rates must be >= 0")
 
 
 def _check_probe(p: ProbeConfig) -> None:
-    _check(len(p.seeds) >= 1, "probe.seeds", "needs at least one seed")
-    _check(p.knn_k >= 1, "probe.knn_k", f"must be at least 1, got {p.knn_k}")
-    _check(p.knn_temperature > 0, "probe.knn_temperature", f"must be > 0, got {p.knn_temperature}")
-    _check(p.pixels_size >= 1, "probe.pixels_size", f"must be at least 1, got {p.pixels_size}")
-    _check(p.histogram_bins >= 1, "probe.histogram_bins", f"must be at least 1, got {p.histogram_bins}")
+    require(len(p.seeds) >= 1, "probe.seeds", "needs at least one seed")
+    require(p.knn_k >= 1, "probe.knn_k", f"must be at least 1, got {p.knn_k}")
+    require(p.knn_temperature > 0, "probe.knn_temperature", f"must be > 0, got {p.knn_temperature}")
+    require(p.pixels_size >= 1, "probe.pixels_size", f"must be at least 1, got {p.pixels_size}")
+    require(p.histogram_bins >= 1, "probe.histogram_bins", f"must be at least 1, got {p.histogram_bins}")
 
 
 # --------------------------------------------------------------------------- loading

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from usjepa.bench.loaders import EXTERNAL_KINDS
 from usjepa.bench.protocols import FEWSHOT_FRACTIONS, ROBUSTNESS_KINDS, SEVERITIES
-from usjepa.config import ConfigError, ProbeConfig, load_typed
+from usjepa.config import ProbeConfig, load_typed, require
 
 KINDS = ("run", "export", "random", *EXTERNAL_KINDS)
 
@@ -66,24 +66,19 @@ class BenchSpec:
     plots: bool = True
 
 
-def _check(ok: bool, key: str, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {why}")
-
-
 def _validate_backbone(name: str, b: BackboneSpec) -> None:
     key = f"backbones.{name}"
     if b.kind == "random":
-        _check(
+        require(
             bool(b.like) != bool(b.model),
             key,
             "a random backbone takes its architecture from `like: RUN_DIR` or `model: TIMM_NAME` (exactly one)",
         )
     else:
-        _check(bool(b.path), f"{key}.path", f"a {b.kind} backbone needs `path`")
-    _check(b.kind in ("run", "random") or not b.like, f"{key}.like", "only a random backbone takes `like`")
-    _check(bool(b.mean) == bool(b.std), key, "mean and std go together: set both or neither")
-    _check(
+        require(bool(b.path), f"{key}.path", f"a {b.kind} backbone needs `path`")
+    require(b.kind in ("run", "random") or not b.like, f"{key}.like", "only a random backbone takes `like`")
+    require(bool(b.mean) == bool(b.std), key, "mean and std go together: set both or neither")
+    require(
         b.kind not in ("run", "export") or not (b.mean or b.model),
         key,
         f"a {b.kind} backbone carries its own architecture and normalisation; remove model/mean/std",
@@ -91,18 +86,18 @@ def _validate_backbone(name: str, b: BackboneSpec) -> None:
 
 
 def validate_bench(spec: BenchSpec) -> BenchSpec:
-    _check(bool(spec.datasets), "datasets", "name at least one labelled shard set (name: folder)")
-    _check(bool(spec.backbones), "backbones", "name at least one backbone (name: {kind: ..., path: ...})")
+    require(bool(spec.datasets), "datasets", "name at least one labelled shard set (name: folder)")
+    require(bool(spec.backbones), "backbones", "name at least one backbone (name: {kind: ..., path: ...})")
     for name, b in spec.backbones.items():
         _validate_backbone(name, b)
-    _check(spec.image_size > 0 and spec.batch_size > 0, "image_size", "image_size and batch_size must be > 0")
-    _check(bool(spec.probe.seeds), "probe.seeds", "needs at least one seed")
+    require(spec.image_size > 0 and spec.batch_size > 0, "image_size", "image_size and batch_size must be > 0")
+    require(bool(spec.probe.seeds), "probe.seeds", "needs at least one seed")
     for f in spec.fewshot.fractions:
-        _check(0 < f <= 1, "fewshot.fractions", f"{f} is not a fraction in (0, 1]")
+        require(0 < f <= 1, "fewshot.fractions", f"{f} is not a fraction in (0, 1]")
     for kind in spec.robustness.kinds:
-        _check(kind in ROBUSTNESS_KINDS, "robustness.kinds", f"'{kind}' is not one of {', '.join(ROBUSTNESS_KINDS)}")
+        require(kind in ROBUSTNESS_KINDS, "robustness.kinds", f"'{kind}' is not one of {', '.join(ROBUSTNESS_KINDS)}")
     for s in spec.robustness.severities:
-        _check(s in SEVERITIES, "robustness.severities", f"{s} is not one of {list(SEVERITIES)}")
+        require(s in SEVERITIES, "robustness.severities", f"{s} is not one of {list(SEVERITIES)}")
     return spec
 
 

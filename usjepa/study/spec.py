@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from usjepa.config import ConfigError, load_typed
+from usjepa.config import load_typed, require
 from usjepa.eval.baselines import BASELINES
 
 
@@ -54,45 +54,40 @@ class StudySpec:
     compare: tuple[tuple[str, str], ...] = ()
 
 
-def _check(ok: bool, key: str, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {why}")
-
-
 def validate_study(spec: StudySpec) -> StudySpec:
     arms, sets = spec.arms, spec.shard_sets
-    _check(bool(spec.corpus), "corpus", "name at least one shard set to pretrain on")
-    _check(bool(arms), "arms", "name at least one arm")
-    _check(bool(spec.tasks), "tasks", "name at least one labelled task (task: shard set)")
+    require(bool(spec.corpus), "corpus", "name at least one shard set to pretrain on")
+    require(bool(arms), "arms", "name at least one arm")
+    require(bool(spec.tasks), "tasks", "name at least one labelled task (task: shard set)")
     for name in spec.corpus:
-        _check(name in sets, "corpus", f"'{name}' is not one of shard_sets ({', '.join(sets)})")
+        require(name in sets, "corpus", f"'{name}' is not one of shard_sets ({', '.join(sets)})")
     for task, name in spec.tasks.items():
-        _check(name in sets, f"tasks.{task}", f"'{name}' is not one of shard_sets ({', '.join(sets)})")
+        require(name in sets, f"tasks.{task}", f"'{name}' is not one of shard_sets ({', '.join(sets)})")
     for name, arm in arms.items():
         key = f"arms.{name}"
         if arm.probe == "random":
-            _check(
+            require(
                 arm.like in arms and arms[arm.like].probe != "random",
                 f"{key}.like",
                 "a random arm needs `like`: a trained arm whose architecture and seed it takes",
             )
         else:
-            _check(bool(arm.config), f"{key}.config", "a trained arm needs a run config")
-            _check(
+            require(bool(arm.config), f"{key}.config", "a trained arm needs a run config")
+            require(
                 not arm.teacher or (arm.teacher in arms and arms[arm.teacher].probe != "random"),
                 f"{key}.teacher",
                 f"'{arm.teacher}' is not a trained arm",
             )
-            _check(arm.teacher != name, f"{key}.teacher", "an arm cannot be its own teacher")
+            require(arm.teacher != name, f"{key}.teacher", "an arm cannot be its own teacher")
     names = [*arms, *spec.baselines]
     for b in spec.baselines:
-        _check(b in BASELINES, "baselines", f"'{b}' is not one of {', '.join(BASELINES)}")
+        require(b in BASELINES, "baselines", f"'{b}' is not one of {', '.join(BASELINES)}")
     for a, b in spec.compare:
         for x in (a, b):
-            _check(x in names, "compare", f"'{x}' is not an arm or baseline ({', '.join(names)})")
-    _check(len(spec.seeds) >= 1 and len(spec.probe_seeds) >= 1, "seeds", "needs at least one seed")
-    _check(spec.jobs >= 1, "jobs", "must be at least 1")
-    _check(spec.steps >= 0, "steps", "must be >= 0 (0: each config's train.total_steps)")
+            require(x in names, "compare", f"'{x}' is not an arm or baseline ({', '.join(names)})")
+    require(len(spec.seeds) >= 1 and len(spec.probe_seeds) >= 1, "seeds", "needs at least one seed")
+    require(spec.jobs >= 1, "jobs", "must be at least 1")
+    require(spec.steps >= 0, "steps", "must be >= 0 (0: each config's train.total_steps)")
     return spec
 
 
