@@ -39,29 +39,35 @@ def test_bad_time_limits_are_refused(text):
         submit.slurm_minutes(text)
 
 
-def test_the_time_limit_reaches_the_job_parameters_and_bad_ones_are_one_line():
-    def run(*args):
-        return subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "launch" / "submit.py"),
-                "configs/demo.yaml",
-                *args,
-                "--dry-run",
-                "--no-data-check",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+def _submit(*args):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "submit.py"),
+            "configs/demo.yaml",
+            *args,
+            "--dry-run",
+            "--no-data-check",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
-    ok = run("--time", "1-02:30:00")
-    assert ok.returncode == 0, ok.stderr
-    assert "  time: 1590\n" in ok.stdout
-    bad = run("--time", "90m")
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1] == (
+
+def test_the_time_limit_reaches_the_job_parameters_and_bad_ones_are_one_line():
+    def run(*args) -> tuple[int, str, str]:
+        proc = _submit(*args)
+        out, err = proc.communicate(timeout=120)
+        return proc.returncode, out, err
+
+    code, out, err = run("--time", "1-02:30:00")
+    assert code == 0, err
+    assert "  time: 1590\n" in out
+    code, _, err = run("--time", "90m")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
         "submit.py: error: argument --time: '90m' is not a Slurm time limit; write minutes (90), MM:SS, "
         "HH:MM:SS (01:30:00), D-HH, D-HH:MM or D-HH:MM:SS (2-00:00:00)"
     )
@@ -112,23 +118,6 @@ _CASES = {
         "the job would be asked to stop before it started",
     ),
 }
-
-
-def _submit(*args):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "launch" / "submit.py"),
-            "configs/demo.yaml",
-            *args,
-            "--dry-run",
-            "--no-data-check",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 @pytest.fixture(scope="module")
