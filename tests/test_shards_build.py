@@ -605,6 +605,22 @@ def test_contact_sheet_under_a_file_is_one_line(tmp_path, capsys):
     assert "for the contact sheet is a file, not a folder" in err
 
 
+def test_contact_sheet_of_a_damaged_set_is_one_line(tmp_path, capsys):
+    src = image_folder(tmp_path / "src", per_class=2)
+    out = tmp_path / "out"
+    build_shards(src, out, BuildSettings(image_size=32, val_fraction=0, test_fraction=0), progress=False)
+    tar = out / "train-000000.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[:700])  # cut inside the first sample's members
+    argv = ["shards", "inspect", str(out), "--grid", str(tmp_path / "sheet.png")]
+    err = _one_line_error(capsys, argv).rstrip("\n")
+    assert err.startswith(f"usjepa shards: error: shard {tar} cannot be read (")
+    assert err.endswith(f"`usjepa shards verify {out}` lists what is damaged: rebuild or restore the set")
+    tar.unlink()
+    assert "No such file or directory" in _one_line_error(capsys, argv)
+    assert not (tmp_path / "sheet.png").exists()
+
+
 def test_file_size_limit_is_one_line_and_the_build_resumes(tmp_path):
     """A real build under RLIMIT_FSIZE (SIGXFSZ ignored, so writes fail with EFBIG) ends with one line
     naming the file; rerun without the limit, it finishes with the shards of an unlimited build."""

@@ -4,6 +4,7 @@ region masks drawn on (docs/data.md#verify-and-inspect)."""
 from __future__ import annotations
 
 import math
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,17 @@ def first_samples(manifest: Manifest, split: str, n: int):
     """The first `n` decoded samples of a split, in manifest (shard) order: (key, image, region, meta)."""
     out = []
     for path in manifest.shard_paths(split):
-        for raw in read_samples(path):
-            image, region, meta = decode_sample(raw)
-            out.append((raw["__key__"], image, region, meta))
-            if len(out) >= n:
-                return out
+        try:
+            for raw in read_samples(path):
+                image, region, meta = decode_sample(raw)
+                out.append((raw["__key__"], image, region, meta))
+                if len(out) >= n:
+                    return out
+        except (OSError, ValueError, tarfile.TarError) as exc:
+            raise UserError(
+                f"shard {path} cannot be read ({exc}); `usjepa shards verify {manifest.root}` lists what is "
+                "damaged: rebuild or restore the set"
+            ) from None
     return out
 
 
