@@ -11,6 +11,7 @@ import pytest
 import safetensors
 import timm
 import torch
+from fs_util import read_only
 from safetensors.torch import load_file
 
 from usjepa.cli import main
@@ -131,6 +132,26 @@ def test_mistakes_are_one_line_errors(run, tmp_path, capsys):
     assert err.count("\n") == 1 and "notes.txt" in err and "--force" in err
     assert main(["export", str(run), str(out), "--force"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_export_folder_that_cannot_be_made_or_written_is_one_line(run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", str(run), str(tmp_path / "afile" / "exp")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"usjepa export: error: cannot create the export folder {tmp_path / 'afile' / 'exp'} "
+        f"({tmp_path / 'afile'} is a file, not a folder); choose a folder you can write to for OUT\n"
+    )
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with read_only(locked):
+        assert main(["export", str(run), str(locked)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"usjepa export: error: cannot write the export to {locked} (Read-only file system); free disk space "
+        "or choose a folder you can write to for OUT\n"
+    )
+    assert list(locked.iterdir()) == []
 
 
 def test_probe_and_teacher_load_the_export(run, tmp_path, capsys):

@@ -8,7 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "usjepa"
 # Lowest first. `__init__` is the package itself (its __version__).
 LAYERS = [
-    {"__init__", "errors", "signals", "fileio"},
+    {"__init__", "errors", "signals"},
+    {"fileio"},
     {"config"},
     {"shardset", "rundir"},
     {"data", "ingest"},

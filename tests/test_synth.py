@@ -194,6 +194,13 @@ def test_refuses_non_empty_or_file_output(tmp_path):
         with pytest.raises(UserError, match="not an empty folder") as error:
             synth.write_synthetic_dataset(out, 8, size=48)
         assert "\n" not in str(error.value)
+    under = tmp_path / "file" / "out"
+    with pytest.raises(UserError) as error:
+        synth.write_synthetic_dataset(under, 8, size=48)
+    assert str(error.value) == (
+        f"cannot create the image folder {under / 'normal'} ({tmp_path / 'file'} is a file, not a folder); "
+        "choose a new folder path for OUT"
+    )
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     (tmp_path / "empty").mkdir()
     assert synth.write_synthetic_dataset(tmp_path / "empty", 4, size=32)["n"] == 4  # empty is fine

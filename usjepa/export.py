@@ -28,7 +28,7 @@ from usjepa import __version__, rundir
 from usjepa.config import ModelConfig
 from usjepa.data.augment import PIXEL_MEAN, PIXEL_STD
 from usjepa.errors import UserError
-from usjepa.fileio import atomic_write, atomic_write_text
+from usjepa.fileio import atomic_write, atomic_write_text, make_folder
 from usjepa.models.loading import EXPORT_CONFIG as CONFIG
 from usjepa.models.loading import EXPORT_WEIGHTS as WEIGHTS
 from usjepa.models.loading import load_encoder
@@ -124,12 +124,18 @@ def export_encoder(
         "model_args": json.dumps(description["model_args"]),
     }
     blob = save(weights, metadata=metadata)
-    out.mkdir(parents=True, exist_ok=True)
-    # config.json marks a complete export: drop the old one first so that an interrupted
-    # rewrite never pairs new weights with the old description.
-    (out / CONFIG).unlink(missing_ok=True)
-    atomic_write(out / WEIGHTS, lambda f: f.write(blob))
-    atomic_write_text(out / CONFIG, json.dumps({**description, "usjepa": source}, indent=2) + "\n")
+    make_folder(out, "the export folder", "choose a folder you can write to for OUT")
+    try:
+        # config.json marks a complete export: drop the old one first so that an interrupted
+        # rewrite never pairs new weights with the old description.
+        (out / CONFIG).unlink(missing_ok=True)
+        atomic_write(out / WEIGHTS, lambda f: f.write(blob))
+        atomic_write_text(out / CONFIG, json.dumps({**description, "usjepa": source}, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the export to {out} ({exc.strerror}); free disk space or choose a folder you can "
+            "write to for OUT"
+        ) from None
     return out
 
 

@@ -1,4 +1,5 @@
-"""Atomic file writes (a reader, or a resumed job, never sees half a file) and file checksums."""
+"""Atomic file writes (a reader, or a resumed job, never sees half a file), output folders made
+with one-line errors, and file checksums."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from usjepa.errors import UserError
 
 
 def _umask() -> int:
@@ -39,6 +42,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def make_folder(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """`mkdir -p` whose failure is one line: `cannot create WHAT PATH (why); FIX`, naming the file
+    that stands where a folder should be when that is the cause."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+        why = f"{blocking} is a file, not a folder" if blocking and not blocking.is_dir() else exc.strerror
+        raise UserError(f"cannot create {what} {path} ({why}); {fix}") from None
+    return path
 
 
 def files_sha256(paths: list[Path]) -> str:

@@ -27,7 +27,7 @@ from usjepa.bench.spec import BenchSpec
 from usjepa.errors import UserError
 from usjepa.eval.metrics import scores
 from usjepa.eval.probe import SPLITS, class_probabilities, predict, run_probe, train_probe
-from usjepa.fileio import atomic_write_text, files_sha256
+from usjepa.fileio import atomic_write_text, files_sha256, make_folder
 from usjepa.rundir import resolve_device
 from usjepa.shardset.manifest import Manifest, load_manifest
 from usjepa.train.provenance import code_state
@@ -243,7 +243,7 @@ def _previous(path: Path) -> dict:
 def run_bench(spec: BenchSpec, progress: bool = True, log=print) -> dict:
     """Run (or resume) the bench of `spec`; returns the results.json document."""
     out = Path(spec.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "the bench folder", "choose another folder for out")
     device = resolve_device(spec.device)
     datasets = load_datasets(spec)
     cache = FeatureCache(out / "features")

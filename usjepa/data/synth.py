@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage, signal
 
 from usjepa.errors import UserError
-from usjepa.fileio import atomic_write
+from usjepa.fileio import atomic_write, make_folder
 
 CLASS_NAMES: tuple[str, ...] = ("normal", "cyst", "solid", "calcified")
 GROUP_PATTERN: str = r"^(patient\d+)_"
@@ -598,7 +598,7 @@ def write_synthetic_dataset(out, n: int, size: int = 128, seed: int = 0) -> dict
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not an empty folder; pass a new path or remove it")
     for name in CLASS_NAMES:
-        (out / name).mkdir(parents=True, exist_ok=True)
+        make_folder(out / name, "the image folder", "choose a new folder path for OUT")
     counts = dict.fromkeys(CLASS_NAMES, 0)
     groups = set()
     for item in generate(n, size, seed):

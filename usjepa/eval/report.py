@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from usjepa.errors import UserError
-from usjepa.fileio import atomic_write
+from usjepa.fileio import atomic_write, make_folder
 
 
 def _jsonable(obj: Any) -> Any:
@@ -45,10 +45,7 @@ def write_probe_report(result: dict, out_dir: str | os.PathLike, name: str) -> t
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise UserError(f"report name must be a plain file name without '/', got {name!r}")
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the report folder {out}: {e.strerror}") from e
+    make_folder(out, "the report folder", "choose another folder for the reports (--out)")
 
     json_path = out / f"{name}.json"
     png_path = out / f"{name}_confusion.png"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import usjepa
 from usjepa.errors import UserError
-from usjepa.fileio import atomic_write_text
+from usjepa.fileio import atomic_write_text, make_folder
 from usjepa.ingest.build.pack import pack_splits, remove_stale
 from usjepa.ingest.build.record import describe_source, make_manifest, make_report, summarise
 from usjepa.ingest.build.select import assign_samples
@@ -208,12 +208,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
                 "choose another OUT"
             )
         manifest.unlink()  # first: from here on the folder no longer claims a complete build
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        blocking = next((p for p in out.parents if p.exists()), None)  # a file where a folder should be
-        why = f"{blocking} is a file, not a folder" if blocking and not blocking.is_dir() else exc.strerror
-        raise UserError(f"cannot create the output folder {out} ({why}); choose a folder path for OUT") from None
+    make_folder(out, "the output folder", "choose a folder path for OUT")
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"output folder {out} is not writable; choose a folder you can write to for OUT")
 
