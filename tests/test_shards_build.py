@@ -596,6 +596,26 @@ def test_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
         assert f"output folder {locked} is not writable" in err
 
 
+def test_output_inside_the_source_or_among_other_files_is_refused(tmp_path, capsys):
+    src = image_folder(tmp_path / "src", per_class=2)
+    for out in (src, src / "shards"):
+        err = _one_line_error(capsys, ["shards", "build", str(src), str(out), "--no-progress"])
+        assert err == (
+            f"usjepa shards: error: OUT {out} is inside the source folder {src}: the shards would be mixed into "
+            "the data; choose a folder outside SRC\n"
+        )
+    assert not (src / "shards").exists() and not (src / ".work").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    err = _one_line_error(capsys, ["shards", "build", str(src), str(mine), "--no-progress", "--overwrite"])
+    assert err == (
+        f"usjepa shards: error: OUT {mine} holds files that no shard build wrote (first: notes.txt); choose a "
+        "new or empty folder, or a folder of an earlier build\n"
+    )
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 def test_contact_sheet_under_a_file_is_one_line(tmp_path, capsys):
     src = image_folder(tmp_path / "src", per_class=2)
     build_shards(src, tmp_path / "out", BuildSettings(image_size=32, val_fraction=0, test_fraction=0), progress=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import usjepa
 from usjepa.errors import UserError
 from usjepa.fileio import atomic_write_text, make_folder
-from usjepa.ingest.build.pack import pack_splits, remove_stale
+from usjepa.ingest.build.pack import SHARD_PATTERN, TEMP_PATTERN, pack_splits, remove_stale
 from usjepa.ingest.build.record import describe_source, make_manifest, make_report, summarise
 from usjepa.ingest.build.select import assign_samples
 from usjepa.ingest.build.splits import seeded_order
@@ -53,7 +53,7 @@ def run_build(
     source = open_source(name, src, **options, **_build_options(name, settings, out))
     items = _items_in_order(source, name)
     times = {"started": started, "listed": time.perf_counter()}
-    _prepare_out(out, settings.overwrite)
+    _prepare_out(out, src, settings.overwrite)
     try:
         work = WorkDir(out, _fingerprint(name, source, options, settings), settings.overwrite)
     except OSError as exc:
@@ -197,9 +197,20 @@ def _items_in_order(source: Source, name: str) -> list[SourceItem]:
     return items
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def _prepare_out(out: Path, src: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder; choose a folder path for OUT")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise UserError(
+            f"OUT {out} is inside the source folder {src}: the shards would be mixed into the data; "
+            "choose a folder outside SRC"
+        )
+    foreign = sorted(p.name for p in out.iterdir() if not _built_here(p.name)) if out.is_dir() else []
+    if foreign:
+        raise UserError(
+            f"OUT {out} holds files that no shard build wrote (first: {', '.join(foreign[:3])}); choose a new or "
+            "empty folder, or a folder of an earlier build"
+        )
     manifest = out / MANIFEST_NAME
     if manifest.exists():
         if not overwrite:
@@ -211,6 +222,15 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     make_folder(out, "the output folder", "choose a folder path for OUT")
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"output folder {out} is not writable; choose a folder you can write to for OUT")
+
+
+def _built_here(name: str) -> bool:
+    """A file or folder that a build writes into OUT."""
+    return (
+        name in (MANIFEST_NAME, REPORT_NAME, WORK_DIR)
+        or SHARD_PATTERN.match(name) is not None
+        or TEMP_PATTERN.match(name) is not None
+    )
 
 
 def _write_error(exc: OSError, out: Path) -> Exception:
