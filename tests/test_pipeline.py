@@ -200,3 +200,33 @@ def test_a_shard_with_fewer_records_than_its_manifest_says_is_reported(tiny_conf
     err = capfd.readouterr().err
     assert err.count("a resumed run will not see exactly the same data") == 1  # said once, not every epoch
     assert err.count(f"{first.name}: sha256 differs from the manifest: read") == 1
+
+
+@pytest.mark.parametrize("on_bad_shard", ["error", "skip"])
+def test_skipping_is_advised_only_where_it_would_help(tiny_config, shards, tmp_path, on_bad_shard):
+    holed = tmp_path / "holed"
+    shutil.copytree(shards, holed)
+    paths = load_manifest(holed).shard_paths("train")
+    paths[0].unlink()
+    if on_bad_shard == "error":  # one of several missing: skipping trains on the others
+        with pytest.raises(UserError, match=r"\(missing\); restore them .* or set data.on_bad_shard=skip to train"):
+            ShardSet.load(tiny_config(f"data.shards={holed}"))
+    for path in paths[1:]:
+        path.unlink()
+    with pytest.raises(UserError, match=f"{len(paths)} of the {len(paths)} 'train' shards") as caught:
+        ShardSet.load(tiny_config(f"data.shards={holed}", f"data.on_bad_shard={on_bad_shard}"))
+    assert str(caught.value).endswith(f"restore them (usjepa shards verify {holed} checks a set)")
+
+
+def test_a_dead_loader_worker_is_one_line_wherever_torch_raises_it(tiny_config):
+    # torch's SIGCHLD handler raises in the training process wherever it is, not only in next()
+    cfg = tiny_config()
+    with pytest.raises(UserError) as caught, make_train_loader(cfg, ShardSet.load(cfg)) as loader:
+        next(loader)
+        raise RuntimeError("DataLoader worker (pid 4321) is killed by signal: Killed. ")
+    assert str(caught.value) == (
+        "a data loader worker (pid 4321) died: killed by signal 9 (out of memory?); the last checkpoint is intact, "
+        "rerun the same command to resume (perhaps with fewer data.num_workers)"
+    )
+    with pytest.raises(RuntimeError, match="^DataLoader worker"), make_train_loader(cfg, ShardSet.load(cfg)):
+        raise RuntimeError("DataLoader worker pool misconfigured")  # not a worker's death: left alone

@@ -22,6 +22,7 @@ import itertools
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 from collections import Counter
@@ -48,27 +49,58 @@ _TENSORS = ("images", "regions", "labels")
 _USER_ERROR = "user_error"  # a part that carries a reader's UserError instead of samples
 
 
+class RunWarnings:
+    """What a run says about the data it skips: each distinct warning once, when it is first
+    seen, and at the end (`summary`) how often each one that repeated came. Readers (loader
+    workers, or the training process itself with data.num_workers=0) print nothing: their
+    warnings travel with the data (a part's `warnings`, one entry per occurrence) to the
+    process that consumes it, so a warning is said once per run, not once per reader or epoch."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+
+    def say(self, warnings: list[str]) -> None:
+        for text in warnings:
+            if not self.seen[text]:
+                print(text, file=sys.stderr)
+            self.seen[text] += 1
+
+    def summary(self) -> None:
+        for text, count in self.seen.items():
+            if count > 1:
+                print(f"{text}: {count} times in this run", file=sys.stderr)
+
+
+# Warnings of batches made outside a TrainLoader (validation): said once per process.
+_PROCESS_WARNINGS = RunWarnings()
+
+
 class ShardCheck:
     """What one loader process does with bad shards (data.on_bad_shard). Each shard is checked
     against the manifest's sha256 when the process first opens it. `error`: a shard that is
     missing, unreadable or changed, or a tar record that cannot be read, stops the run. `skip`:
     a missing or unreadable shard is left out, a changed one is read with its undecodable
-    samples skipped and counted; each distinct problem is said once."""
+    samples skipped and counted. Each time such a shard is reached, and each unreadable
+    record, adds a line to `warnings`, which the reader sends on with its next part (`take`)."""
 
     def __init__(self, shard_set: ShardSet, on_bad_shard: str):
         self.shard_set, self.skip = shard_set, on_bad_shard == "skip"
         self.readable: dict[int, bool] = {}  # shard index -> whether it is read
+        self.problems: dict[int, str] = {}  # shard index -> its warning (skip: left out, or changed)
         self.read_errors: Counter[str] = Counter()
+        self.warnings: list[str] = []  # not yet sent
 
     def _check(self, index: int) -> bool:
         path = Path(self.shard_set.paths[index])
         problem = shard_problem(path)
         if problem:
-            self._bad(f"{path}: {problem}", "left out")
+            self.problems[index] = self._bad(f"{path}: {problem}", "left out")
             return False
         expected = self.shard_set.sha256s[index] if self.shard_set.sha256s else ""
         if expected and files_sha256([path]) != expected:
-            self._bad(f"{path}: sha256 differs from the manifest", "read, its undecodable samples skipped")
+            self.problems[index] = self._bad(
+                f"{path}: sha256 differs from the manifest", "read, its undecodable samples skipped"
+            )
         return True
 
     def urls(self, indices: list[int]) -> Iterator[dict]:
@@ -76,24 +108,31 @@ class ShardCheck:
         for index in indices:
             if index not in self.readable:
                 self.readable[index] = self._check(index)
+            if index in self.problems:
+                self.warnings.append(self.problems[index])
             if self.readable[index]:
                 yield {"url": self.shard_set.paths[index]}
 
-    def _bad(self, what: str, done: str) -> None:
+    def _bad(self, what: str, done: str) -> str:
+        """The warning of a bad shard or record (data.on_bad_shard=skip); a UserError otherwise."""
         if not self.skip:
             raise UserError(
                 f"shard {what}; rebuild or restore it (usjepa shards verify checks a set), or set "
                 "data.on_bad_shard=skip to train on what can be read"
             )
-        print(f"usjepa: shard {what}: {done} (data.on_bad_shard=skip)", file=sys.stderr)
+        return f"usjepa: shard {what}: {done} (data.on_bad_shard=skip)"
 
     def read_error(self, exn: Exception) -> bool:
         """webdataset's handler of a record it cannot read: True to go on."""
         message = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
-        if not self.read_errors[message]:
-            self._bad(f"data that cannot be read ({message})", "skipped")
+        self.warnings.append(self._bad(f"data that cannot be read ({message})", "skipped"))
         self.read_errors[message] += 1
         return True
+
+    def take(self) -> list[str]:
+        """The warnings not yet sent, to go with the next part."""
+        warnings, self.warnings = self.warnings, []
+        return warnings
 
 
 class TrainParts(IterableDataset):
@@ -143,11 +182,10 @@ class TrainParts(IterableDataset):
             return
         self.short_streams.add(stream)
         errors = ", ".join(f"{n} x {m}" for m, n in self.check.read_errors.items()) or "none"
-        print(
+        self.check.warnings.append(
             f"usjepa: data stream {stream}, epoch {epoch}: read {read} records of the {expected} the manifest "
             f"lists for {names} (read errors: {errors}); a resumed run will not see exactly the same data: run "
-            "`usjepa shards verify` (said once per stream)",
-            file=sys.stderr,
+            "`usjepa shards verify` (said once per stream)"
         )
 
     def __iter__(self) -> Iterator[dict]:
@@ -164,8 +202,9 @@ class TrainParts(IterableDataset):
             except UserError as e:
                 # As data, not as an exception: DataLoader would re-raise it wrapped in the
                 # worker's traceback, and the user's one-line message would be lost in it.
-                yield {_USER_ERROR: str(e)}
+                yield {_USER_ERROR: str(e), "warnings": self.check.take()}
                 return
+            part["warnings"] = self.check.take() + part["warnings"]  # the shards' first: they were opened first
             yield part
             step += 1
 
@@ -176,19 +215,19 @@ def decode_chunk(
     """Decode, view (augmented, or just resized) and mask the chunk of `stream` in step `step`.
 
     Sample i of the chunk has id `stream * len(records) + i` (its place in the global batch).
-    A record that fails to decode is skipped and counted in `corrupt`; the chunk is smaller.
+    A record that fails to decode is skipped and counted in `corrupt` (the chunk is smaller),
+    with a line in `warnings` for whoever consumes the chunk to say (`RunWarnings`).
     Masks stay per sample (`masks`) until `collate_batch`.
     """
     seed = cfg.run.seed
     mask_seed = seed if mask_seed is None else mask_seed
     size, patch = cfg.data.image_size, cfg.model.patch_size
-    images, regions, labels, masks, ids, bad = [], [], [], [], [], 0
+    images, regions, labels, masks, ids, warnings = [], [], [], [], [], []
     for i, record in enumerate(records):
         try:
             image, region, meta = decode_sample(record)
         except ValueError as e:
-            print(f"usjepa: skipping corrupt sample: {e}", file=sys.stderr)
-            bad += 1
+            warnings.append(f"usjepa: skipping corrupt sample: {e}")
             continue
         image, region = torch.tensor(image)[None], torch.tensor(region)[None]
         if augmented:
@@ -211,7 +250,8 @@ def decode_chunk(
         "labels": torch.tensor(labels, dtype=torch.long),
         "masks": masks,
         "ids": ids,
-        "corrupt": bad,
+        "corrupt": len(warnings),
+        "warnings": warnings,
         "step": step,
         "mask_seed": mask_seed,
     }
@@ -226,6 +266,7 @@ def join_parts(parts: list[dict]) -> dict:
         masks=[m for p in parts for m in p["masks"]],
         ids=[i for p in parts for i in p["ids"]],
         corrupt=sum(p["corrupt"] for p in parts),
+        warnings=[w for p in parts for w in p["warnings"]],
         step=parts[0]["step"],
         mask_seed=parts[0]["mask_seed"],
     )
@@ -249,11 +290,18 @@ def collate_batch(batch: dict, truncate_to: tuple[int, int] | None = None) -> di
 
 
 def make_batch(
-    cfg: Config, records: list[dict], step: int, augmented: bool = True, mask_seed: int | None = None
+    cfg: Config,
+    records: list[dict],
+    step: int,
+    augmented: bool = True,
+    mask_seed: int | None = None,
+    warnings: RunWarnings = _PROCESS_WARNINGS,
 ) -> dict:
     """One self-contained collated batch of `records` (validation, tools); with
-    `mask.truncate_to_shortest` its masks are cut to the shortest of this batch."""
+    `mask.truncate_to_shortest` its masks are cut to the shortest of this batch. Its warnings
+    (corrupt samples) are said through `warnings`: by default once per process."""
     batch = decode_chunk(cfg, records, step, augmented=augmented, mask_seed=mask_seed)
+    warnings.say(batch.pop("warnings"))
     truncate = cfg.mask.truncate_to_shortest and batch["ids"]
     return collate_batch(batch, mask_lengths(batch["masks"]) if truncate else None)
 
@@ -321,13 +369,61 @@ def _unchanged(part: dict) -> dict:
     return part  # DataLoader's default conversion would turn the per-sample masks into tensors
 
 
+# torch's errors for a loader worker that died: from its SIGCHLD handler, which raises in the
+# training process wherever it is (`is killed by signal: Killed. `, `exited unexpectedly with
+# exit code 1. ...`), and from the DataLoader's own check (`(pid(s) 1234) exited unexpectedly`).
+_WORKER_DIED = re.compile(
+    r"^DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) "
+    r"(?:is killed by signal: (.+?)\. |exited unexpectedly(?: with exit code (-?\d+))?)"
+)
+_SIGNAL_NAMES = {signal.strsignal(s): s for s in signal.Signals}  # "Killed" -> SIGKILL
+_SIGNAL_HINTS = {
+    signal.SIGKILL: "out of memory?",
+    signal.SIGBUS: "SIGBUS: out of shared memory? raise the size of /dev/shm",
+}
+
+
+def worker_death(error: BaseException | None) -> UserError | None:
+    """The one-line UserError for torch's RuntimeError that a loader worker died (the OOM
+    killer's kill -9, say), found along the exception's chain; None for any other error."""
+    found = []
+    while isinstance(error, BaseException) and len(found) < 10:
+        if isinstance(error, RuntimeError) and (m := _WORKER_DIED.match(str(error))):
+            found.append(m)
+        error = error.__cause__ or error.__context__
+    if not found:
+        return None
+    # The most telling of the chain: a signal, else an exit code (the pid(s) form says neither).
+    m = next((m for m in found if m[2]), None) or next((m for m in found if m[3]), found[0])
+    pids = m[1].strip()
+    if m[2]:
+        sig = _SIGNAL_NAMES.get(m[2])
+        how = (
+            f"killed by signal {int(sig)} ({_SIGNAL_HINTS.get(sig, sig.name)})" if sig else f"killed by signal: {m[2]}"
+        )
+    elif m[3]:
+        how = f"exited with code {m[3]}"
+    else:
+        how = "exited unexpectedly"
+    who = f"data loader workers (pids {pids}) died" if "," in pids else f"a data loader worker (pid {pids}) died"
+    return UserError(
+        f"{who}: {how}; the last checkpoint is intact, rerun the same command to resume "
+        "(perhaps with fewer data.num_workers)"
+    )
+
+
 class TrainLoader:
     """This rank's batches of steps `start_step`, `start_step + 1`, ... (masks per sample; pass
     each through `collate_batch`). A context manager: leaving it stops the worker processes,
-    also when an error ends training."""
+    also when an error ends training, and says how often each repeated data warning came
+    (`warnings`, the run's; each is said when first seen). A worker that dies (the OOM killer)
+    ends the run with a UserError, whether the training process learns it in `__next__` or,
+    from torch's SIGCHLD handler, anywhere inside the `with` block."""
 
     def __init__(self, loader: DataLoader, readers: int, signals: _WorkerSignals):
         self._signals, self._readers = signals, readers
+        self.warnings = RunWarnings()
+        self._closed = False
         self._parts = iter(loader)
         # A run that ends by an error never reaches __exit__ if the error came from elsewhere.
         atexit.register(signals.stop)
@@ -336,14 +432,26 @@ class TrainLoader:
         return self
 
     def __next__(self) -> dict:
-        # DataLoader takes one item from each worker in turn, so one step's parts arrive together.
-        parts = [next(self._parts) for _ in range(self._readers)]
+        try:
+            # DataLoader takes one item from each worker in turn, so one step's parts arrive together.
+            parts = [next(self._parts) for _ in range(self._readers)]
+        except RuntimeError as e:
+            if (died := worker_death(e)) is None:
+                raise
+            raise died from e
+        for part in parts:
+            self.warnings.say(part["warnings"])
         for part in parts:
             if _USER_ERROR in part:
                 raise UserError(part[_USER_ERROR])
-        return join_parts(parts)
+        batch = join_parts(parts)
+        del batch["warnings"]  # said
+        return batch
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._signals.stop()
         atexit.unregister(self._signals.stop)
         # What the iterator's __del__ does; called here so that workers stop now, not whenever
@@ -351,12 +459,15 @@ class TrainLoader:
         shutdown = getattr(self._parts, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        self.warnings.summary()
 
     def __enter__(self) -> TrainLoader:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, trace) -> None:
         self.close()
+        if (died := worker_death(error)) is not None and not isinstance(error, UserError):
+            raise died from error
 
 
 def make_train_loader(

@@ -167,10 +167,11 @@ def _usable_shards(manifest: Manifest, split: str, on_bad_shard: str) -> list[tu
         return shards
     listed = ", ".join(f"{path.name} ({problem})" for path, problem in bad[:3]) + (", ..." if len(bad) > 3 else "")
     if on_bad_shard == "error" or len(bad) == len(shards):
+        # Skipping helps only where something is left to train on.
+        skip = ", or set data.on_bad_shard=skip to train without them" if len(bad) < len(shards) else ""
         raise UserError(
             f"{manifest.root}: {len(bad)} of the {len(shards)} '{split}' shards the manifest lists cannot be read: "
-            f"{listed}; restore them (usjepa shards verify {manifest.root} checks a set), or set "
-            "data.on_bad_shard=skip to train without them"
+            f"{listed}; restore them (usjepa shards verify {manifest.root} checks a set){skip}"
         )
     print(f"usjepa: {manifest.root}: skipping {len(bad)} of {len(shards)} '{split}' shards: {listed}", file=sys.stderr)
     dropped = {path for path, _ in bad}
