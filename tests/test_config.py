@@ -191,3 +191,49 @@ def test_a_bad_value_in_the_file_is_blamed_on_the_file_with_its_key(tmp_path, ca
     assert _train_error(capsys, path, "optim.lr=1") == (
         f"usjepa train: error: {path}: optim: expected a mapping of keys, got 5"
     )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.total_steps=-5", "override train.total_steps=-5: must be at least 1"),
+        ("checkpoint.every_steps=0", "override checkpoint.every_steps=0: must be at least 1"),
+        ("optim.lr=nan", "override optim.lr=nan: nan is not a finite number"),
+        ("optim.weight_decay=.inf", "override optim.weight_decay=.inf: inf is not a finite number"),
+        ("optim.betas=[0.9,.nan]", "override optim.betas=[0.9,.nan]: nan is not a finite number"),
+        ("optim.final_lr=-1e-6", "override optim.final_lr=-1e-6: learning rates must be >= 0, got -1e-06"),
+        ("run.stop_at_step=-3", "override run.stop_at_step=-3: must be >= 0 (0: run to train.total_steps), got -3"),
+        (
+            "data.augment={crop_scale: [0.9, 0.5]}",
+            "override data.augment={crop_scale: [0.9, 0.5]}: needs 0 < low <= high <= 1.0, got (0.9, 0.5)",
+        ),
+    ],
+)
+def test_a_value_out_of_range_on_the_command_line_is_blamed_on_the_override(capsys, override, message):
+    # The file's own setting is replaced: the override is what is out of range.
+    assert _train_error(capsys, "configs/demo.yaml", "optim.lr=1e-4", override) == f"usjepa train: error: {message}"
+
+
+def test_a_value_out_of_range_in_the_file_is_blamed_on_the_file_with_its_key(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  total_steps: -5\noptim:\n  lr: .nan\n")
+    assert _train_error(capsys, path, "optim.lr=1e-4") == (
+        f"usjepa train: error: {path}: train.total_steps: must be at least 1"
+    )
+    assert _train_error(capsys, path, "train.total_steps=5") == (
+        f"usjepa train: error: {path}: optim.lr: nan is not a finite number"
+    )
+    # A cross-field check names the key it checks; neither file nor command line set it here.
+    assert _train_error(capsys, path, "train.total_steps=5", "optim.lr=1e-4", "optim.warmup_steps=9") == (
+        "usjepa train: error: override optim.warmup_steps=9: must be between 0 and train.total_steps=5"
+    )
+    path.write_text("{}\n")
+    assert _train_error(capsys, path, "train.total_steps=5") == (
+        "usjepa train: error: optim.warmup_steps: must be between 0 and train.total_steps=5"
+    )
+
+
+def test_stop_at_step_zero_means_the_whole_schedule():
+    assert load_config("configs/demo.yaml", ["run.stop_at_step=0"]).run.stop_at_step == 0
+    with pytest.raises(ConfigError, match=r"^run.stop_at_step: must be >= 0"):
+        load_config(None, ["run.stop_at_step=-1"])  # no file: nothing else it could come from

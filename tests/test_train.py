@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -194,3 +195,94 @@ def test_probes_load_the_best_checkpoint_by_default_else_the_latest(tiny_config,
     loaded = load_backbone("student", unvalidated, torch.device("cpu"))[0].state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in encoder_at(rundir.latest_checkpoint(unvalidated)).items())
     assert "no checkpoint was validated" in capsys.readouterr().err
+
+
+# -- the run dir's lock, TensorBoard writes, resume comparisons ------------------------------
+def _world():
+    from usjepa.train.parallel import World
+
+    return World(0, 1, torch.device("cpu"))
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path):
+    from usjepa.train.runlock import hold_run_dir
+
+    run = tmp_path / "run"
+    (run / ".lock").mkdir(parents=True)  # as unopenable as a read-only file system, without root
+    with pytest.raises(UserError) as info:
+        hold_run_dir(run, _world())
+    assert str(info.value) == (
+        f"run.dir={run}: cannot open its lock file {run / '.lock'} (Is a directory); a run writes its checkpoints "
+        "and logs there: make it writable, or choose another run.dir"
+    )
+
+
+def test_a_refused_start_leaves_the_run_dir_as_it_found_it(tmp_path):
+    from usjepa.train.runlock import hold_run_dir
+
+    fresh = tmp_path / "a" / "b" / "run"
+    lock = hold_run_dir(fresh, _world())
+    assert "pid" in (fresh / ".lock").read_text()
+    with pytest.raises(UserError, match=f"run.dir={fresh} is in use by the run of host .* pid "):
+        hold_run_dir(fresh, _world())  # flock: a second open file is refused in the same process too
+    lock.release(undo=True)
+    assert not (tmp_path / "a").exists()  # the lock file and the folders it created are gone
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ".lock").write_text("host h pid 1 since then\n")
+    hold_run_dir(old, _world()).release(undo=True)
+    assert (old / ".lock").read_text() == "host h pid 1 since then\n"
+    hold_run_dir(old, _world()).release()  # an accepted run leaves its own line for the next one
+    assert (old / ".lock").read_text() != "host h pid 1 since then\n"
+
+
+def test_an_event_file_that_cannot_be_written_is_one_line_and_keeps_whole_events(tmp_path, monkeypatch):
+    import os
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from usjepa.train import tblog
+
+    writer = tblog.EventWriter(tmp_path / "tb", resume_point=lambda: "step_000020")
+    writer.add_scalar("a", 1.0, 1)
+    size = writer.path.stat().st_size
+    real_write = os.write
+
+    def disk_full(fd, data):
+        real_write(fd, bytes(data[:7]))  # part of the event, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tblog.os, "write", disk_full)
+    with pytest.raises(UserError) as info:
+        writer.add_scalar("a", 2.0, 2)
+    assert str(info.value) == (
+        f"cannot write TensorBoard events to {writer.path} (No space left on device); check the free disk space "
+        "and file-size limit (ulimit -f), then rerun: the run resumes from step_000020, which is intact"
+    )
+    monkeypatch.undo()
+    writer.add_scalar("a", 3.0, 3)  # a failed writer writes nothing more
+    writer.close()
+    assert writer.path.stat().st_size == size
+    steps = [e.step for e in EventFileLoader(str(writer.path)).Load() if e.summary.value]
+    assert steps == [1]
+
+
+def test_a_folder_spelled_another_way_is_the_same_setting_on_resume(tiny_config, shards, tmp_path, monkeypatch):
+    cfg = tiny_config()
+    rundir.make_run_dir(tmp_path / "run")
+    rundir.write_resolved_config(cfg)
+    spellings = (f"{shards}/", shards.name, f"./{shards.name}/", f"../{shards.parent.name}/{shards.name}")
+    same = [tiny_config(f"data.shards={spelling}") for spelling in spellings]
+    mixture = tiny_config(f"data.mixture=[{{shards: {shards.name}/}}]", "data.shards=")
+    other = tiny_config(f"data.shards={tmp_path}")
+    teacher = tiny_config(f"run.dir={tmp_path / 'student'}", f"teacher.checkpoint={tmp_path / 'teacher'}")
+    monkeypatch.chdir(shards.parent)  # where the relative spellings are relative to
+    for spelling, resumed in zip(spellings, same):
+        assert rundir.run_drift(resumed) == [], spelling
+    assert rundir.run_drift(mixture) == ["data.mixture", "data.shards"]  # another setting, though the same folder
+    assert rundir.run_drift(other) == ["data.shards"]
+    rundir.make_run_dir(tmp_path / "student")
+    rundir.write_resolved_config(teacher)
+    monkeypatch.chdir(tmp_path)
+    assert rundir.run_drift(replace(teacher, teacher=replace(teacher.teacher, checkpoint="teacher/"))) == []

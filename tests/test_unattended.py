@@ -109,7 +109,7 @@ def test_a_missing_shard_is_left_out_only_when_asked(shards, tiny_overrides, tmp
     paths[1].unlink()
     code, err = finish(start([*tiny_overrides, f"data.shards={holed}", f"run.dir={tmp_path / 'r'}"]))
     assert code == 2 and f"1 of the {len(paths)} 'train' shards" in last_line(err), err[-2000:]
-    assert not (tmp_path / "r" / "tb").exists()  # stopped before training
+    assert not (tmp_path / "r").exists()  # a refused start leaves no run dir (nor its lock) behind
     overrides = [*tiny_overrides, f"data.shards={holed}", "data.on_bad_shard=skip", "train.total_steps=4"]
     code, err = finish(start([*overrides, f"run.dir={tmp_path / 's'}"]))
     assert code == 0, err[-2000:]
@@ -124,41 +124,51 @@ def test_a_second_run_in_the_same_run_dir_is_refused_naming_the_owner(tiny_overr
         assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
         time.sleep(0.1)
     record = (run / "resolved_config.yaml").read_text()
-    code, err = finish(start([*tiny_overrides, f"run.dir={run}", "train.total_steps=100000", "optim.lr=5e-4"]))
+    owner = (run / ".lock").read_text()
+    # Refused before it looks at its data: shards that do not exist are not what it reports.
+    second = [*tiny_overrides, f"run.dir={run}", "train.total_steps=100000", "optim.lr=5e-4"]
+    code, err = finish(start([*second, f"data.shards={tmp_path / 'no-such-shards'}"]))
     assert code == 2
+    assert err.count("\n") == 1, err  # the error, and nothing about loading shards or models before it
     assert last_line(err) == (
         f"usjepa train: error: run.dir={run} is in use by the run of host {os.uname().nodename} pid {first.pid} "
-        f"since {(run / '.lock').read_text().split(' since ')[1].strip()}; wait for it to finish or stop it, or "
+        f"since {owner.split(' since ')[1].strip()}; wait for it to finish or stop it, or "
         "choose another run.dir"
     )
     assert (run / "resolved_config.yaml").read_text() == record
+    assert (run / ".lock").read_text() == owner
     os.killpg(first.pid, signal.SIGKILL)  # a dead owner: its lock goes with it
     first.wait()
     code, err = finish(start([*tiny_overrides, f"run.dir={run}", "train.total_steps=3"]))
     assert code == 0, err[-2000:]
 
 
-def test_an_unresumable_change_is_refused_before_anything_is_written(tiny_overrides, tmp_path):
+def test_an_unresumable_change_is_refused_before_anything_is_written(shards, tiny_overrides, tmp_path):
     run = tmp_path / "run"
     code, err = finish(start([*tiny_overrides, f"run.dir={run}", "train.total_steps=4", "run.stop_at_step=2"]))
     assert code == 0, err[-2000:]
 
-    def record():  # what the run wrote (the lock file names whoever held it last)
-        return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    def record(run):  # every file of the run, the lock file included
+        return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
-    before = record()
-    code, err = finish(
-        start([*tiny_overrides, f"run.dir={run}", "train.total_steps=4", "model.embed_dim=48", "data.image_size=48"])
-    )
-    assert code == 2, err[-2000:]
-    assert last_line(err) == (
-        f"usjepa train: error: {run} has checkpoints of other settings, which a resume cannot change "
-        "(data.image_size: 32 -> 48; model.embed_dim: 32 -> 48); restore them, or start a new run.dir"
-    )
-    assert record() == before
-    # A change a resume can take is recorded once the resume is accepted.
-    code, err = finish(start([*tiny_overrides, f"run.dir={run}", "train.total_steps=4", "log.every_steps=2"]))
+    damaged = shutil.copytree(run, tmp_path / "damaged")
+    (damaged / "checkpoints" / "step_000002" / "__0_0.distcp").write_bytes(b"cut short")
+    unresumable = ["train.total_steps=4", "model.embed_dim=48", "data.image_size=48"]
+    for where in (run, damaged):  # a damaged checkpoint is not moved aside by a start that is refused
+        before = record(where)
+        code, err = finish(start([*tiny_overrides, f"run.dir={where}", *unresumable]))
+        assert code == 2, err[-2000:]
+        assert last_line(err) == (
+            f"usjepa train: error: {where} has checkpoints of other settings, which a resume cannot change "
+            "(data.image_size: 32 -> 48; model.embed_dim: 32 -> 48); restore them, or start a new run.dir"
+        )
+        assert record(where) == before
+    # A change a resume can take is recorded once the resume is accepted; the same shards
+    # spelled another way (relative to the working directory, trailing slash) are no change.
+    spelled = f"data.shards={os.path.relpath(shards, REPO)}/"
+    code, err = finish(start([*tiny_overrides, spelled, f"run.dir={run}", "train.total_steps=4", "log.every_steps=2"]))
     assert code == 0, err[-2000:]
+    assert f"resuming {run} from step 2" in err and "changed settings: data.shards" not in err
     assert yaml.safe_load((run / "resolved_config.yaml").read_text())["log"]["every_steps"] == 2
 
 
@@ -253,3 +263,148 @@ def test_a_garbage_teacher_file_is_one_line(tiny_overrides, tmp_path, suffix):
     assert code == 2, err[-2000:]
     assert last_line(err).startswith(f"usjepa train: error: {garbage}: not a readable checkpoint (")
     assert "Traceback" not in err
+
+
+def test_tensorboard_events_that_cannot_be_written_are_one_line_and_the_run_resumes(tiny_overrides, tmp_path):
+    import resource
+
+    def limit_file_size():  # as `ulimit -f 600`: the event file outgrows it, each checkpoint file does not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600 * 1024, 600 * 1024))
+
+    run = tmp_path / "run"
+    args = [*tiny_overrides, f"run.dir={run}", "train.total_steps=120", "checkpoint.every_steps=20"]
+    limited = subprocess.run(
+        [sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
+    assert limited.returncode == 2, limited.stderr[-2000:]
+    assert "Traceback" not in limited.stderr
+    latest = rundir.latest_checkpoint(run)
+    assert latest is not None and rundir.checkpoint_problem(latest) is None
+    (events,) = (run / "tb").glob("events.out.tfevents.*")
+    assert last_line(limited.stderr) == (
+        f"usjepa train: error: cannot write TensorBoard events to {events} (File too large); check the free disk "
+        f"space and file-size limit (ulimit -f), then rerun: the run resumes from {latest.name}, which is intact"
+    )
+    saved = rundir.read_meta(latest)["step"]
+    code, err = finish(start(args), timeout=300)
+    assert code == 0, err[-2000:]
+    assert f"resuming {run} from step {saved}" in err
+    steps = logged_steps(run)  # the cut-off file holds whole events, each step once
+    assert sorted(steps) == list(range(1, 121)) and set(steps.values()) == {1}
+
+
+def test_a_run_dir_on_a_read_only_file_system_is_one_line(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    code, err = finish(start([*tiny_overrides, f"run.dir={run}", "train.total_steps=2"]))
+    assert code == 0, err[-2000:]
+    mounted = tmp_path / "read-only"
+    mounted.mkdir()
+    bind = subprocess.run(["mount", "--bind", "-o", "ro", str(run), str(mounted)], capture_output=True, text=True)
+    if bind.returncode:
+        pytest.skip(f"cannot make a read-only bind mount here: {bind.stderr.strip()}")
+    try:
+        code, err = finish(start([*tiny_overrides, f"run.dir={mounted}", "train.total_steps=4"]))
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
+    assert code == 2, err[-2000:]
+    assert err.count("\n") == 1, err
+    assert last_line(err) == (
+        f"usjepa train: error: run.dir={mounted}: cannot open its lock file {mounted / '.lock'} (Read-only file "
+        "system); a run writes its checkpoints and logs there: make it writable, or choose another run.dir"
+    )
+
+
+def test_a_hang_up_saves_and_exits_3_and_nohup_still_ignores_it(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    args = [
+        *tiny_overrides,
+        f"run.dir={run}",
+        "train.total_steps=100000",
+        "checkpoint.every_steps=1000",
+        "data.num_workers=2",
+        "data.streams=2",
+    ]
+    proc = start(args)
+    while not logged_steps(run):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGHUP)  # the terminal's whole session: loader workers included
+    code, err = finish(proc)
+    assert code == 3, err[-2000:]
+    saved = rundir.read_meta(rundir.latest_checkpoint(run))["step"]
+    assert f"SIGHUP received; saved step {saved} and stopped" in err
+    time.sleep(0.5)
+    assert not group_alive(proc.pid)
+
+    nohup = subprocess.Popen(  # as `nohup usjepa train ...`: started with SIGHUP ignored
+        [sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    while max(logged_steps(run), default=0) <= saved:
+        assert nohup.poll() is None, nohup.stderr.read()[-2000:]
+        time.sleep(0.05)
+    os.killpg(nohup.pid, signal.SIGHUP)
+    time.sleep(2)
+    assert nohup.poll() is None, "a run started under nohup stopped on SIGHUP"
+    nohup.send_signal(signal.SIGTERM)
+    code, err = finish(nohup)
+    assert code == 3 and "SIGTERM received" in err and "SIGHUP" not in err, err[-2000:]
+
+
+def test_a_run_whose_terminal_hangs_up_still_saves_and_exits_3(tiny_overrides, tmp_path):
+    import pty
+    import select
+    import threading
+
+    run = tmp_path / "run"
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *tiny_overrides, "log.progress=true"]
+        + [f"run.dir={run}", "train.total_steps=100000", "checkpoint.every_steps=1000"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,  # the progress bar writes to the terminal all the time
+        start_new_session=True,
+    )
+    os.close(terminal)
+    reading = threading.Event()
+    reading.set()
+
+    def drain():  # as a terminal shows what is written, until it closes
+        while reading.is_set():
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        while not logged_steps(run):
+            assert proc.poll() is None, "the run ended early"
+            time.sleep(0.05)
+    finally:
+        reading.clear()
+        reader.join()
+        os.close(master)  # the terminal is gone: writes to it fail from now on
+    os.killpg(proc.pid, signal.SIGHUP)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the run did not end")
+    assert code == 3
+    assert rundir.latest_checkpoint(run) is not None

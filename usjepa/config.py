@@ -25,6 +25,15 @@ class ConfigError(UserError):
     """A configuration file or override that cannot be used as it is."""
 
 
+class SettingError(ConfigError):
+    """A value out of its range, or at odds with another setting (`require`): `key: why`.
+    load_config blames it on the override or the file that set `key`."""
+
+    def __init__(self, key: str, why: str):
+        super().__init__(f"{key}: {why}")
+        self.key, self.why = key, why
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/demo"  # run directory: resolved_config.yaml, checkpoints/, tb/
@@ -32,7 +41,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     # End this invocation at this step, after a checkpoint, without changing the schedule
-    # (for time-sliced queues); 0 runs to train.total_steps. A rerun continues from there.
+    # (for time-sliced queues); 0 runs to train.total_steps, as does a step past it. A rerun
+    # continues from there.
     stop_at_step: int = 0
 
 
@@ -291,19 +301,43 @@ class Config:
 
 
 def require(ok: bool, key: str, why: str) -> None:
-    """A typed spec's cross-field check: ConfigError naming the key unless `ok`."""
+    """A typed spec's cross-field check: a SettingError naming the key unless `ok`."""
     if not ok:
-        raise ConfigError(f"{key}: {why}")
+        raise SettingError(key, why)
+
+
+def _floats(value: Any, key: str) -> typing.Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float in a config value: fields, list entries, sections."""
+    if isinstance(value, float):
+        yield key, value
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from _floats(v, f"{key}[{i}]")
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _floats(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+
+
+def require_finite(spec: Any) -> None:
+    """Every float setting of the dataclass `spec` is a finite number (YAML reads `nan`, `.inf`)."""
+    for key, value in _floats(spec, ""):
+        require(math.isfinite(value), key, f"{value} is not a finite number")
 
 
 def validate(cfg: Config) -> Config:
     """Cross-field checks that single-field types cannot express."""
     # The order is the order of the messages: the first broken setting is the one named.
+    require_finite(cfg)
     _check_architecture(cfg)
     _check_sampling_ranges(cfg.mask, cfg.data.augment)
     _check_masks(cfg)
     _check_data(cfg.data)
     _check_schedule(cfg)
+    require(
+        cfg.run.stop_at_step >= 0,
+        "run.stop_at_step",
+        f"must be >= 0 (0: run to train.total_steps), got {cfg.run.stop_at_step}",
+    )
     require(
         cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda"),
         "run.device",
@@ -404,7 +438,8 @@ def _check_schedule(cfg: Config) -> None:
         "optim.warmup_steps",
         f"must be between 0 and train.total_steps={t.total_steps}",
     )
-    require(min(o.lr, o.start_lr, o.final_lr) >= 0, "optim.lr", "learning rates must be >= 0")
+    for key, lr in (("optim.lr", o.lr), ("optim.start_lr", o.start_lr), ("optim.final_lr", o.final_lr)):
+        require(lr >= 0, key, f"learning rates must be >= 0, got {lr:g}")
 
 
 def _check_probe(p: ProbeConfig) -> None:
@@ -608,8 +643,48 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
-    return validate(load_typed(Config, path, overrides, example="configs/demo.yaml"))
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate. A
+    value out of range is blamed on where it came from, as load_typed does for types."""
+    cfg = load_typed(Config, path, overrides, example="configs/demo.yaml")
+    try:
+        return validate(cfg)
+    except SettingError as e:
+        raise blame(e, path, overrides) from None
+
+
+def _sets(setting: str, key: str) -> bool:
+    """Whether giving `setting` (a dotted key) gives `key` (`data.augment` gives
+    `data.augment.hflip`, `optim.betas` gives `optim.betas[1]`)."""
+    return key == setting or key.startswith((f"{setting}.", f"{setting}["))
+
+
+def _in_file(path: str | os.PathLike, key: str) -> bool:
+    """Whether the YAML file `path` (already read once) gives `key`."""
+    try:
+        node = _yaml_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    for part in key.split("."):
+        part = part.split("[", 1)[0]
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def blame(e: SettingError, path: str | os.PathLike | None, overrides: typing.Sequence[str]) -> ConfigError:
+    """`e` said where its key was set, as load_typed says it of a value of the wrong type:
+    `override key=value: why` (the last override that set the key), `FILE: key: why` (the
+    file set it), else `key: why` as it stands (a default, or no file to tell apart)."""
+    if path is None:
+        return e
+    for text in reversed(overrides):
+        setting, _ = parse_override(text)
+        if _sets(setting, e.key):
+            return ConfigError(f"override {text}: {e.why}")
+    if _in_file(path, e.key):
+        return ConfigError(f"{path}: {e.key}: {e.why}")
+    return e
 
 
 def load_typed(

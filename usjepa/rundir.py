@@ -11,11 +11,13 @@ Layout:
     checkpoints/best            the one with the lowest validation loss (never pruned)
     checkpoints/damaged/        checkpoints a start found damaged (resume_checkpoint)
     tb/                         TensorBoard events
+    .lock                       host and pid of the run that owns the dir (train/runlock.py)
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 import sys
@@ -66,22 +68,80 @@ UNRESUMABLE = (
 )
 
 
-def prepare_run_dir(cfg: Config) -> tuple[Path, list[str]]:
-    """Create the run dir; return it and the settings that differ from the config the run was
-    started with (other than those in RESUMABLE_CHANGES). Writes nothing else: the resolved
-    config is written once a start or resume is accepted (`write_resolved_config`)."""
-    run_dir = Path(cfg.run.dir)
+# Unresumable settings that name a file or folder: compared as the paths they resolve to, so
+# `shards/x`, `shards/x/` and `/abs/shards/x` are the same setting. `[]`: each entry of a list.
+PATH_SETTINGS = ("data.shards", "data.mixture[].shards", "teacher.checkpoint")
+NO_PATH = ("", "none")  # values of path settings that name no file
+
+
+def make_run_dir(run_dir: Path) -> list[Path]:
+    """Create `run_dir` and its missing parents; returns the folders created, outermost first
+    (what a refused start removes again)."""
+    run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run.dir={run_dir} is a file; name a folder for the run (it is created)")
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"run.dir={run_dir}: cannot create it ({e.strerror}); choose a writable place") from None
-    path = run_dir / RESOLVED_CONFIG
+    return missing[::-1]
+
+
+def prepare_run_dir(cfg: Config) -> tuple[Path, list[str]]:
+    """Create the run dir; return it and `run_drift(cfg)`. Writes nothing else: the resolved
+    config is written once a start or resume is accepted (`write_resolved_config`)."""
+    run_dir = Path(cfg.run.dir)
+    make_run_dir(run_dir)
+    return run_dir, run_drift(cfg)
+
+
+def _same_paths(settings: dict) -> dict:
+    """`settings` (a nested dict of a Config) with the PATH_SETTINGS resolved to absolute paths."""
+    settings = copy.deepcopy(settings)
+
+    def resolve(value: object) -> object:
+        if not isinstance(value, str) or value.strip().lower() in NO_PATH:
+            return value
+        return str(Path(value).resolve())
+
+    for key in PATH_SETTINGS:
+        *parents, name = key.split(".")
+        nodes = [settings]
+        for part in parents:
+            listed = part.endswith("[]")
+            nodes = [n.get(part.removesuffix("[]")) for n in nodes if isinstance(n, dict)]
+            if listed:
+                nodes = [entry for n in nodes if isinstance(n, list) for entry in n]
+        for node in nodes:
+            if isinstance(node, dict) and name in node:
+                node[name] = resolve(node[name])
+    return settings
+
+
+def run_drift(cfg: Config) -> list[str]:
+    """The settings that differ from the config the run was started with (other than those in
+    RESUMABLE_CHANGES; path settings compared as resolved paths); none for a new run dir.
+    Reads only."""
+    path = Path(cfg.run.dir) / RESOLVED_CONFIG
     if not path.is_file():
-        return run_dir, []
-    old = yaml.safe_load(path.read_text()) or {}
-    return run_dir, [k for k in changed_settings(old, to_dict(cfg)) if not k.startswith(RESUMABLE_CHANGES)]
+        return []
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(
+            f"{path} cannot be read ({str(e).strip().splitlines()[0][:160]}); restore it, or start a new run.dir"
+        ) from None
+    if not isinstance(old, dict):
+        old = {}
+    changed = changed_settings(_same_paths(old), _same_paths(to_dict(cfg)))
+    return [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether a start of `run_dir` resumes (its `latest` pointer exists), whatever state its
+    checkpoints are in: a start then may not change the UNRESUMABLE settings."""
+    return (checkpoint_dir(run_dir) / "latest").is_file()
 
 
 def refuse_unresumable(cfg: Config, drift: list[str]) -> None:

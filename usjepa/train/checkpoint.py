@@ -102,7 +102,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
             f"cannot write checkpoint {final} ({why[:160]}); check the free disk space and file-size limit "
-            f"(ulimit -f), then rerun: the run resumes from {_latest_name(run_dir) or 'the start'}, which is intact"
+            f"(ulimit -f), then rerun: the run resumes from {resume_point(run_dir)}, which is intact"
         ) from None
     if is_main():
         shutil.rmtree(final, ignore_errors=True)
@@ -124,6 +124,15 @@ def _latest_name(run_dir: Path) -> str:
     """What `latest` names now ("" for none)."""
     pointer = checkpoint_dir(run_dir) / "latest"
     return pointer.read_text().strip() if pointer.is_file() else ""
+
+
+def resume_point(run_dir: Path) -> str:
+    """Where a rerun of `run_dir` starts, for error messages: the checkpoint `latest` names, or
+    "the start"."""
+    try:
+        return _latest_name(run_dir) or "the start"
+    except OSError:
+        return "its latest checkpoint"
 
 
 def _val_loss(path: Path) -> float:

@@ -36,7 +36,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         description="Train with the settings of CONFIG (YAML) and KEY=VALUE overrides "
         "(e.g. train.total_steps=100 run.dir=runs/x optim.lr=1e-4). Unknown keys fail "
         "before any work. Rerunning with the same run.dir resumes from its latest checkpoint. "
-        "SIGTERM/SIGUSR2/Ctrl-C finish the step, save and exit with status 3 (rerun to continue). "
+        "SIGTERM/SIGUSR2/SIGHUP/Ctrl-C finish the step, save and exit with status 3 (rerun to continue). "
         "Works under `torchrun -m usjepa train`.",
     )
     p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from usjepa.config import Config
@@ -35,13 +35,14 @@ from usjepa.models.predictor import Predictor, build_predictor
 from usjepa.models.teacher import TeacherInfo, load_teacher
 from usjepa.models.vit import Encoder, build_encoder
 from usjepa.rundir import (
-    prepare_run_dir,
+    has_checkpoints,
     refuse_unresumable,
     resolve_device,
     resume_checkpoint,
+    run_drift,
     write_resolved_config,
 )
-from usjepa.signals import STOP_SIGNALS
+from usjepa.signals import KEPT_IF_IGNORED, STOP_SIGNALS
 from usjepa.train import checkpoint as ckpt
 from usjepa.train.distributed import barrier, shutdown_distributed
 from usjepa.train.ema import ema_update, make_target
@@ -62,7 +63,7 @@ from usjepa.train.parallel import (
 from usjepa.train.provenance import record_start
 from usjepa.train.runlock import hold_run_dir
 from usjepa.train.schedules import cosine, ema_momentum, warmup_cosine
-from usjepa.train.tblog import drop_steps_after
+from usjepa.train.tblog import EventWriter, drop_steps_after
 
 
 class Student(nn.Module):
@@ -152,11 +153,51 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 def _say(world: World, message: str) -> None:
     if world.is_main:
-        print(f"usjepa: {message}", file=sys.stderr)
+        print(f"usjepa: {message}", file=_Stderr())
+
+
+class _Stderr:
+    """sys.stderr for the loop's own messages and progress bar: a terminal that hung up (SIGHUP
+    after an ssh session closed) fails writes with EIO, which must not end a run that is about
+    to save; what cannot be shown is dropped."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stderr.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except OSError:
+            pass
+
+    def fileno(self) -> int:  # tqdm sizes its bar to the terminal
+        return sys.stderr.fileno()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+def _leave_hung_up_terminal() -> None:
+    """After SIGHUP, stdout and stderr that were the closed terminal go to /dev/null: a write to a
+    hung-up terminal fails (EIO), which would end the run before it saves. Redirected ones stay."""
+    devnull = None
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                devnull = os.open(os.devnull, os.O_WRONLY) if devnull is None else devnull
+                os.dup2(devnull, fd)
+        except OSError:
+            pass
+    if devnull is not None:
+        os.close(devnull)
 
 
 class StopSignal:
-    """The STOP_SIGNALS ask the loop to finish its step, save and exit."""
+    """The STOP_SIGNALS ask the loop to finish its step, save and exit; one of KEPT_IF_IGNORED
+    that the process was started ignoring (SIGHUP under `nohup`) stays ignored."""
 
     SIGNALS = STOP_SIGNALS
 
@@ -166,6 +207,8 @@ class StopSignal:
 
     def __enter__(self) -> StopSignal:
         for sig in self.SIGNALS:
+            if sig in KEPT_IF_IGNORED and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals to the host program
@@ -174,6 +217,8 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        if signum == getattr(signal, "SIGHUP", None):
+            _leave_hung_up_terminal()
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -187,25 +232,28 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         self.world = World.join(cfg, resolve_device(cfg.run.device))
         self.device = self.world.device
-        self.shard_set = ShardSet.load(cfg)
-        self.micro_batches = micro_batches_per_step(cfg, self.world.size)
-        self.run_dir, drift = prepare_run_dir(cfg)
+        self.run_dir = Path(cfg.run.dir)
+        # First the run dir's owner, so that a second run is refused at once; then what can
+        # refuse a start, before anything is written; a refused start leaves the dir as it was.
         self.lock = hold_run_dir(self.run_dir, self.world)
         try:
-            self._prepare(cfg, drift)
+            drift = run_drift(cfg)
+            if has_checkpoints(self.run_dir):
+                refuse_unresumable(cfg, drift)  # before damaged checkpoints are moved aside
+            # Rank 0 moves damaged checkpoints aside first; then every rank finds the same one.
+            latest = resume_checkpoint(self.run_dir, repair=True) if self.world.is_main else None
+            barrier()
+            if not self.world.is_main:
+                latest = resume_checkpoint(self.run_dir, repair=False)
+            self.shard_set = ShardSet.load(cfg)
+            self.micro_batches = micro_batches_per_step(cfg, self.world.size)
+            self._prepare(cfg, latest, drift)
         except BaseException:
-            self.lock.release()  # a refused start must not keep the run dir from the next one
+            self.lock.release(undo=True)  # a refused start must not keep the run dir from the next one
             raise
 
-    def _prepare(self, cfg: Config, drift: list[str]) -> None:
-        """Models, optimizer and teacher, resumed from the newest intact checkpoint if any."""
-        # Rank 0 moves damaged checkpoints aside first; then every rank finds the same one.
-        latest = resume_checkpoint(self.run_dir, repair=True) if self.world.is_main else None
-        barrier()
-        if not self.world.is_main:
-            latest = resume_checkpoint(self.run_dir, repair=False)
-        if latest is not None:
-            refuse_unresumable(cfg, drift)  # before a teacher is loaded or anything written
+    def _prepare(self, cfg: Config, latest: Path | None, drift: list[str]) -> None:
+        """Models, optimizer and teacher, resumed from checkpoint `latest` if any."""
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.teacher: Encoder | None = None  # salt: the frozen teacher
         self.teacher_info: TeacherInfo | None = None
@@ -578,7 +626,7 @@ class Trainer:
         )
 
     # -- the loop -----------------------------------------------------------------------------
-    def _count_nonfinite(self, outcome: StepOutcome, writer: SummaryWriter | None) -> None:
+    def _count_nonfinite(self, outcome: StepOutcome, writer: EventWriter | None) -> None:
         if outcome.finite:
             self.nonfinite_in_a_row = 0
             return
@@ -593,7 +641,7 @@ class Trainer:
                 "is intact: lower optim.lr or check the data, then rerun"
             )
 
-    def _log(self, writer: SummaryWriter, outcome: StepOutcome, meter: Meter) -> None:
+    def _log(self, writer: EventWriter, outcome: StepOutcome, meter: Meter) -> None:
         perf = meter.read_and_reset()
         if self.peak_tflops:
             perf["mfu"] = perf["tflop_per_s"] / (self.peak_tflops * self.world.size)
@@ -617,7 +665,7 @@ class Trainer:
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, self.step)
 
-    def _checkpoint(self, writer: SummaryWriter | None, validate: bool = True) -> None:
+    def _checkpoint(self, writer: EventWriter | None, validate: bool = True) -> None:
         metrics = self.validate() if validate else None
         if metrics is not None and writer:
             for name, value in metrics.items():
@@ -635,6 +683,7 @@ class Trainer:
         if world.is_main:
             record_start(self.run_dir, self.step, world.size, world.launcher)
         bar = tqdm(
+            file=_Stderr(),
             total=end,
             initial=self.step,
             disable=not (cfg.log.progress and world.is_main),
@@ -650,25 +699,30 @@ class Trainer:
         finally:
             bar.close()
             if writer:
-                writer.close()
+                writer.close()  # every event is written already: closing cannot fail
         seconds = meter.total_seconds()
         images = (self.step - first_step) * cfg.data.batch_size
         # The last step's stop signal is the one that ended the run (None: it ran to `end`).
         return TrainResult(self.run_dir, self.step, outcome.loss, images / seconds, seconds, world.rank, outcome.stop)
 
-    def _open_writer(self, setup: str) -> SummaryWriter | None:
+    def _open_writer(self, setup: str) -> EventWriter | None:
         """Rank 0's TensorBoard writer, the events after the resumed step dropped (they are
         logged again); the setup as text on a fresh run."""
         if not self.world.is_main:
             return None
+        resume_point = ckpt.resume_point(self.run_dir)
         if self.step:
-            drop_steps_after(self.run_dir / "tb", self.step)
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+            drop_steps_after(self.run_dir / "tb", self.step, resume_point)
+        writer = EventWriter(
+            self.run_dir / "tb",
+            purge_step=self.step + 1 if self.step else None,
+            resume_point=lambda: ckpt.resume_point(self.run_dir),
+        )
         if not self.step:
             writer.add_text("run/setup", setup.replace("\n", "  \n"), 0)
         return writer
 
-    def _train_until(self, end: int, meter: Meter, writer: SummaryWriter | None, bar: tqdm) -> StepOutcome:
+    def _train_until(self, end: int, meter: Meter, writer: EventWriter | None, bar: tqdm) -> StepOutcome:
         """Steps up to `end`, checkpointed every checkpoint.every_steps and at the end; a stop
         signal ends the run after the step, saved. Returns the last step's outcome."""
         cfg, world = self.cfg, self.world
@@ -709,7 +763,7 @@ class Trainer:
             (outcome.context_tokens + outcome.target_tokens) * (batch_size - outcome.corrupt),
         )
 
-    def _log_masks(self, writer: SummaryWriter, batch: dict) -> None:
+    def _log_masks(self, writer: EventWriter, batch: dict) -> None:
         """Mask overlays of this rank's share after the first step and every log.image_every_steps."""
         every = self.cfg.log.image_every_steps
         if not (batch["ids"] and every and (self.step == 1 or self.step % every == 0)):
