@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from usjepa.config import Config, dump_yaml, load_config, to_dict  # noqa: E402
 from usjepa.data.streams import ShardSet, StreamPlan  # noqa: E402
-from usjepa.errors import UserError  # noqa: E402
+from usjepa.errors import UserError, int_at_least  # noqa: E402
 
 _SLURM_TIME = re.compile(
     r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
@@ -53,24 +53,8 @@ def slurm_minutes(text: str) -> int:
     return -(-seconds // 60)
 
 
-def _int_at_least(low: int):
-    """An argparse type: a whole number >= `low`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-        if value < low:
-            need = "a positive whole number (1 or more)" if low == 1 else f"a whole number >= {low}"
-            raise argparse.ArgumentTypeError(f"'{text}' must be {need}")
-        return value
-
-    return parse
-
-
-positive_int = _int_at_least(1)
-count = _int_at_least(0)
+positive_int = int_at_least(1)
+count = int_at_least(0)
 
 _SLURM_MEM = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
 

@@ -43,6 +43,7 @@ def test_console_script_is_the_module():
         (["train", "configs/nope.yaml"], "config file 'configs/nope.yaml' not found"),
         (["train", "configs/demo.yaml", "data.shards=/nonexistent/shards"], "/nonexistent/shards"),
         (["shards", "build", "/nonexistent/images", "/tmp/never"], "/nonexistent/images"),
+        (["train", "configs/demo.yaml", "--requeue-on-stop", "-1"], "'-1' must be a whole number >= 0"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(args, message, tmp_path):

@@ -5,6 +5,7 @@ resume, and a run stopped by a signal says so in its exit status."""
 
 import collections
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fs_util import read_only
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from usjepa import rundir
@@ -54,6 +56,23 @@ def group_alive(pgid: int) -> bool:
 
 def last_line(err: str) -> str:
     return err.strip().splitlines()[-1]
+
+
+def run_with_file_size_limit(args: list[str], limit: int, timeout: float) -> subprocess.CompletedProcess:
+    """`usjepa train` as under `ulimit -f`: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored)."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit_file_size,
+    )
 
 
 def logged_steps(run: Path) -> collections.Counter:
@@ -225,22 +244,9 @@ def test_a_run_stopped_by_a_signal_exits_3_and_resumes(tiny_overrides, tmp_path)
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_run_resumes(tiny_overrides, tmp_path):
-    import resource
-
-    def limit_file_size():  # in the child: writes past 100 kB fail with EFBIG instead of killing it
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-
     run = tmp_path / "run"
     args = [*tiny_overrides, f"run.dir={run}", "train.total_steps=4", "checkpoint.every_steps=2"]
-    limited = subprocess.run(
-        [sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=limit_file_size,
-    )
+    limited = run_with_file_size_limit(args, 100_000, timeout=120)
     assert limited.returncode == 2, limited.stderr[-2000:]
     line = last_line(limited.stderr)
     assert line.startswith(f"usjepa train: error: cannot write checkpoint {run / 'checkpoints' / 'step_000002'} (")
@@ -255,6 +261,20 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_run_resumes(tin
     assert rundir.read_meta(rundir.latest_checkpoint(run))["step"] == 4
 
 
+@pytest.mark.parametrize("limit, what", [(2048, "the resolved config"), (4096, "the launch record")])
+def test_a_run_dir_record_that_cannot_be_written_is_one_line(tiny_overrides, tmp_path, limit, what):
+    run = tmp_path / "run"
+    limited = run_with_file_size_limit([*tiny_overrides, f"run.dir={run}", "train.total_steps=2"], limit, timeout=120)
+    assert limited.returncode == 2, limited.stderr[-2000:]
+    assert "Traceback" not in limited.stderr
+    assert last_line(limited.stderr) == (
+        f"usjepa train: error: cannot write {what} in {run} (File too large); check the free disk space and "
+        "file-size limit (ulimit -f), then rerun: the run resumes from the start, which is intact"
+    )
+    code, err = finish(start([*tiny_overrides, f"run.dir={run}", "train.total_steps=2"]))
+    assert code == 0, err[-2000:]
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_a_garbage_teacher_file_is_one_line(tiny_overrides, tmp_path, suffix):
     garbage = tmp_path / f"teacher{suffix}"
@@ -266,22 +286,10 @@ def test_a_garbage_teacher_file_is_one_line(tiny_overrides, tmp_path, suffix):
 
 
 def test_tensorboard_events_that_cannot_be_written_are_one_line_and_the_run_resumes(tiny_overrides, tmp_path):
-    import resource
-
-    def limit_file_size():  # as `ulimit -f 600`: the event file outgrows it, each checkpoint file does not
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (600 * 1024, 600 * 1024))
-
     run = tmp_path / "run"
     args = [*tiny_overrides, f"run.dir={run}", "train.total_steps=120", "checkpoint.every_steps=20"]
-    limited = subprocess.run(
-        [sys.executable, "-m", "usjepa", "train", "configs/demo.yaml", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=limit_file_size,
-    )
+    # as `ulimit -f 600`: the event file outgrows it, each checkpoint file does not
+    limited = run_with_file_size_limit(args, 600 * 1024, timeout=300)
     assert limited.returncode == 2, limited.stderr[-2000:]
     assert "Traceback" not in limited.stderr
     latest = rundir.latest_checkpoint(run)
@@ -303,19 +311,12 @@ def test_a_run_dir_on_a_read_only_file_system_is_one_line(tiny_overrides, tmp_pa
     run = tmp_path / "run"
     code, err = finish(start([*tiny_overrides, f"run.dir={run}", "train.total_steps=2"]))
     assert code == 0, err[-2000:]
-    mounted = tmp_path / "read-only"
-    mounted.mkdir()
-    bind = subprocess.run(["mount", "--bind", "-o", "ro", str(run), str(mounted)], capture_output=True, text=True)
-    if bind.returncode:
-        pytest.skip(f"cannot make a read-only bind mount here: {bind.stderr.strip()}")
-    try:
-        code, err = finish(start([*tiny_overrides, f"run.dir={mounted}", "train.total_steps=4"]))
-    finally:
-        subprocess.run(["umount", str(mounted)], check=True)
+    with read_only(run):
+        code, err = finish(start([*tiny_overrides, f"run.dir={run}", "train.total_steps=4"]))
     assert code == 2, err[-2000:]
     assert err.count("\n") == 1, err
     assert last_line(err) == (
-        f"usjepa train: error: run.dir={mounted}: cannot open its lock file {mounted / '.lock'} (Read-only file "
+        f"usjepa train: error: run.dir={run}: cannot open its lock file {run / '.lock'} (Read-only file "
         "system); a run writes its checkpoints and logs there: make it writable, or choose another run.dir"
     )
 

@@ -162,6 +162,14 @@ def write_resolved_config(cfg: Config) -> None:
     atomic_write_text(Path(cfg.run.dir) / RESOLVED_CONFIG, dump_yaml(cfg))
 
 
+def cannot_write(what: str, why: str, resume_point: str) -> UserError:
+    """A write into a run dir that failed (full disk, file-size limit, read-only), as one line."""
+    return UserError(
+        f"cannot write {what} ({why[:160]}); check the free disk space and file-size limit (ulimit -f), "
+        f"then rerun: the run resumes from {resume_point}, which is intact"
+    )
+
+
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / RESOLVED_CONFIG).is_file()
 

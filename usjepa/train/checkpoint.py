@@ -34,6 +34,7 @@ from usjepa.fileio import atomic_write_text
 from usjepa.rundir import (
     META,
     best_checkpoint,
+    cannot_write,
     checkpoint_dir,
     checkpoint_files,
     list_checkpoints,
@@ -100,10 +101,7 @@ def save_checkpoint(
         cause = e if isinstance(e, OSError) else next(iter(e.failures.values()))[0]
         why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).strip().splitlines()[0]
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"cannot write checkpoint {final} ({why[:160]}); check the free disk space and file-size limit "
-            f"(ulimit -f), then rerun: the run resumes from {resume_point(run_dir)}, which is intact"
-        ) from None
+        raise cannot_write(f"checkpoint {final}", why, resume_point(run_dir)) from None
     if is_main():
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from usjepa.config import load_config
+from usjepa.errors import int_at_least
 from usjepa.train.loop import train
 from usjepa.train.slurm import requeue_this_job
 
@@ -42,7 +43,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     p.add_argument(
         "--requeue-on-stop",
-        type=int,
+        type=int_at_least(0),
         default=0,
         metavar="MAX",
         help="in a Slurm job: after a signal stopped the run and every rank saved, rank 0 requeues "

@@ -35,6 +35,7 @@ from usjepa.models.predictor import Predictor, build_predictor
 from usjepa.models.teacher import TeacherInfo, load_teacher
 from usjepa.models.vit import Encoder, build_encoder
 from usjepa.rundir import (
+    cannot_write,
     has_checkpoints,
     refuse_unresumable,
     resolve_device,
@@ -278,10 +279,16 @@ class Trainer:
         if latest is not None:
             self._resume(latest, drift)
         if self.world.is_main:  # the start or resume is accepted
-            write_resolved_config(cfg)
+            try:
+                write_resolved_config(cfg)
+            except OSError as e:
+                raise self._cannot_write(f"the resolved config in {self.run_dir}", e) from None
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
         # MFU's denominator is this times the world size (None: a GPU of unknown peak).
         self.peak_tflops = peak_tflops(self.device, cfg.train.precision, cfg.log.peak_tflops)
+
+    def _cannot_write(self, what: str, e: OSError) -> Exception:
+        return cannot_write(what, e.strerror or str(e), ckpt.resume_point(self.run_dir))
 
     def _resume(self, path: Path, drift: list[str]) -> None:
         meta = ckpt.load_checkpoint(path, self.student, self.optimizer, self.ema_target)
@@ -681,7 +688,10 @@ class Trainer:
         setup = self.describe()
         _say(world, setup)
         if world.is_main:
-            record_start(self.run_dir, self.step, world.size, world.launcher)
+            try:
+                record_start(self.run_dir, self.step, world.size, world.launcher)
+            except OSError as e:
+                raise self._cannot_write(f"the launch record in {self.run_dir}", e) from None
         bar = tqdm(
             file=_Stderr(),
             total=end,

@@ -27,16 +27,13 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard.summary import image, scalar, text
 
 from usjepa.errors import UserError
+from usjepa.rundir import cannot_write
 
 _uid = itertools.count()
 
 
 def _cannot_write(what: Path, e: OSError, resume_point: str) -> UserError:
-    why = e.strerror or str(e)
-    return UserError(
-        f"cannot write TensorBoard events to {what} ({why}); check the free disk space and file-size limit "
-        f"(ulimit -f), then rerun: the run resumes from {resume_point}, which is intact"
-    )
+    return cannot_write(f"TensorBoard events to {what}", e.strerror or str(e), resume_point)
 
 
 class _Bytes:
