@@ -43,7 +43,6 @@ def test_console_script_is_the_module():
         (["train", "configs/nope.yaml"], "config file 'configs/nope.yaml' not found"),
         (["train", "configs/demo.yaml", "data.shards=/nonexistent/shards"], "/nonexistent/shards"),
         (["shards", "build", "/nonexistent/images", "/tmp/never"], "/nonexistent/images"),
-        (["train", "configs/demo.yaml", "--requeue-on-stop", "-1"], "'-1' must be a whole number >= 0"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(args, message, tmp_path):
@@ -54,6 +53,14 @@ def test_user_mistakes_are_one_line_errors(args, message, tmp_path):
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_option_value_is_argparses_usage_and_one_error_line():
+    out = run("train", "configs/demo.yaml", "--requeue-on-stop", "-1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == (
+        "usjepa train: error: argument --requeue-on-stop: '-1' must be a whole number >= 0"
+    )
 
 
 def test_synth_shards_verify(tmp_path):
