@@ -343,7 +343,7 @@ def validation_batch_count(
 
 
 class _WorkerSignals:
-    """Loader workers leave SIGTERM/SIGUSR2/SIGINT to the training process, which saves and then
+    """Loader workers leave the stop signals (STOP_SIGNALS) to the training process, which saves and then
     shuts them down (Slurm and terminals signal every process of a job, workers included). Once
     the training process is stopping (the loader closed, or the interpreter exiting after an
     error) a signal ends a worker as usual: multiprocessing's exit terminates daemonic children
