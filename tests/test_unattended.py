@@ -261,18 +261,28 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_run_resumes(tin
     assert rundir.read_meta(rundir.latest_checkpoint(run))["step"] == 4
 
 
-@pytest.mark.parametrize("limit, what", [(2048, "the resolved config"), (4096, "the launch record")])
-def test_a_run_dir_record_that_cannot_be_written_is_one_line(tiny_overrides, tmp_path, limit, what):
+def test_run_dir_records_that_cannot_be_written_are_one_line(tiny_overrides, tmp_path):
     run = tmp_path / "run"
-    limited = run_with_file_size_limit([*tiny_overrides, f"run.dir={run}", "train.total_steps=2"], limit, timeout=120)
+    args = [*tiny_overrides, f"run.dir={run}", "train.total_steps=2"]
+    limited = run_with_file_size_limit(args, 2048, timeout=120)  # the resolved config is larger
     assert limited.returncode == 2, limited.stderr[-2000:]
     assert "Traceback" not in limited.stderr
+    advice = "check the free disk space and file-size limit (ulimit -f), then rerun: the run resumes from"
     assert last_line(limited.stderr) == (
-        f"usjepa train: error: cannot write {what} in {run} (File too large); check the free disk space and "
-        "file-size limit (ulimit -f), then rerun: the run resumes from the start, which is intact"
+        f"usjepa train: error: cannot write the resolved config in {run} (File too large); {advice} the start, "
+        "which is intact"
     )
-    code, err = finish(start([*tiny_overrides, f"run.dir={run}", "train.total_steps=2"]))
+    code, err = finish(start(args))
     assert code == 0, err[-2000:]
+    starts = run / "launch" / "starts.jsonl"
+    starts.unlink()
+    starts.mkdir()  # the append of a resumed start then fails, whatever the record's size
+    code, err = finish(start([*args[:-1], "train.total_steps=4"]))
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert last_line(err) == (
+        f"usjepa train: error: cannot write the launch record in {run} (Is a directory); {advice} step_000002, "
+        "which is intact"
+    )
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
