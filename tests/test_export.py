@@ -20,7 +20,7 @@ from usjepa.errors import UserError
 from usjepa.eval.backbones import load_backbone
 from usjepa.export import export_encoder
 from usjepa.models.teacher import load_teacher
-from usjepa.rundir import prepare_run_dir, write_resolved_config
+from usjepa.rundir import make_run_dir, write_resolved_config
 from usjepa.train.loop import train
 
 CPU = torch.device("cpu")
@@ -115,7 +115,7 @@ def test_mistakes_are_one_line_errors(run, tmp_path, capsys):
         export_encoder(run, tmp_path / "a", checkpoint="newest")
 
     fresh = load_config(run / "resolved_config.yaml", [f"run.dir={tmp_path / 'fresh'}"])
-    prepare_run_dir(fresh)
+    make_run_dir(Path(fresh.run.dir))
     write_resolved_config(fresh)
     with pytest.raises(UserError, match="no checkpoint yet; train it first"):
         export_encoder(tmp_path / "fresh", tmp_path / "a")

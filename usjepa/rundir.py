@@ -88,14 +88,6 @@ def make_run_dir(run_dir: Path) -> list[Path]:
     return missing[::-1]
 
 
-def prepare_run_dir(cfg: Config) -> tuple[Path, list[str]]:
-    """Create the run dir; return it and `run_drift(cfg)`. Writes nothing else: the resolved
-    config is written once a start or resume is accepted (`write_resolved_config`)."""
-    run_dir = Path(cfg.run.dir)
-    make_run_dir(run_dir)
-    return run_dir, run_drift(cfg)
-
-
 def _same_paths(settings: dict) -> dict:
     """`settings` (a nested dict of a Config) with the PATH_SETTINGS resolved to absolute paths."""
     settings = copy.deepcopy(settings)

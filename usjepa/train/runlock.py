@@ -53,10 +53,9 @@ class RunLock:
             else:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, self._before, 0)
-            for folder in reversed(self._created):
-                folder.rmdir()
         except OSError:
             pass  # best effort: the refusal being reported matters more
+        _remove(self._created)
 
     # A Trainer built without train() (tools, tests) lets go of the run dir when it is dropped.
     def __del__(self) -> None:
@@ -153,7 +152,8 @@ def hold_run_dir(run_dir: Path, world: World) -> RunLock:
     return RunLock(fd, run_dir / LOCK_NAME, before, created)
 
 
-def _remove(created: list[Path]) -> None:
+def _remove(created) -> None:
+    """Remove the folders a start created (outermost first in `created`) where still empty."""
     for folder in reversed(created):
         try:
             folder.rmdir()

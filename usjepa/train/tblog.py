@@ -14,6 +14,7 @@ resume the older files are rewritten without the steps after the checkpoint.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import socket
@@ -27,6 +28,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard.summary import image, scalar, text
 
 from usjepa.errors import UserError
+from usjepa.fileio import atomic_write
 from usjepa.rundir import cannot_write
 
 _uid = itertools.count()
@@ -34,16 +36,6 @@ _uid = itertools.count()
 
 def _cannot_write(what: Path, e: OSError, resume_point: str) -> UserError:
     return cannot_write(f"TensorBoard events to {what}", e.strerror or str(e), resume_point)
-
-
-class _Bytes:
-    """What RecordWriter writes to: one record's bytes, written to the file in one piece."""
-
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
 
 
 class EventWriter:
@@ -82,15 +74,16 @@ class EventWriter:
     def _add(self, event: Event) -> None:
         if self._fd is None:
             return  # closed, or failed (its error was raised)
-        record = _Bytes()
+        record = io.BytesIO()  # one record's bytes, written to the file in one piece
         RecordWriter(record).write(event.SerializeToString())
+        data = record.getvalue()
         try:
-            view = memoryview(record.data)
+            view = memoryview(data)
             while view:  # a regular file may take part of a write: write the rest
                 view = view[os.write(self._fd, view) :]
         except OSError as e:
             self._fail(e)
-        self._size += len(record.data)
+        self._size += len(data)
 
     def _fail(self, e: OSError) -> None:
         fd, self._fd = self._fd, None
@@ -110,6 +103,12 @@ class EventWriter:
             self._fd = None
 
 
+def _write_records(f, records: list[bytes]) -> None:
+    writer = RecordWriter(f)
+    for record in records:
+        writer.write(record)
+
+
 def drop_steps_after(tb_dir: Path, step: int, resume_point: str = "") -> int:
     """Rewrite the event files in `tb_dir` without the events of steps after `step` (each file
     replaced atomically); returns how many events were dropped. A file that cannot be written
@@ -120,17 +119,9 @@ def drop_steps_after(tb_dir: Path, step: int, resume_point: str = "") -> int:
         kept = [r for r in records if Event.FromString(r).step <= step]
         if len(kept) == len(records):
             continue
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                writer = RecordWriter(f)
-                for record in kept:
-                    writer.write(record)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write(path, lambda f, kept=kept: _write_records(f, kept))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise _cannot_write(path, e, resume_point or "its latest checkpoint") from None
         dropped += len(records) - len(kept)
     return dropped
